@@ -1,0 +1,135 @@
+//! The crate's single error type.
+
+/// Everything a caller of this crate can get wrong, and every file problem.
+///
+/// Messages are lowercase, name the operation, and say what was expected and
+/// what was found.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An array did not have the shape an operation needs.
+    #[error("{op}: expected shape {expected}, found {got}")]
+    ShapeMismatch {
+        /// The operation that checked the shape.
+        op: &'static str,
+        /// The expected shape, as text (`[batch, 64]`).
+        expected: String,
+        /// The shape that was passed.
+        got: String,
+    },
+    /// A configuration value is out of its valid range.
+    #[error("invalid configuration: {what} {reason}")]
+    InvalidConfig {
+        /// The setting.
+        what: &'static str,
+        /// Why it is invalid, with the value found.
+        reason: String,
+    },
+    /// A backward pass or a gradient query ran before the forward pass it needs.
+    #[error("{layer}: no cached forward pass (call forward before {op})")]
+    NoForwardCache {
+        /// The layer.
+        layer: String,
+        /// The operation that needed the cache.
+        op: &'static str,
+    },
+    /// The hook or a query needed the gradients of a backward pass that has not run.
+    #[error("{layer}: no cached backward pass (call backward before {op})")]
+    NoBackwardCache {
+        /// The layer.
+        layer: String,
+        /// The operation that needed the cache.
+        op: &'static str,
+    },
+    /// A layer is not the one the ledger recorded (name or shape differs).
+    #[error("layer mismatch in {op}: expected {expected}, found {got}")]
+    LayerMismatch {
+        /// The operation.
+        op: &'static str,
+        /// The layer the ledger knows.
+        expected: String,
+        /// The layer that was passed.
+        got: String,
+    },
+    /// A source id is not in the ledger.
+    #[error("unknown source {source_id} in {op}")]
+    UnknownSource {
+        /// The operation.
+        op: &'static str,
+        /// The id that was looked up.
+        source_id: String,
+    },
+    /// The same example id appears twice in one step, or with two labels.
+    #[error("{op}: {reason}")]
+    InconsistentSource {
+        /// The operation.
+        op: &'static str,
+        /// What is inconsistent, with the ids and labels found.
+        reason: String,
+    },
+    /// An input, gradient or update holds NaN or infinity.
+    #[error("{op}: non-finite value (NaN or infinity) in {what}")]
+    NonFinite {
+        /// The operation.
+        op: &'static str,
+        /// Which array held it.
+        what: String,
+    },
+    /// A batch, query set or ledger is empty where data is needed.
+    #[error("{op}: {what} is empty")]
+    Empty {
+        /// The operation.
+        op: &'static str,
+        /// What was empty.
+        what: &'static str,
+    },
+    /// A label is outside `0..n_classes`.
+    #[error("{op}: label {label} out of range, expected 0..{n_classes}")]
+    LabelOutOfRange {
+        /// The operation.
+        op: &'static str,
+        /// The label found.
+        label: usize,
+        /// The number of classes.
+        n_classes: usize,
+    },
+    /// An index (segment, layer, row) is outside its range.
+    #[error("{op}: {what} index {index} out of range, expected 0..{len}")]
+    IndexOutOfRange {
+        /// The operation.
+        op: &'static str,
+        /// What kind of index.
+        what: &'static str,
+        /// The index passed.
+        index: usize,
+        /// The number of valid indices.
+        len: usize,
+    },
+    /// An ndarray shape error.
+    #[error(transparent)]
+    Shape(#[from] ndarray::ShapeError),
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Formats a shape as `[a, b, c]` for error messages.
+pub(crate) fn shape_str(shape: &[usize]) -> String {
+    format!("{shape:?}")
+}
+
+/// Returns `Err(NonFinite)` when any value is NaN or infinite.
+pub(crate) fn check_finite<'a, F, I>(values: I, op: &'static str, what: &str) -> Result<()>
+where
+    F: crate::Float + 'a,
+    I: IntoIterator<Item = &'a F>,
+{
+    if values.into_iter().all(|v| v.is_finite()) {
+        Ok(())
+    } else {
+        Err(Error::NonFinite {
+            op,
+            what: what.to_string(),
+        })
+    }
+}

@@ -1,0 +1,188 @@
+//! What a layer exposes so its training can be traced.
+//!
+//! A traced layer is one whose pre-activation is linear in its parameters and
+//! acts on its input through *patches*: for an input `a`, the layer forms
+//! patches `a_p` (`p` = 1..P positions, each of `fan_in` numbers) and computes
+//! `z_p = W a_p + b` with `W: [fan_out, fan_in]`. A dense layer has one
+//! position (`a_p = a`); a convolution has one per output pixel (im2col).
+//! Anything of that form (Conv1d, attention projections, a user's own layer)
+//! can implement [`Traceable`].
+//!
+//! The weight tensor may have any shape whose row-major reshape is
+//! `[fan_out, fan_in]` (a Conv2d weight `[c_out, c_in, kh, kw]` does, with
+//! patches ordered `(c_in, kh, kw)`).
+
+use std::fmt;
+
+use ndarray::{ArrayView1, ArrayView3, ArrayViewD, ArrayViewMutD};
+use serde::{Deserialize, Serialize};
+
+use crate::{Float, Result};
+
+/// The name of a traced layer (`"fc1"`, `"conv2"`); unique within a network.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct LayerId(pub String);
+
+impl LayerId {
+    /// A layer id from a name.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self(name.into())
+    }
+}
+
+impl fmt::Display for LayerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The dotted name of a parameter (`"fc1.weight"`): the key of optimizer state.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ParamId(pub String);
+
+impl ParamId {
+    /// The id of parameter `param` of layer `layer` (`fc1.weight`).
+    pub fn of(layer: &LayerId, param: &str) -> Self {
+        Self(format!("{}.{param}", layer.0))
+    }
+}
+
+impl fmt::Display for ParamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The caller's id of one training example (its index in the training set, say).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ExampleId(pub u64);
+
+impl fmt::Display for ExampleId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// What an update is credited to.
+///
+/// Ordered so that ties between equal scores break deterministically.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum SourceId {
+    /// One training example (per-example mode).
+    Example(ExampleId),
+    /// One optimizer step's whole batch (batch-level mode), by step number.
+    Batch(u64),
+    /// The weight-decay pseudo-source: the `λ W` part of every gradient.
+    Decay,
+}
+
+impl fmt::Display for SourceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SourceId::Example(e) => write!(f, "example {e}"),
+            SourceId::Batch(s) => write!(f, "batch of step {s}"),
+            SourceId::Decay => f.write_str("weight decay"),
+        }
+    }
+}
+
+/// The shape of a traced layer's linear map: `W: [fan_out, fan_in]`, optional bias `[fan_out]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TracedShape {
+    /// Numbers per input patch.
+    pub fan_in: usize,
+    /// Numbers per output position (output features or channels).
+    pub fan_out: usize,
+    /// Whether the layer has a bias.
+    pub has_bias: bool,
+    /// The weight tensor's own shape (its row-major reshape is `[fan_out, fan_in]`).
+    pub weight_shape: Vec<usize>,
+}
+
+impl TracedShape {
+    /// Columns of the augmented weight `[W | b]`: `fan_in + 1` with a bias, else `fan_in`.
+    pub fn aug_in(&self) -> usize {
+        self.fan_in + usize::from(self.has_bias)
+    }
+}
+
+/// One parameter as an optimizer sees it: its id, its value, and its gradient.
+pub struct ParamMut<'a, F> {
+    /// Dotted name, the key of optimizer state.
+    pub id: ParamId,
+    /// The value, updated in place by [`Optimizer::step`](crate::Optimizer::step).
+    pub value: ArrayViewMutD<'a, F>,
+    /// The gradient of the batch loss.
+    pub grad: ArrayViewD<'a, F>,
+}
+
+/// A layer whose training can be traced.
+///
+/// Implemented by [`Dense`](crate::nn::Dense) and [`Conv2d`](crate::nn::Conv2d);
+/// implement it for your own layers to trace a hand-written network. The
+/// contract (checked by the hook, which returns an error when it is broken):
+///
+/// * after a forward pass on a batch, [`input_patches`](Self::input_patches)
+///   returns that batch's patches `[batch, positions, fan_in]`;
+/// * after the backward pass, [`output_deltas`](Self::output_deltas) returns
+///   `∂L/∂z` `[batch, positions, fan_out]` for the *batch loss* `L` the
+///   gradients were taken of, so that the weight gradient is
+///   `Σ_{i,p} δ_{i,p} a_{i,p}ᵀ` and the bias gradient `Σ_{i,p} δ_{i,p}`.
+///
+/// # Example
+/// A bias-free linear layer `z = W a`, traced:
+/// ```
+/// use ndarray::{Array2, Array3, ArrayView1, ArrayView3, ArrayViewD, Axis};
+/// use refinement_ledger::{Error, LayerId, ParamId, ParamMut, Result, Traceable, TracedShape};
+///
+/// struct Linear { id: LayerId, w: Array2<f32>, gw: Array2<f32>,
+///                 a: Option<Array3<f32>>, d: Option<Array3<f32>> }
+///
+/// impl Traceable for Linear {
+///     fn layer_id(&self) -> &LayerId { &self.id }
+///     fn traced_shape(&self) -> TracedShape {
+///         TracedShape { fan_in: self.w.ncols(), fan_out: self.w.nrows(), has_bias: false,
+///                       weight_shape: self.w.shape().to_vec() }
+///     }
+///     fn weight(&self) -> ArrayViewD<'_, f32> { self.w.view().into_dyn() }
+///     fn bias(&self) -> Option<ArrayView1<'_, f32>> { None }
+///     fn params_mut(&mut self) -> Vec<ParamMut<'_, f32>> {
+///         vec![ParamMut { id: ParamId::of(&self.id, "weight"),
+///                         value: self.w.view_mut().into_dyn(), grad: self.gw.view().into_dyn() }]
+///     }
+///     fn input_patches(&self) -> Result<ArrayView3<'_, f32>> {
+///         self.a.as_ref().map(|a| a.view()).ok_or(Error::NoForwardCache {
+///             layer: self.id.to_string(), op: "input_patches" })
+///     }
+///     fn output_deltas(&self) -> Result<ArrayView3<'_, f32>> {
+///         self.d.as_ref().map(|d| d.view()).ok_or(Error::NoBackwardCache {
+///             layer: self.id.to_string(), op: "output_deltas" })
+///     }
+/// }
+/// let layer = Linear { id: LayerId::new("lin"), w: Array2::zeros((2, 3)), gw: Array2::zeros((2, 3)),
+///                      a: None, d: None };
+/// assert_eq!(layer.traced_shape().aug_in(), 3);
+/// assert!(layer.input_patches().is_err());
+/// ```
+pub trait Traceable<F: Float = f32> {
+    /// The layer's name, unique within the network.
+    fn layer_id(&self) -> &LayerId;
+    /// The shape of the layer's linear map.
+    fn traced_shape(&self) -> TracedShape;
+    /// The current weight, any shape whose row-major reshape is `[fan_out, fan_in]`.
+    fn weight(&self) -> ArrayViewD<'_, F>;
+    /// The current bias `[fan_out]`, if the layer has one.
+    fn bias(&self) -> Option<ArrayView1<'_, F>>;
+    /// The weight (first) and bias (second, if any) with their gradients, for the optimizer.
+    fn params_mut(&mut self) -> Vec<ParamMut<'_, F>>;
+    /// Patches of the last forward pass's input: `[batch, positions, fan_in]`.
+    ///
+    /// # Errors
+    /// [`Error::NoForwardCache`](crate::Error::NoForwardCache) before any forward pass.
+    fn input_patches(&self) -> Result<ArrayView3<'_, F>>;
+    /// `∂L/∂z` of the last backward pass: `[batch, positions, fan_out]`.
+    ///
+    /// # Errors
+    /// [`Error::NoBackwardCache`](crate::Error::NoBackwardCache) before any backward pass.
+    fn output_deltas(&self) -> Result<ArrayView3<'_, F>>;
+}
