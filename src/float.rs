@@ -17,25 +17,25 @@ pub trait Float:
     NdFloat + num_traits::Float + Default + Serialize + DeserializeOwned + sealed::Sealed
 {
     /// Widens to `f64` (exact for both types).
-    fn to_f64(self) -> f64;
+    fn widen(self) -> f64;
     /// Narrows from `f64` (rounds to nearest for `f32`).
-    fn from_f64(x: f64) -> Self;
+    fn narrow(x: f64) -> Self;
 }
 
 impl Float for f32 {
-    fn to_f64(self) -> f64 {
+    fn widen(self) -> f64 {
         f64::from(self)
     }
-    fn from_f64(x: f64) -> Self {
+    fn narrow(x: f64) -> Self {
         x as f32
     }
 }
 
 impl Float for f64 {
-    fn to_f64(self) -> f64 {
+    fn widen(self) -> f64 {
         self
     }
-    fn from_f64(x: f64) -> Self {
+    fn narrow(x: f64) -> Self {
         x
     }
 }

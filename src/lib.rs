@@ -5,9 +5,15 @@
 
 mod error;
 mod float;
+mod hook;
+pub mod ledger;
 pub mod nn;
+pub mod optim;
 mod trace;
 
 pub use error::{Error, Result};
 pub use float::Float;
+pub use optim::{LinearRule, Optimizer};
 pub use trace::{ExampleId, LayerId, ParamId, ParamMut, SourceId, Traceable, TracedShape};
+pub use hook::{Batch, Credit, HookConfig, OptimizerHook};
+pub use ledger::{Ledger, load_params};

@@ -52,6 +52,6 @@ impl Init {
                 Array::random_using(shape, dist, rng)
             }
         };
-        Ok(values.mapv(F::from_f64))
+        Ok(values.mapv(F::narrow))
     }
 }

@@ -96,7 +96,7 @@ impl SoftmaxCrossEntropy {
             return Err(Error::Empty { op: OP, what: "set of non-ghost rows" });
         }
         let scale = match self.reduction {
-            Reduction::Mean => F::one() / F::from_f64(n_active as f64),
+            Reduction::Mean => F::one() / F::narrow(n_active as f64),
             Reduction::Sum => F::one(),
         };
         let mut grad = Array2::zeros((b, c));

@@ -1,0 +1,574 @@
+//! [`OptimizerHook`]: wraps an optimizer and books every step into a [`Ledger`].
+//!
+//! Per-example mode (optimizers with a [`LinearRule`]: SGD with momentum,
+//! Nesterov, dampening, weight decay and schedules) credits each example with
+//! its share `δ_i ã_iᵀ` of the batch gradient, times the total weight with
+//! which that share reaches the weights (`γ_s = Σ_{t≥s} η_t μ^{t−s}` and its
+//! Nesterov/dampening variants, DESIGN §2.3). Shares still in the momentum
+//! buffer are kept *pending*: their coefficient grows step by step until
+//! `μ^{t−s}` is below [`HookConfig::fold_tolerance`]. The `λ W` part of the
+//! gradient is credited to [`SourceId::Decay`].
+//!
+//! Batch mode (any other optimizer, or on request) diffs the traced parameters
+//! around the inner step and credits the exact update to the step's batch
+//! ([`SourceId::Batch`]).
+//!
+//! In both modes, whatever the optimizer did that was not credited (rounding,
+//! a gradient the factors do not explain, a change made outside the hook, a
+//! momentum tail folded away) goes to the residual: the ledger always balances.
+
+use std::collections::{HashSet, VecDeque};
+
+use ndarray::{Array2, ArrayView3, Axis, s};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{check_finite, shape_str};
+use crate::ledger::{Accounts, Segment, read_params};
+use crate::{Error, ExampleId, Float, Ledger, LinearRule, Optimizer, ParamMut, Result, SourceId, Traceable};
+
+/// What each update is credited to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Credit {
+    /// Per example when the optimizer reports a [`LinearRule`], per batch otherwise. Default.
+    #[default]
+    Auto,
+    /// Per example; the optimizer must report a [`LinearRule`] at every step.
+    PerExample,
+    /// Per batch, whatever the optimizer (the paper's class-pure batch protocol).
+    Batch,
+}
+
+/// Configuration of an [`OptimizerHook`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HookConfig {
+    /// Crediting mode. Default: [`Credit::Auto`].
+    pub credit: Credit,
+    /// A pending gradient share is folded into its account once its weight left
+    /// in the momentum buffer, `μ^{t−s}` (times the entry weight), drops below
+    /// this; what it would still add goes to the residual. Default: 1e-12.
+    pub fold_tolerance: f64,
+}
+
+impl Default for HookConfig {
+    fn default() -> Self {
+        Self { credit: Credit::Auto, fold_tolerance: 1e-12 }
+    }
+}
+
+impl HookConfig {
+    /// Sets the crediting mode.
+    pub fn with_credit(mut self, credit: Credit) -> Self {
+        self.credit = credit;
+        self
+    }
+    /// Sets the fold tolerance.
+    pub fn with_fold_tolerance(mut self, tol: f64) -> Self {
+        self.fold_tolerance = tol;
+        self
+    }
+}
+
+/// The examples of one step: ids and labels, row for row with the batch, and
+/// optionally which rows are *ghosts* (forwarded, carrying no loss, credited nothing).
+#[derive(Clone, Copy, Debug)]
+pub struct Batch<'a> {
+    /// One id per batch row.
+    pub ids: &'a [ExampleId],
+    /// One label per batch row.
+    pub labels: &'a [usize],
+    /// `true` for ghost rows.
+    pub ghosts: Option<&'a [bool]>,
+}
+
+impl<'a> Batch<'a> {
+    /// A batch without ghosts.
+    pub fn new(ids: &'a [ExampleId], labels: &'a [usize]) -> Self {
+        Self { ids, labels, ghosts: None }
+    }
+    /// Marks ghost rows.
+    pub fn with_ghosts(mut self, ghosts: &'a [bool]) -> Self {
+        self.ghosts = Some(ghosts);
+        self
+    }
+    fn is_ghost(&self, i: usize) -> bool {
+        self.ghosts.is_some_and(|g| g[i])
+    }
+}
+
+/// A step group whose gradient shares are still in the momentum buffer.
+#[derive(Debug, Clone)]
+struct Pending<F> {
+    /// Group index in the current segment's coefficient table.
+    group: u32,
+    /// Weight of the group's shares in the momentum buffer now.
+    buf: f64,
+    /// Row range of the group, per layer, in the current segment.
+    rows: Vec<(usize, usize)>,
+    /// Dense per-example terms `(layer, source, δᵀã)` of layers where they are smaller than factors.
+    dense: Vec<(usize, u32, Array2<F>)>,
+}
+
+/// Wraps an [`Optimizer`] and records into a [`Ledger`] what each step did and who caused it.
+///
+/// # Example
+/// ```
+/// use ndarray::Array2;
+/// use rand::{SeedableRng, rngs::StdRng};
+/// use refinement_ledger::{Batch, ExampleId, OptimizerHook, nn::{DenseConfig, Relu, Sequential}, optim::SgdConfig};
+/// let mut rng = StdRng::seed_from_u64(0);
+/// let mut net = Sequential::<f64>::new()
+///     .with(DenseConfig::new(2, 4).build("fc1", &mut rng)?)
+///     .with(Relu::new())
+///     .with(DenseConfig::new(4, 2).build("fc2", &mut rng)?);
+/// let sgd = SgdConfig::new(0.1).with_momentum(0.9).build()?;
+/// let mut hook = OptimizerHook::new(sgd, &net.traceables())?;
+/// let x = Array2::from_shape_vec((2, 2), vec![1.0, 0.5, -1.0, 0.2]).unwrap();
+/// for _ in 0..5 {
+///     net.train_batch(x.view().into_dyn(), &[0, 1])?;
+///     hook.step(&mut net.traceables_mut(), &Batch::new(&[ExampleId(0), ExampleId(1)], &[0, 1]))?;
+/// }
+/// let ledger = hook.finish();
+/// assert_eq!(ledger.sources().len(), 2);
+/// assert!(ledger.parameter_balance().iter().all(|&e| e < 1e-9));
+/// # Ok::<(), refinement_ledger::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct OptimizerHook<O, F: Float = f32> {
+    optimizer: O,
+    config: HookConfig,
+    per_example: bool,
+    ledger: Ledger<F>,
+    step: u64,
+    pending: VecDeque<Pending<F>>,
+    /// Per layer: the momentum buffer of the credited example shares.
+    shadow: Vec<Array2<f64>>,
+    /// Per layer: the momentum buffer of the decay shares.
+    decay_buf: Vec<Array2<f64>>,
+}
+
+impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
+    /// Wraps `optimizer` with the default [`HookConfig`]; `layers` are the traced
+    /// layers at their initial parameters, in the order later steps pass them.
+    ///
+    /// # Errors
+    /// As [`with_config`](Self::with_config).
+    pub fn new(optimizer: O, layers: &[&dyn Traceable<F>]) -> Result<Self> {
+        Self::with_config(optimizer, layers, HookConfig::default())
+    }
+
+    /// Wraps `optimizer` with `config`.
+    ///
+    /// # Errors
+    /// [`Error::Empty`] without layers, [`Error::InvalidConfig`] for duplicate
+    /// layer ids, a bad tolerance, or [`Credit::PerExample`] with an optimizer
+    /// that has no [`LinearRule`]; [`Error::NonFinite`] for non-finite parameters.
+    pub fn with_config(optimizer: O, layers: &[&dyn Traceable<F>], config: HookConfig) -> Result<Self> {
+        if !(config.fold_tolerance > 0.0 && config.fold_tolerance < 1.0) {
+            return Err(Error::InvalidConfig {
+                what: "hook fold_tolerance",
+                reason: format!("must be in (0, 1), found {}", config.fold_tolerance),
+            });
+        }
+        let has_rule = optimizer.linear_rule().is_some();
+        let per_example = match config.credit {
+            Credit::Auto => has_rule,
+            Credit::Batch => false,
+            Credit::PerExample if has_rule => true,
+            Credit::PerExample => {
+                return Err(Error::InvalidConfig {
+                    what: "hook credit",
+                    reason: "PerExample needs an optimizer with a linear rule (SGD family), found none".into(),
+                });
+            }
+        };
+        let ledger = Ledger::new(layers)?;
+        let zeros: Vec<Array2<f64>> = ledger.initial.iter().map(|m| Array2::zeros(m.raw_dim())).collect();
+        Ok(Self {
+            optimizer,
+            config,
+            per_example,
+            ledger,
+            step: 0,
+            pending: VecDeque::new(),
+            shadow: zeros.clone(),
+            decay_buf: zeros,
+        })
+    }
+
+    /// The wrapped optimizer.
+    pub fn optimizer(&self) -> &O {
+        &self.optimizer
+    }
+
+    /// Whether updates are credited per example (else per batch).
+    pub fn is_per_example(&self) -> bool {
+        self.per_example
+    }
+
+    /// Steps recorded so far.
+    pub fn n_steps(&self) -> u64 {
+        self.step
+    }
+
+    /// Takes one optimizer step on `layers` (their gradients and factors from the
+    /// last backward pass) and records it. `batch` names the rows of that pass.
+    ///
+    /// On error nothing is recorded; the parameters are unchanged unless the
+    /// inner optimizer itself failed part-way.
+    ///
+    /// # Errors
+    /// [`Error::LayerMismatch`] when `layers` are not the traced layers;
+    /// [`Error::Empty`], [`Error::ShapeMismatch`] or [`Error::InconsistentSource`]
+    /// for a bad batch (empty, lengths differ from the factors' batch, duplicate
+    /// ids, an id seen before with another label); [`Error::NoForwardCache`] /
+    /// [`Error::NoBackwardCache`] when a layer has no factors (per-example mode);
+    /// [`Error::NonFinite`] for NaN or infinity in factors, gradients or the update;
+    /// any error of the inner optimizer.
+    pub fn step(&mut self, layers: &mut [&mut dyn Traceable<F>], batch: &Batch<'_>) -> Result<()> {
+        const OP: &str = "OptimizerHook::step";
+        {
+            let shared: Vec<&dyn Traceable<F>> = layers.iter().map(|l| &**l as &dyn Traceable<F>).collect();
+            self.ledger.check_layers(&shared, OP)?;
+        }
+        self.check_batch(batch)?;
+        let rule = if self.per_example {
+            Some(self.optimizer.linear_rule().ok_or(Error::InvalidConfig {
+                what: "optimizer",
+                reason: "reported no linear rule in per-example mode".into(),
+            })?)
+        } else {
+            None
+        };
+        if rule.is_some() {
+            for layer in layers.iter() {
+                self.check_factors(&**layer, batch.ids.len())?;
+            }
+        }
+        let before = self.read_all(layers)?;
+        {
+            let mut params: Vec<ParamMut<'_, F>> = layers.iter_mut().flat_map(|l| l.params_mut()).collect();
+            self.optimizer.step(&mut params)?;
+        }
+        let after = self.read_all(layers)?;
+        let seg = self.ledger.segments.len() - 1;
+        // Changes made outside the hook since the last step.
+        for (l, b) in before.iter().enumerate() {
+            let segment = &mut self.ledger.segments[seg];
+            let outside = b - &segment.end[l];
+            segment.layers[l].residual += &outside;
+        }
+        match rule {
+            None => self.record_batch(batch, &before, &after)?,
+            Some(rule) => self.record_per_example(layers, batch, rule, &before, &after)?,
+        }
+        let segment = &mut self.ledger.segments[seg];
+        segment.end = after;
+        segment.n_steps += 1;
+        self.step += 1;
+        Ok(())
+    }
+
+    /// Closes the current segment (e.g. at an epoch's end): later steps are booked
+    /// in a new segment, and the parameters now are kept as the boundary. Shares
+    /// still in the momentum buffer continue into the new segment.
+    ///
+    /// # Errors
+    /// [`Error::Empty`] when the current segment has no steps.
+    pub fn close_segment(&mut self) -> Result<()> {
+        let seg = self.ledger.segments.len() - 1;
+        if self.ledger.segments[seg].n_steps == 0 {
+            return Err(Error::Empty { op: "OptimizerHook::close_segment", what: "current segment" });
+        }
+        let n_layers = self.ledger.layers.len();
+        let mut next = Segment {
+            end: self.ledger.segments[seg].end.clone(),
+            coef: Vec::with_capacity(self.pending.len()),
+            layers: self
+                .ledger
+                .layers
+                .iter()
+                .map(|m| Accounts::new(m.shape.aug_in(), m.shape.fan_out))
+                .collect(),
+            n_steps: 0,
+        };
+        let old = &mut self.ledger.segments[seg];
+        for p in &mut self.pending {
+            let group = next.coef.len() as u32;
+            next.coef.push(0.0);
+            for l in 0..n_layers {
+                let (r0, r1) = p.rows[l];
+                let start = next.layers[l].n_rows();
+                for j in r0..r1 {
+                    next.layers[l].copy_row_from(&old.layers[l], j, group);
+                }
+                p.rows[l] = (start, next.layers[l].n_rows());
+            }
+            let k = old.coef[p.group as usize];
+            for (l, s, g) in &p.dense {
+                old.layers[*l].add_dense(*s, g.mapv(F::widen).view(), k);
+            }
+            p.group = group;
+        }
+        for acc in &mut old.layers {
+            acc.compact(&old.coef);
+        }
+        self.ledger.segments.push(next);
+        Ok(())
+    }
+
+    /// A copy of the ledger as it stands, balanced for the parameters now.
+    pub fn snapshot(&self) -> Ledger<F> {
+        let mut ledger = self.ledger.clone();
+        Self::flush(&self.pending, &mut ledger);
+        ledger
+    }
+
+    /// Ends tracing and returns the ledger.
+    pub fn finish(mut self) -> Ledger<F> {
+        Self::flush(&self.pending, &mut self.ledger);
+        self.ledger
+    }
+
+    /// Books pending dense terms with their coefficient so far, and compacts the open segment.
+    fn flush(pending: &VecDeque<Pending<F>>, ledger: &mut Ledger<F>) {
+        let seg = ledger.segments.last_mut().expect("invariant: at least one segment");
+        for p in pending {
+            let k = seg.coef[p.group as usize];
+            for (l, s, g) in &p.dense {
+                seg.layers[*l].add_dense(*s, g.mapv(F::widen).view(), k);
+            }
+        }
+        for acc in &mut seg.layers {
+            acc.compact(&seg.coef);
+        }
+    }
+
+    fn check_batch(&self, batch: &Batch<'_>) -> Result<()> {
+        const OP: &str = "OptimizerHook::step";
+        let n = batch.ids.len();
+        if n == 0 {
+            return Err(Error::Empty { op: OP, what: "batch" });
+        }
+        if batch.labels.len() != n || batch.ghosts.is_some_and(|g| g.len() != n) {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                expected: format!("{n} labels and ghost flags (one per id)"),
+                got: format!("{} labels, {:?} ghost flags", batch.labels.len(), batch.ghosts.map(<[bool]>::len)),
+            });
+        }
+        let mut seen = HashSet::with_capacity(n);
+        for (i, (&id, &label)) in batch.ids.iter().zip(batch.labels).enumerate() {
+            if !seen.insert(id) {
+                return Err(Error::InconsistentSource {
+                    op: OP,
+                    reason: format!("example {id} appears twice in one batch"),
+                });
+            }
+            if batch.is_ghost(i) || !self.per_example {
+                continue;
+            }
+            if let Some(&s) = self.ledger.index.get(&SourceId::Example(id)) {
+                let known = self.ledger.sources[s as usize].label;
+                if known != Some(label) {
+                    return Err(Error::InconsistentSource {
+                        op: OP,
+                        reason: format!("example {id} was recorded with label {known:?}, now found {label}"),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_factors(&self, layer: &dyn Traceable<F>, n: usize) -> Result<()> {
+        const OP: &str = "OptimizerHook::step (factors)";
+        let shape = layer.traced_shape();
+        let a = layer.input_patches()?;
+        let d = layer.output_deltas()?;
+        let p = a.shape()[1];
+        if a.shape() != [n, p, shape.fan_in] || d.shape() != [n, p, shape.fan_out] {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                expected: format!(
+                    "{}: patches [{n}, P, {}] and deltas [{n}, P, {}]",
+                    layer.layer_id(),
+                    shape.fan_in,
+                    shape.fan_out
+                ),
+                got: format!("patches {}, deltas {}", shape_str(a.shape()), shape_str(d.shape())),
+            });
+        }
+        check_finite(a.iter(), OP, &format!("input patches of {}", layer.layer_id()))?;
+        check_finite(d.iter(), OP, &format!("output deltas of {}", layer.layer_id()))
+    }
+
+    fn read_all(&self, layers: &[&mut dyn Traceable<F>]) -> Result<Vec<Array2<f64>>> {
+        layers
+            .iter()
+            .zip(&self.ledger.layers)
+            .map(|(l, m)| read_params(&**l, &m.shape, "OptimizerHook::step (parameters)"))
+            .collect()
+    }
+
+    fn record_batch(&mut self, batch: &Batch<'_>, before: &[Array2<f64>], after: &[Array2<f64>]) -> Result<()> {
+        let members: Vec<ExampleId> = (0..batch.ids.len())
+            .filter(|&i| !batch.is_ghost(i))
+            .map(|i| batch.ids[i])
+            .collect();
+        let labels: HashSet<usize> = (0..batch.ids.len())
+            .filter(|&i| !batch.is_ghost(i))
+            .map(|i| batch.labels[i])
+            .collect();
+        let label = (labels.len() == 1).then(|| *labels.iter().next().expect("invariant: one label"));
+        let s = self.ledger.source_or_insert(SourceId::Batch(self.step), label, members)?;
+        let segment = self.ledger.segments.last_mut().expect("invariant: at least one segment");
+        for (l, (b, a)) in before.iter().zip(after).enumerate() {
+            segment.layers[l].add_dense(s, (a - b).view(), 1.0);
+        }
+        Ok(())
+    }
+
+    fn record_per_example(
+        &mut self,
+        layers: &[&mut dyn Traceable<F>],
+        batch: &Batch<'_>,
+        rule: LinearRule,
+        before: &[Array2<f64>],
+        after: &[Array2<f64>],
+    ) -> Result<()> {
+        let n = batch.ids.len();
+        let mut sources = vec![None; n];
+        for i in (0..n).filter(|&i| !batch.is_ghost(i)) {
+            sources[i] = Some(self.ledger.source_or_insert(
+                SourceId::Example(batch.ids[i]),
+                Some(batch.labels[i]),
+                Vec::new(),
+            )?);
+        }
+        let decay = if rule.weight_decay != 0.0 {
+            Some(self.ledger.source_or_insert(SourceId::Decay, None, Vec::new())?)
+        } else {
+            None
+        };
+        let (mu, lr, entry) = (rule.momentum, rule.lr, rule.entry_weight());
+        let seg_idx = self.ledger.segments.len() - 1;
+        let segment = &mut self.ledger.segments[seg_idx];
+        let group = segment.coef.len() as u32;
+        segment.coef.push(0.0);
+        let mut new = Pending { group, buf: entry, rows: Vec::with_capacity(layers.len()), dense: Vec::new() };
+        for (l, layer) in layers.iter().enumerate() {
+            let a = layer.input_patches()?;
+            let d = layer.output_deltas()?;
+            let acc = &mut segment.layers[l];
+            let start = acc.n_rows();
+            let g_hat = credit_rows(acc, &mut new.dense, l, &sources, group, a, d);
+            new.rows.push((start, acc.n_rows()));
+            // What this step credits, as the optimizer applies it (f64, DESIGN §2.3).
+            let dg = before[l].mapv(|w| w * rule.weight_decay);
+            let (example_part, decay_part) = if mu == 0.0 {
+                (g_hat.clone(), dg)
+            } else {
+                let shadow = &mut self.shadow[l];
+                shadow.zip_mut_with(&g_hat, |s, &g| *s = mu * *s + entry * g);
+                let dbuf = &mut self.decay_buf[l];
+                dbuf.zip_mut_with(&dg, |s, &g| *s = mu * *s + entry * g);
+                if rule.nesterov {
+                    (&g_hat + &shadow.mapv(|v| mu * v), &dg + &dbuf.mapv(|v| mu * v))
+                } else {
+                    (shadow.clone(), dbuf.clone())
+                }
+            };
+            if let Some(s) = decay {
+                acc.add_dense(s, decay_part.view(), -lr);
+            }
+            let credited = (&example_part + &decay_part) * (-lr);
+            let actual = &after[l] - &before[l];
+            acc.residual += &(actual - credited);
+        }
+        // Coefficients of every group whose shares are in the buffer.
+        if mu == 0.0 {
+            segment.coef[group as usize] = -lr;
+            for (l, s, g) in new.dense.drain(..) {
+                segment.layers[l].add_dense(s, g.mapv(F::widen).view(), -lr);
+            }
+            return Ok(());
+        }
+        for p in &mut self.pending {
+            p.buf *= mu;
+        }
+        self.pending.push_back(new);
+        for p in &self.pending {
+            let inc = if rule.nesterov {
+                mu * p.buf + if p.group == group { 1.0 } else { 0.0 }
+            } else {
+                p.buf
+            };
+            segment.coef[p.group as usize] -= lr * inc;
+        }
+        // Fold groups whose weight left in the buffer is negligible.
+        while self.pending.front().is_some_and(|p| p.buf < self.config.fold_tolerance) {
+            let p = self.pending.pop_front().expect("invariant: front exists");
+            let k = segment.coef[p.group as usize];
+            for (l, &(r0, r1)) in p.rows.iter().enumerate() {
+                // The tail left in the buffer is no longer credited: take it out of the shadow.
+                if r1 > r0 {
+                    let unit: Vec<f64> = vec![1.0; segment.coef.len()];
+                    let g = segment.layers[l].rows_sum(r0, r1, &unit);
+                    self.shadow[l].scaled_add(-p.buf, &g);
+                }
+            }
+            for (l, s, g) in p.dense {
+                let g64 = g.mapv(F::widen);
+                self.shadow[l].scaled_add(-p.buf, &g64);
+                segment.layers[l].add_dense(s, g64.view(), k);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Books one layer's per-example shares of a step into `acc` (factored rows) or
+/// `dense` (per-example `δᵀã`, when smaller), and returns their sum `ĝ` in `f64`.
+fn credit_rows<F: Float>(
+    acc: &mut Accounts<F>,
+    dense: &mut Vec<(usize, u32, Array2<F>)>,
+    layer: usize,
+    sources: &[Option<u32>],
+    group: u32,
+    a: ArrayView3<'_, F>,
+    d: ArrayView3<'_, F>,
+) -> Array2<f64> {
+    let (_, positions, fan_in) = a.dim();
+    let (aug_in, fan_out) = (acc.aug_in, acc.fan_out);
+    let factored_bytes = positions * ((aug_in + fan_out) * std::mem::size_of::<F>() + 8);
+    let factored = factored_bytes <= aug_in * fan_out * 8;
+    let credited: Vec<(usize, u32)> = sources
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| s.map(|s| (i, s)))
+        .filter(|&(i, _)| d.index_axis(Axis(0), i).iter().any(|v| *v != F::zero()))
+        .collect();
+    // All credited rows, bias column appended, in f64: ĝ = Dᵀ Ã.
+    let n_rows = credited.len() * positions;
+    let mut a64 = Array2::<f64>::ones((n_rows, aug_in));
+    let mut d64 = Array2::<f64>::zeros((n_rows, fan_out));
+    for (k, &(i, _)) in credited.iter().enumerate() {
+        let rows = k * positions..(k + 1) * positions;
+        a64.slice_mut(s![rows.clone(), ..fan_in]).assign(&a.index_axis(Axis(0), i).mapv(F::widen));
+        d64.slice_mut(s![rows, ..]).assign(&d.index_axis(Axis(0), i).mapv(F::widen));
+    }
+    let g_hat = d64.t().dot(&a64);
+    for &(i, s) in &credited {
+        let (ai, di) = (a.index_axis(Axis(0), i), d.index_axis(Axis(0), i));
+        if factored {
+            for p in 0..positions {
+                acc.push_row(s, group, ai.row(p), di.row(p));
+            }
+        } else {
+            let mut a_aug = Array2::<F>::ones((positions, aug_in));
+            a_aug.slice_mut(s![.., ..fan_in]).assign(&ai);
+            dense.push((layer, s, di.t().dot(&a_aug)));
+        }
+    }
+    g_hat
+}

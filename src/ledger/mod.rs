@@ -1,0 +1,426 @@
+//! The ledger: per traced layer and per source, the sum of the updates credited
+//! to that source, so that every query's refinement splits exactly into one
+//! contribution per source (DESIGN §2).
+//!
+//! A ledger is written by an [`OptimizerHook`](crate::OptimizerHook) and read by
+//! the queries in [`crate::query`]. It holds, per traced layer, the initial
+//! parameters `[W₀ | b₀]`, and per *segment* of training (one by default, or
+//! e.g. one per epoch) the parameters at the segment's end, the accounts of
+//! every source and a residual for anything not credited. It balances:
+//!
+//! ```text
+//! W₀ + Σ_segments (Σ_sources G + residual) = W_T
+//! ```
+
+pub(crate) mod accounts;
+
+use std::collections::HashMap;
+
+use ndarray::{Array2, ArrayViewMutD};
+use serde::{Deserialize, Serialize};
+
+use crate::error::shape_str;
+use crate::{Error, ExampleId, Float, LayerId, Result, SourceId, Traceable, TracedShape};
+pub(crate) use accounts::{Accounts, augmented};
+
+/// A traced layer as the ledger knows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerMeta {
+    /// The layer's id.
+    pub id: LayerId,
+    /// Its linear map's shape.
+    pub shape: TracedShape,
+}
+
+/// What the ledger knows about a source.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SourceMeta {
+    /// The source.
+    pub id: SourceId,
+    /// Its class: the example's label, a class-pure batch's label, `None` otherwise.
+    pub label: Option<usize>,
+    /// For a batch source, the examples it was made of (ghosts excluded).
+    pub members: Vec<ExampleId>,
+}
+
+/// One segment of training: its accounts and the parameters at its end.
+#[derive(Clone, Debug)]
+pub(crate) struct Segment<F> {
+    /// `[W | b]` per layer at the segment's end.
+    pub(crate) end: Vec<Array2<f64>>,
+    /// Applied coefficient of each step group (shared by all layers).
+    pub(crate) coef: Vec<f64>,
+    /// Accounts per layer.
+    pub(crate) layers: Vec<Accounts<F>>,
+    /// Optimizer steps recorded in this segment.
+    pub(crate) n_steps: u64,
+}
+
+/// The exact record of who refined each traced layer.
+///
+/// Obtained from [`OptimizerHook::finish`](crate::OptimizerHook::finish) or
+/// [`OptimizerHook::snapshot`](crate::OptimizerHook::snapshot); queried with
+/// [`explain`](Self::explain), [`top_k_influences`](Self::top_k_influences),
+/// [`class_attribution`](Self::class_attribution) and friends.
+#[derive(Clone, Debug)]
+pub struct Ledger<F: Float = f32> {
+    pub(crate) layers: Vec<LayerMeta>,
+    pub(crate) initial: Vec<Array2<f64>>,
+    pub(crate) sources: Vec<SourceMeta>,
+    pub(crate) index: HashMap<SourceId, u32>,
+    pub(crate) segments: Vec<Segment<F>>,
+}
+
+impl<F: Float> Ledger<F> {
+    /// An empty ledger for `layers` at their current (initial) parameters.
+    pub(crate) fn new(layers: &[&dyn Traceable<F>]) -> Result<Self> {
+        if layers.is_empty() {
+            return Err(Error::Empty { op: "Ledger::new", what: "list of traced layers" });
+        }
+        let mut metas = Vec::with_capacity(layers.len());
+        let mut initial = Vec::with_capacity(layers.len());
+        for layer in layers {
+            let shape = layer.traced_shape();
+            let id = layer.layer_id().clone();
+            if metas.iter().any(|m: &LayerMeta| m.id == id) {
+                return Err(Error::InvalidConfig {
+                    what: "traced layers",
+                    reason: format!("layer ids must be unique, found {id} twice"),
+                });
+            }
+            let params = read_params(*layer, &shape, "Ledger::new")?;
+            metas.push(LayerMeta { id, shape });
+            initial.push(params);
+        }
+        let segment = Segment {
+            end: initial.clone(),
+            coef: Vec::new(),
+            layers: metas
+                .iter()
+                .map(|m| Accounts::new(m.shape.aug_in(), m.shape.fan_out))
+                .collect(),
+            n_steps: 0,
+        };
+        Ok(Self {
+            layers: metas,
+            initial,
+            sources: Vec::new(),
+            index: HashMap::new(),
+            segments: vec![segment],
+        })
+    }
+
+    /// The traced layers, in order.
+    pub fn layers(&self) -> &[LayerMeta] {
+        &self.layers
+    }
+
+    /// Every source, in the order the ledger first saw them (the column order of scores).
+    pub fn sources(&self) -> &[SourceMeta] {
+        &self.sources
+    }
+
+    /// The column of `source` in score matrices.
+    ///
+    /// # Errors
+    /// [`Error::UnknownSource`] when the ledger never credited `source`.
+    pub fn source_index(&self, source: SourceId) -> Result<usize> {
+        self.index
+            .get(&source)
+            .map(|&i| i as usize)
+            .ok_or_else(|| Error::UnknownSource {
+                op: "Ledger::source_index",
+                source_id: source.to_string(),
+            })
+    }
+
+    /// Number of segments.
+    pub fn n_segments(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Optimizer steps recorded in each segment.
+    pub fn steps_per_segment(&self) -> Vec<u64> {
+        self.segments.iter().map(|s| s.n_steps).collect()
+    }
+
+    /// Index of the layer with id `layer`.
+    ///
+    /// # Errors
+    /// [`Error::LayerMismatch`] when no traced layer has that id.
+    pub fn layer_index(&self, layer: &LayerId) -> Result<usize> {
+        self.layers
+            .iter()
+            .position(|m| &m.id == layer)
+            .ok_or_else(|| Error::LayerMismatch {
+                op: "Ledger::layer_index",
+                expected: format!(
+                    "one of {:?}",
+                    self.layers.iter().map(|m| m.id.0.as_str()).collect::<Vec<_>>()
+                ),
+                got: layer.to_string(),
+            })
+    }
+
+    fn check_layer(&self, layer: usize, op: &'static str) -> Result<()> {
+        if layer < self.layers.len() {
+            Ok(())
+        } else {
+            Err(Error::IndexOutOfRange { op, what: "layer", index: layer, len: self.layers.len() })
+        }
+    }
+
+    /// Initial parameters `[W₀ | b₀]` of layer `layer`, `[fan_out, aug_in]`.
+    ///
+    /// # Errors
+    /// [`Error::IndexOutOfRange`] for a bad layer index.
+    pub fn initial_params(&self, layer: usize) -> Result<&Array2<f64>> {
+        self.check_layer(layer, "Ledger::initial_params")?;
+        Ok(&self.initial[layer])
+    }
+
+    /// Parameters `[W | b]` of layer `layer` at the end of segment `segment`.
+    ///
+    /// # Errors
+    /// [`Error::IndexOutOfRange`] for a bad layer or segment index.
+    pub fn segment_end_params(&self, segment: usize, layer: usize) -> Result<&Array2<f64>> {
+        self.check_layer(layer, "Ledger::segment_end_params")?;
+        let seg = self.segments.get(segment).ok_or(Error::IndexOutOfRange {
+            op: "Ledger::segment_end_params",
+            what: "segment",
+            index: segment,
+            len: self.segments.len(),
+        })?;
+        Ok(&seg.end[layer])
+    }
+
+    /// Final parameters `[W_T | b_T]` of layer `layer`.
+    ///
+    /// # Errors
+    /// [`Error::IndexOutOfRange`] for a bad layer index.
+    pub fn final_params(&self, layer: usize) -> Result<&Array2<f64>> {
+        self.segment_end_params(self.segments.len() - 1, layer)
+    }
+
+    /// The whole account `G` of `source` in layer `layer`, summed over segments,
+    /// as a dense `[fan_out, aug_in]` matrix (bias in the last column).
+    ///
+    /// # Errors
+    /// [`Error::UnknownSource`], [`Error::IndexOutOfRange`].
+    pub fn account(&self, layer: usize, source: SourceId) -> Result<Array2<f64>> {
+        self.check_layer(layer, "Ledger::account")?;
+        let s = self.source_index(source)? as u32;
+        let mut acc = Array2::zeros(self.initial[layer].raw_dim());
+        for seg in &self.segments {
+            acc += &seg.layers[layer].account_of(s, &seg.coef);
+        }
+        Ok(acc)
+    }
+
+    /// The residual of layer `layer` (updates credited to no source), summed over segments.
+    ///
+    /// # Errors
+    /// [`Error::IndexOutOfRange`] for a bad layer index.
+    pub fn residual(&self, layer: usize) -> Result<Array2<f64>> {
+        self.check_layer(layer, "Ledger::residual")?;
+        let mut acc = Array2::zeros(self.initial[layer].raw_dim());
+        for seg in &self.segments {
+            acc += &seg.layers[layer].residual;
+        }
+        Ok(acc)
+    }
+
+    /// Per layer, the balance of parameters:
+    /// `‖W₀ + Σ G + residual − W_T‖ / ‖W_T − W₀‖` (0 when nothing changed).
+    pub fn parameter_balance(&self) -> Vec<f64> {
+        (0..self.layers.len())
+            .map(|l| {
+                let mut sum = self.initial[l].clone();
+                let mut prev_end = &self.initial[l];
+                let mut change_norm2 = 0.0;
+                for seg in &self.segments {
+                    sum += &seg.layers[l].total(&seg.coef);
+                    sum += &seg.layers[l].residual;
+                    change_norm2 += (&seg.end[l] - prev_end).mapv(|v| v * v).sum();
+                    prev_end = &seg.end[l];
+                }
+                let err = (&sum - &self.segments[self.segments.len() - 1].end[l])
+                    .mapv(|v| v * v)
+                    .sum()
+                    .sqrt();
+                let scale = change_norm2.sqrt();
+                if scale == 0.0 { err } else { err / scale }
+            })
+            .collect()
+    }
+
+    /// Relative size of the residual per layer: `‖residual‖ / ‖W_T − W₀‖`.
+    pub fn residual_fraction(&self) -> Vec<f64> {
+        (0..self.layers.len())
+            .map(|l| {
+                let res = self.residual(l).expect("invariant: layer in range");
+                let change = self.final_params(l).expect("invariant: layer in range") - &self.initial[l];
+                let c = change.mapv(|v| v * v).sum().sqrt();
+                let r = res.mapv(|v| v * v).sum().sqrt();
+                if c == 0.0 { r } else { r / c }
+            })
+            .collect()
+    }
+
+    /// Bytes the ledger's accounts take per layer (factors, dense accounts,
+    /// residuals, and the parameters kept at every boundary).
+    pub fn bytes_per_layer(&self) -> Vec<usize> {
+        (0..self.layers.len())
+            .map(|l| {
+                let params = self.initial[l].len() * 8 * (1 + self.segments.len());
+                params + self.segments.iter().map(|s| s.layers[l].bytes()).sum::<usize>()
+            })
+            .collect()
+    }
+
+    /// Checks that `layers` are the layers this ledger traced (ids and shapes, in order).
+    pub(crate) fn check_layers(&self, layers: &[&dyn Traceable<F>], op: &'static str) -> Result<()> {
+        let got: Vec<(LayerId, TracedShape)> = layers
+            .iter()
+            .map(|l| (l.layer_id().clone(), l.traced_shape()))
+            .collect();
+        check_metas(&self.layers, &got, op)
+    }
+
+    /// Index of `id`, registering it (with `label` and `members`) if new.
+    pub(crate) fn source_or_insert(
+        &mut self,
+        id: SourceId,
+        label: Option<usize>,
+        members: Vec<ExampleId>,
+    ) -> Result<u32> {
+        if let Some(&s) = self.index.get(&id) {
+            let known = self.sources[s as usize].label;
+            if known != label {
+                return Err(Error::InconsistentSource {
+                    op: "OptimizerHook::step",
+                    reason: format!("{id} was recorded with label {known:?}, now found {label:?}"),
+                });
+            }
+            return Ok(s);
+        }
+        let s = u32::try_from(self.sources.len()).map_err(|_| Error::InvalidConfig {
+            what: "number of sources",
+            reason: format!("must fit in u32, found {}", self.sources.len()),
+        })?;
+        self.sources.push(SourceMeta { id, label, members });
+        self.index.insert(id, s);
+        Ok(s)
+    }
+}
+
+/// Checks traced layers against the ledger's metadata.
+pub(crate) fn check_metas(
+    metas: &[LayerMeta],
+    got: &[(LayerId, TracedShape)],
+    op: &'static str,
+) -> Result<()> {
+    let describe = |id: &LayerId, s: &TracedShape| {
+        format!("{id} [{} → {}{}]", s.fan_in, s.fan_out, if s.has_bias { ", bias" } else { "" })
+    };
+    if metas.len() != got.len() {
+        return Err(Error::LayerMismatch {
+            op,
+            expected: format!("{} traced layers", metas.len()),
+            got: format!("{} layers", got.len()),
+        });
+    }
+    for (m, (id, shape)) in metas.iter().zip(got) {
+        if &m.id != id || &m.shape != shape {
+            return Err(Error::LayerMismatch {
+                op,
+                expected: describe(&m.id, &m.shape),
+                got: describe(id, shape),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Reads a layer's `[W | b]` in `f64`, checking it against `shape`.
+pub(crate) fn read_params<F: Float>(
+    layer: &dyn Traceable<F>,
+    shape: &TracedShape,
+    op: &'static str,
+) -> Result<Array2<f64>> {
+    let w = layer.weight();
+    let b = layer.bias();
+    if b.is_some() != shape.has_bias {
+        return Err(Error::LayerMismatch {
+            op,
+            expected: format!("{} with has_bias = {}", layer.layer_id(), shape.has_bias),
+            got: format!("bias present = {}", b.is_some()),
+        });
+    }
+    let m = augmented(w.view(), b, shape.fan_out, shape.fan_in).ok_or_else(|| Error::ShapeMismatch {
+        op,
+        expected: format!("weight of {} values and bias of {}", shape.fan_out * shape.fan_in, shape.fan_out),
+        got: format!("weight {}, bias {:?}", shape_str(w.shape()), b.map(|b| b.len())),
+    })?;
+    crate::error::check_finite(
+        w.iter().chain(b.iter().flat_map(|b| b.iter())),
+        op,
+        &format!("parameters of {}", layer.layer_id()),
+    )?;
+    Ok(m)
+}
+
+/// Writes `[W | b]` matrices (as the ledger keeps them) into traced layers, e.g. to
+/// evaluate the model at a segment boundary for the per-segment loss lens.
+///
+/// # Errors
+/// [`Error::LayerMismatch`] or [`Error::ShapeMismatch`] when a layer does not
+/// match its matrix.
+///
+/// # Example
+/// ```
+/// use rand::{SeedableRng, rngs::StdRng};
+/// use refinement_ledger::{Traceable, load_params, nn::DenseConfig};
+/// let mut rng = StdRng::seed_from_u64(1);
+/// let mut fc = DenseConfig::new(2, 1).build::<f64>("fc", &mut rng)?;
+/// load_params(&mut [&mut fc as &mut dyn Traceable<f64>], &[ndarray::array![[1.0, 2.0, 3.0]]])?;
+/// assert_eq!(fc.bias().unwrap()[0], 3.0);
+/// # Ok::<(), refinement_ledger::Error>(())
+/// ```
+pub fn load_params<F: Float>(layers: &mut [&mut dyn Traceable<F>], params: &[Array2<f64>]) -> Result<()> {
+    const OP: &str = "load_params";
+    if layers.len() != params.len() {
+        return Err(Error::LayerMismatch {
+            op: OP,
+            expected: format!("{} layers", params.len()),
+            got: format!("{} layers", layers.len()),
+        });
+    }
+    for (layer, m) in layers.iter_mut().zip(params) {
+        let shape = layer.traced_shape();
+        if m.dim() != (shape.fan_out, shape.aug_in()) {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                expected: shape_str(&[shape.fan_out, shape.aug_in()]),
+                got: shape_str(m.shape()),
+            });
+        }
+        let mut params = layer.params_mut();
+        let write = |p: &mut ArrayViewMutD<'_, F>, values: &mut dyn Iterator<Item = f64>| {
+            for (dst, v) in p.iter_mut().zip(values) {
+                *dst = F::narrow(v);
+            }
+        };
+        if let Some(w) = params.get_mut(0) {
+            let mut it = m.rows().into_iter().flat_map(|r| r.into_iter().take(shape.fan_in).copied().collect::<Vec<_>>());
+            write(&mut w.value, &mut it);
+        }
+        if shape.has_bias {
+            if let Some(b) = params.get_mut(1) {
+                let mut it = m.column(shape.fan_in).to_vec().into_iter();
+                write(&mut b.value, &mut it);
+            }
+        }
+    }
+    Ok(())
+}
