@@ -9,6 +9,7 @@ mod hook;
 pub mod ledger;
 pub mod nn;
 pub mod optim;
+pub mod query;
 mod trace;
 
 pub use error::{Error, Result};
@@ -17,3 +18,4 @@ pub use optim::{LinearRule, Optimizer};
 pub use trace::{ExampleId, LayerId, ParamId, ParamMut, SourceId, Traceable, TracedShape};
 pub use hook::{Batch, Credit, HookConfig, OptimizerHook};
 pub use ledger::{Ledger, load_params};
+pub use query::{ClassAttribution, Explanation, Influence, Influences, LayerSel, Lens, Query, Ranking};

@@ -1,0 +1,686 @@
+//! Queries: which sources built the representation a traced network computes for
+//! an input, layer by layer (DESIGN §2.5–2.6).
+//!
+//! For a query `x` and traced layer `l` with final input `a = a_l(x)`, the
+//! refinement `r = (W_T − W₀) ⊛ a` splits into one contribution per source,
+//! `c_s = G_s ⊛ a`, plus the residual's. Per source the crate scores
+//!
+//! | lens | score | question it answers |
+//! |---|---|---|
+//! | [`Lens::Dot`] | `⟨c, r⟩` | raw alignment |
+//! | [`Lens::Norm`] | `‖c‖` | how much a source moved the representation |
+//! | [`Lens::Cos`] | `⟨c, r⟩ / (‖c‖‖r‖)` | *which training examples does this look like?* (strong at the last layer) |
+//! | [`Lens::Influence`] | `⟨c, r⟩ / ‖r‖` | the paper's ranking; sums over sources to `‖r‖` |
+//! | [`Lens::Share`] | `⟨c, r⟩ / ‖r‖²` | the paper's attribution; sums to 1 with the residual |
+//! | [`Lens::Loss`] | `−⟨G, ∇_W ℓ(x)⟩` | TracIn over every step: *which examples lowered this loss?*; its self-score finds mislabelled examples |
+//!
+//! The lens is a parameter of one code path: every score is computed from
+//! `⟨c, t⟩` (target `t = r` or `t = ∇_z ℓ`) and `‖c‖`, by matrix products
+//! over all sources at once.
+//!
+//! Across layers ([`LayerSel::All`]): `Share` is the mean of per-layer shares
+//! (DESIGN §2.5); the other lenses treat the layers' representations as one
+//! concatenated vector (dots and squared norms add).
+
+mod kernel;
+
+use ndarray::{Array1, Array2, Array3, Axis};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{check_finite, shape_str};
+use crate::ledger::{LayerMeta, SourceMeta, check_metas};
+use crate::{Error, Float, LayerId, Ledger, Result, SourceId, Traceable, TracedShape};
+use kernel::{LayerInput, dots, materialize};
+
+/// How a source is scored for a query.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Lens {
+    /// `⟨c, r⟩`.
+    Dot,
+    /// `‖c‖`.
+    Norm,
+    /// `⟨c, r⟩ / (‖c‖ ‖r‖)`: representativeness; use it at the last layer for
+    /// "which training examples does this look like?".
+    Cos,
+    /// `⟨c, r⟩ / ‖r‖`: the paper's ranking of influential examples.
+    Influence,
+    /// `⟨c, r⟩ / ‖r‖²`: the paper's share of the refinement (sums to 1 with the residual).
+    Share,
+    /// `−⟨G, ∇_W ℓ(x)⟩` with the gradient at the query's own parameters: the
+    /// exact TracIn sum over every step. Needs a query built with
+    /// [`Query::with_gradients`].
+    Loss,
+}
+
+/// Which layers a score covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LayerSel {
+    /// One traced layer, by index.
+    Layer(usize),
+    /// All traced layers combined.
+    All,
+}
+
+/// A batch of query inputs as the traced layers saw them: each layer's patches
+/// and, for the loss lens, its output deltas (per-example loss gradients).
+#[derive(Clone, Debug)]
+pub struct Query<F: Float = f32> {
+    layers: Vec<QueryLayer<F>>,
+    n: usize,
+}
+
+#[derive(Clone, Debug)]
+struct QueryLayer<F> {
+    id: LayerId,
+    shape: TracedShape,
+    patches: Array3<F>,
+    deltas: Option<Array3<F>>,
+}
+
+impl<F: Float> Query<F> {
+    /// The queries of the traced layers' last forward pass (run the *final*
+    /// network on the query inputs first).
+    ///
+    /// # Errors
+    /// [`Error::Empty`] for no layers or no queries, [`Error::NoForwardCache`],
+    /// [`Error::ShapeMismatch`] when layers disagree on the batch size,
+    /// [`Error::NonFinite`].
+    pub fn from_layers(layers: &[&dyn Traceable<F>]) -> Result<Self> {
+        Self::build(layers, false)
+    }
+
+    /// As [`from_layers`](Self::from_layers), also keeping each layer's output
+    /// deltas from the last backward pass, for [`Lens::Loss`]. Take them from a
+    /// backward pass of the *summed* loss (e.g. [`Sequential::loss_gradients`](crate::nn::Sequential::loss_gradients)),
+    /// so that they are per-example gradients.
+    ///
+    /// # Errors
+    /// As [`from_layers`](Self::from_layers), and [`Error::NoBackwardCache`].
+    pub fn with_gradients(layers: &[&dyn Traceable<F>]) -> Result<Self> {
+        Self::build(layers, true)
+    }
+
+    fn build(layers: &[&dyn Traceable<F>], gradients: bool) -> Result<Self> {
+        const OP: &str = "Query::from_layers";
+        if layers.is_empty() {
+            return Err(Error::Empty { op: OP, what: "list of traced layers" });
+        }
+        let mut out = Vec::with_capacity(layers.len());
+        let mut n = None;
+        for layer in layers {
+            let shape = layer.traced_shape();
+            let patches = layer.input_patches()?;
+            let expected_n = *n.get_or_insert(patches.shape()[0]);
+            if patches.shape()[0] != expected_n || patches.shape()[2] != shape.fan_in {
+                return Err(Error::ShapeMismatch {
+                    op: OP,
+                    expected: format!("{}: patches [{expected_n}, P, {}]", layer.layer_id(), shape.fan_in),
+                    got: shape_str(patches.shape()),
+                });
+            }
+            check_finite(patches.iter(), OP, &format!("patches of {}", layer.layer_id()))?;
+            let deltas = if gradients {
+                let d = layer.output_deltas()?;
+                let want = [expected_n, patches.shape()[1], shape.fan_out];
+                if d.shape() != want {
+                    return Err(Error::ShapeMismatch {
+                        op: OP,
+                        expected: format!("{}: deltas {}", layer.layer_id(), shape_str(&want)),
+                        got: shape_str(d.shape()),
+                    });
+                }
+                check_finite(d.iter(), OP, &format!("deltas of {}", layer.layer_id()))?;
+                Some(d.to_owned())
+            } else {
+                None
+            };
+            out.push(QueryLayer { id: layer.layer_id().clone(), shape, patches: patches.to_owned(), deltas });
+        }
+        let n = n.unwrap_or(0);
+        if n == 0 {
+            return Err(Error::Empty { op: OP, what: "query batch" });
+        }
+        Ok(Self { layers: out, n })
+    }
+
+    /// Number of queries.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Always false: a query holds at least one input.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Whether the query carries loss gradients (for [`Lens::Loss`]).
+    pub fn has_gradients(&self) -> bool {
+        self.layers.iter().all(|l| l.deltas.is_some())
+    }
+
+    fn check(&self, metas: &[LayerMeta], op: &'static str) -> Result<()> {
+        let got: Vec<(LayerId, TracedShape)> = self.layers.iter().map(|l| (l.id.clone(), l.shape.clone())).collect();
+        check_metas(metas, &got, op)
+    }
+
+    fn deltas(&self, l: usize, op: &'static str) -> Result<&Array3<F>> {
+        self.layers[l].deltas.as_ref().ok_or_else(|| Error::NoBackwardCache {
+            layer: self.layers[l].id.to_string(),
+            op,
+        })
+    }
+}
+
+/// Every score of every source for a batch of queries at one layer.
+#[derive(Clone, Debug)]
+pub struct LayerExplanation {
+    /// The layer.
+    pub layer: LayerId,
+    /// `⟨c_s, r⟩`, `[n_queries, n_sources]`.
+    pub dot: Array2<f64>,
+    /// `‖c_s‖`, `[n_queries, n_sources]`.
+    pub norm: Array2<f64>,
+    /// `‖r‖` per query.
+    pub refinement_norm: Array1<f64>,
+    /// `⟨c_residual, r⟩` per query.
+    pub residual_dot: Array1<f64>,
+    /// `‖Σ_s c_s + c_residual − r‖ / ‖r‖` per query: the ledger's balance (≈ rounding).
+    pub balance_error: Array1<f64>,
+}
+
+impl LayerExplanation {
+    /// The score matrix `[n_queries, n_sources]` of a representation lens.
+    fn score(&self, lens: Lens) -> Array2<f64> {
+        let r = self.refinement_norm.view().insert_axis(Axis(1));
+        match lens {
+            Lens::Dot => self.dot.clone(),
+            Lens::Norm => self.norm.clone(),
+            Lens::Influence => safe_div(&self.dot, &r.to_owned()),
+            Lens::Share => safe_div(&self.dot, &r.mapv(|v| v * v)),
+            Lens::Cos => safe_div(&self.dot, &(&self.norm * &r)),
+            Lens::Loss => unreachable!("invariant: loss lens is not a representation score"),
+        }
+    }
+}
+
+/// `x / y` element-wise (broadcast), 0 where `y` is 0.
+fn safe_div(x: &Array2<f64>, y: &Array2<f64>) -> Array2<f64> {
+    let mut out = x.clone();
+    ndarray::Zip::from(&mut out)
+        .and_broadcast(y)
+        .for_each(|v, &d| *v = if d == 0.0 { 0.0 } else { *v / d });
+    out
+}
+
+/// The representation lens's full answer for a batch of queries: all scores,
+/// per layer, for every source.
+#[derive(Clone, Debug)]
+pub struct Explanation<'a> {
+    /// Per traced layer.
+    pub layers: Vec<LayerExplanation>,
+    /// The sources, in column order.
+    pub sources: &'a [SourceMeta],
+}
+
+impl Explanation<'_> {
+    /// Scores `[n_queries, n_sources]` under a representation lens.
+    ///
+    /// # Errors
+    /// [`Error::IndexOutOfRange`] for a bad layer; [`Error::InvalidConfig`] for
+    /// [`Lens::Loss`] (use [`Ledger::scores`]).
+    pub fn scores(&self, lens: Lens, layers: LayerSel) -> Result<Array2<f64>> {
+        if lens == Lens::Loss {
+            return Err(Error::InvalidConfig {
+                what: "lens",
+                reason: "Loss is not a representation lens; use Ledger::scores with a gradient query".into(),
+            });
+        }
+        match layers {
+            LayerSel::Layer(l) => Ok(self
+                .layers
+                .get(l)
+                .ok_or(Error::IndexOutOfRange { op: "Explanation::scores", what: "layer", index: l, len: self.layers.len() })?
+                .score(lens)),
+            LayerSel::All if lens == Lens::Share => {
+                let mut acc = self.layers[0].score(Lens::Share);
+                for layer in &self.layers[1..] {
+                    acc += &layer.score(Lens::Share);
+                }
+                Ok(acc / self.layers.len() as f64)
+            }
+            LayerSel::All => {
+                let concat = concatenate_layers(&self.layers);
+                Ok(concat.score(lens))
+            }
+        }
+    }
+
+    /// The top `k` proponents and opponents of query `q` per layer and combined.
+    ///
+    /// # Errors
+    /// As [`scores`](Self::scores); [`Error::IndexOutOfRange`] for a bad query.
+    pub fn top_k(&self, q: usize, lens: Lens, k: usize) -> Result<Influences> {
+        let n_q = self.layers[0].dot.nrows();
+        if q >= n_q {
+            return Err(Error::IndexOutOfRange { op: "Explanation::top_k", what: "query", index: q, len: n_q });
+        }
+        let per_layer = (0..self.layers.len())
+            .map(|l| {
+                let s = self.scores(lens, LayerSel::Layer(l))?;
+                Ok((self.layers[l].layer.clone(), rank(s.row(q).as_slice().expect("invariant: standard layout"), self.sources, k)))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let all = self.scores(lens, LayerSel::All)?;
+        Ok(Influences {
+            query: q,
+            per_layer,
+            combined: rank(all.row(q).as_slice().expect("invariant: standard layout"), self.sources, k),
+        })
+    }
+}
+
+/// The layers as one concatenated representation: dots and squared norms add.
+fn concatenate_layers(layers: &[LayerExplanation]) -> LayerExplanation {
+    let mut dot = layers[0].dot.clone();
+    let mut norm2 = layers[0].norm.mapv(|v| v * v);
+    let mut r2 = layers[0].refinement_norm.mapv(|v| v * v);
+    let mut res = layers[0].residual_dot.clone();
+    for l in &layers[1..] {
+        dot += &l.dot;
+        norm2 += &l.norm.mapv(|v| v * v);
+        r2 += &l.refinement_norm.mapv(|v| v * v);
+        res += &l.residual_dot;
+    }
+    LayerExplanation {
+        layer: LayerId::new("all"),
+        dot,
+        norm: norm2.mapv(f64::sqrt),
+        refinement_norm: r2.mapv(f64::sqrt),
+        residual_dot: res,
+        balance_error: layers.iter().fold(Array1::zeros(layers[0].balance_error.len()), |m, l| {
+            ndarray::Zip::from(&m).and(&l.balance_error).map_collect(|&a, &b| a.max(b))
+        }),
+    }
+}
+
+/// One source in a ranking.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Influence {
+    /// The source.
+    pub source: SourceId,
+    /// Its label, if it has one.
+    pub label: Option<usize>,
+    /// Its score under the lens.
+    pub score: f64,
+}
+
+/// The highest (proponents) and lowest (opponents) scoring sources.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Ranking {
+    /// Highest scores first.
+    pub proponents: Vec<Influence>,
+    /// Lowest scores first.
+    pub opponents: Vec<Influence>,
+}
+
+/// Rankings for one query: per traced layer, and across all layers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Influences {
+    /// Index of the query in its batch.
+    pub query: usize,
+    /// Per traced layer.
+    pub per_layer: Vec<(LayerId, Ranking)>,
+    /// All layers combined (see [`LayerSel::All`]).
+    pub combined: Ranking,
+}
+
+/// Top and bottom `k` of `scores`, ties broken by source id.
+pub(crate) fn rank(scores: &[f64], sources: &[SourceMeta], k: usize) -> Ranking {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    let k = k.min(idx.len());
+    let desc = |a: &usize, b: &usize| {
+        scores[*b].total_cmp(&scores[*a]).then(sources[*a].id.cmp(&sources[*b].id))
+    };
+    let asc = |a: &usize, b: &usize| {
+        scores[*a].total_cmp(&scores[*b]).then(sources[*a].id.cmp(&sources[*b].id))
+    };
+    let pick = |idx: &mut Vec<usize>, cmp: &dyn Fn(&usize, &usize) -> std::cmp::Ordering| -> Vec<Influence> {
+        if k == 0 {
+            return Vec::new();
+        }
+        idx.select_nth_unstable_by(k - 1, cmp);
+        let mut top = idx[..k].to_vec();
+        top.sort_by(cmp);
+        top.into_iter()
+            .map(|i| Influence { source: sources[i].id, label: sources[i].label, score: scores[i] })
+            .collect()
+    };
+    Ranking { proponents: pick(&mut idx, &desc), opponents: pick(&mut idx, &asc) }
+}
+
+/// Class attribution of one layer (or all layers) for a batch of queries:
+/// the sum of shares `⟨c_s, r⟩/‖r‖²` per source label.
+#[derive(Clone, Debug)]
+pub struct ClassAttribution {
+    /// The layer (`"all"` for the mean over layers).
+    pub layer: LayerId,
+    /// `[n_queries, n_classes]`.
+    pub per_class: Array2<f64>,
+    /// Share of sources without a label (weight decay, mixed batches), per query.
+    pub unlabeled: Array1<f64>,
+    /// Share of the residual, per query. `per_class` rows + `unlabeled` + `residual` = 1.
+    pub residual: Array1<f64>,
+}
+
+impl<F: Float> Ledger<F> {
+    fn check_query(&self, query: &Query<F>, op: &'static str) -> Result<()> {
+        query.check(&self.layers, op)?;
+        if self.segments.iter().all(|s| s.n_steps == 0) {
+            return Err(Error::Empty { op, what: "ledger (no training step recorded)" });
+        }
+        Ok(())
+    }
+
+    /// The refinement `r = (W_T − W₀) ⊛ a` of layer `l` for every query, `[n_q·P, fan_out]`.
+    fn refinement(&self, l: usize, input_a64: &Array2<f64>) -> Array2<f64> {
+        let delta = self.final_params(l).expect("invariant: layer in range") - &self.initial[l];
+        input_a64.dot(&delta.t())
+    }
+
+    fn representation_input(&self, query: &Query<F>, l: usize) -> (LayerInput<F>, Array2<f64>) {
+        let ql = &query.layers[l];
+        let mut input = LayerInput::new(ql.patches.view(), ql.shape.has_bias, Array2::zeros((0, 0)));
+        let r = self.refinement(l, &input.a64);
+        input.target = r.clone();
+        (input, r)
+    }
+
+    /// All representation scores of every source for every query, per layer,
+    /// with the ledger's balance per query.
+    ///
+    /// # Errors
+    /// [`Error::LayerMismatch`] when the query's layers are not the ledger's;
+    /// [`Error::Empty`] for a ledger without steps.
+    ///
+    /// # Example
+    /// See the crate-level example.
+    pub fn explain(&self, query: &Query<F>) -> Result<Explanation<'_>> {
+        self.check_query(query, "Ledger::explain")?;
+        let n_src = self.sources.len();
+        let layers = (0..self.layers.len())
+            .map(|l| {
+                let (input, r) = self.representation_input(query, l);
+                let m = materialize(&self.segments, l, n_src, &input);
+                let mut residual = Array2::zeros(self.initial[l].raw_dim());
+                for seg in &self.segments {
+                    residual += &seg.layers[l].residual;
+                }
+                let c_res = input.apply(residual.view());
+                let total = &m.total + &c_res;
+                let err = input.per_query_dot((&total - &r).view(), (&total - &r).view()).mapv(f64::sqrt);
+                let r_norm = input.per_query_dot(r.view(), r.view()).mapv(f64::sqrt);
+                LayerExplanation {
+                    layer: self.layers[l].id.clone(),
+                    dot: m.dot.t().to_owned(),
+                    norm: m.norm2.t().mapv(f64::sqrt),
+                    residual_dot: input.per_query_dot(c_res.view(), r.view()),
+                    balance_error: ndarray::Zip::from(&err)
+                        .and(&r_norm)
+                        .map_collect(|&e, &n| if n == 0.0 { e } else { e / n }),
+                    refinement_norm: r_norm,
+                }
+            })
+            .collect();
+        Ok(Explanation { layers, sources: &self.sources })
+    }
+
+    /// Scores `[n_queries, n_sources]` under `lens` for the chosen layers.
+    ///
+    /// Lenses that need no norm (`Dot`, `Influence`, `Share`, `Loss`) take the
+    /// fast dot-only path. [`Lens::Loss`] pairs every segment with the query's
+    /// gradients; to pair each segment with its own boundary parameters use
+    /// [`loss_scores_by_segment`](Self::loss_scores_by_segment).
+    ///
+    /// # Errors
+    /// [`Error::LayerMismatch`], [`Error::Empty`], [`Error::IndexOutOfRange`],
+    /// [`Error::NoBackwardCache`] for the loss lens on a query without gradients.
+    pub fn scores(&self, query: &Query<F>, lens: Lens, layers: LayerSel) -> Result<Array2<f64>> {
+        const OP: &str = "Ledger::scores";
+        self.check_query(query, OP)?;
+        let selected = self.select(layers, OP)?;
+        match lens {
+            Lens::Loss => self.loss_scores_impl(std::slice::from_ref(query), &selected, OP),
+            Lens::Norm | Lens::Cos => self.explain(query)?.scores(lens, layers),
+            _ => {
+                let per_layer: Vec<LayerExplanation> = selected
+                    .iter()
+                    .map(|&l| {
+                        let (input, r) = self.representation_input(query, l);
+                        let parts: Vec<_> = self.segments.iter().map(|s| (s, &input)).collect();
+                        let dot = dots(&parts, l, self.sources.len(), query.n);
+                        LayerExplanation {
+                            layer: self.layers[l].id.clone(),
+                            dot: dot.t().to_owned(),
+                            norm: Array2::zeros((query.n, self.sources.len())),
+                            refinement_norm: input.per_query_dot(r.view(), r.view()).mapv(f64::sqrt),
+                            residual_dot: Array1::zeros(query.n),
+                            balance_error: Array1::zeros(query.n),
+                        }
+                    })
+                    .collect();
+                let sel = if per_layer.len() == 1 { LayerSel::Layer(0) } else { LayerSel::All };
+                Explanation { layers: per_layer, sources: &self.sources }.scores(lens, sel)
+            }
+        }
+    }
+
+    fn select(&self, layers: LayerSel, op: &'static str) -> Result<Vec<usize>> {
+        match layers {
+            LayerSel::All => Ok((0..self.layers.len()).collect()),
+            LayerSel::Layer(l) if l < self.layers.len() => Ok(vec![l]),
+            LayerSel::Layer(l) => Err(Error::IndexOutOfRange { op, what: "layer", index: l, len: self.layers.len() }),
+        }
+    }
+
+    /// The loss lens with each segment paired with its own query: `queries[k]`
+    /// holds the gradients of the model at the end of segment `k` (load them with
+    /// [`load_params`](crate::load_params) and [`segment_end_params`](Self::segment_end_params)).
+    /// Summed over segments and the chosen layers, `[n_queries, n_sources]`.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] when there is not one query per segment, or the
+    /// queries differ in size; as [`scores`](Self::scores) otherwise.
+    pub fn loss_scores_by_segment(&self, queries: &[Query<F>], layers: LayerSel) -> Result<Array2<f64>> {
+        const OP: &str = "Ledger::loss_scores_by_segment";
+        if queries.len() != self.segments.len() {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                expected: format!("{} queries (one per segment)", self.segments.len()),
+                got: format!("{} queries", queries.len()),
+            });
+        }
+        for q in queries {
+            self.check_query(q, OP)?;
+            if q.n != queries[0].n {
+                return Err(Error::ShapeMismatch {
+                    op: OP,
+                    expected: format!("{} inputs per query", queries[0].n),
+                    got: format!("{} inputs", q.n),
+                });
+            }
+        }
+        let selected = self.select(layers, OP)?;
+        self.loss_scores_impl(queries, &selected, OP)
+    }
+
+    /// `−⟨G, ∇ℓ⟩` summed over `layers`; one query for all segments or one per segment.
+    fn loss_scores_impl(&self, queries: &[Query<F>], layers: &[usize], op: &'static str) -> Result<Array2<f64>> {
+        let n_q = queries[0].n;
+        let mut total = Array2::<f64>::zeros((self.sources.len(), n_q));
+        for &l in layers {
+            let inputs: Vec<LayerInput<F>> = queries
+                .iter()
+                .map(|q| {
+                    let ql = &q.layers[l];
+                    let d = q.deltas(l, op)?;
+                    let (n, p, fo) = d.dim();
+                    let target = d.mapv(F::widen).into_shape_with_order((n * p, fo)).expect("invariant: standard layout");
+                    Ok(LayerInput::new(ql.patches.view(), ql.shape.has_bias, target))
+                })
+                .collect::<Result<_>>()?;
+            let parts: Vec<_> = if inputs.len() == 1 {
+                self.segments.iter().map(|s| (s, &inputs[0])).collect()
+            } else {
+                self.segments.iter().zip(&inputs).collect()
+            };
+            total -= &dots(&parts, l, self.sources.len(), n_q);
+        }
+        Ok(total.t().to_owned())
+    }
+
+    /// The top `k` proponents and opponents of every query under `lens`, per
+    /// layer and across all layers.
+    ///
+    /// # Errors
+    /// As [`scores`](Self::scores).
+    pub fn top_k_influences(&self, query: &Query<F>, lens: Lens, k: usize) -> Result<Vec<Influences>> {
+        let per_layer: Vec<Array2<f64>> = (0..self.layers.len())
+            .map(|l| self.scores(query, lens, LayerSel::Layer(l)))
+            .collect::<Result<_>>()?;
+        let combined = self.scores(query, lens, LayerSel::All)?;
+        Ok((0..query.n)
+            .map(|q| Influences {
+                query: q,
+                per_layer: per_layer
+                    .iter()
+                    .zip(&self.layers)
+                    .map(|(s, m)| (m.id.clone(), rank(s.row(q).as_slice().expect("invariant: standard layout"), &self.sources, k)))
+                    .collect(),
+                combined: rank(combined.row(q).as_slice().expect("invariant: standard layout"), &self.sources, k),
+            })
+            .collect())
+    }
+
+    /// Which classes built each query's representation, per layer and (last
+    /// entry, layer `"all"`) averaged over layers. With `segment = Some(k)` only
+    /// the updates of segment `k` count (when in training the representation was built).
+    ///
+    /// # Errors
+    /// As [`scores`](Self::scores); [`Error::IndexOutOfRange`] for a bad segment.
+    pub fn class_attribution(&self, query: &Query<F>, segment: Option<usize>) -> Result<Vec<ClassAttribution>> {
+        const OP: &str = "Ledger::class_attribution";
+        self.check_query(query, OP)?;
+        let segs: Vec<&crate::ledger::Segment<F>> = match segment {
+            None => self.segments.iter().collect(),
+            Some(k) => vec![self.segments.get(k).ok_or(Error::IndexOutOfRange {
+                op: OP,
+                what: "segment",
+                index: k,
+                len: self.segments.len(),
+            })?],
+        };
+        let n_classes = self.sources.iter().filter_map(|s| s.label).max().map_or(0, |m| m + 1);
+        let mut out = Vec::with_capacity(self.layers.len() + 1);
+        for l in 0..self.layers.len() {
+            let (input, r) = self.representation_input(query, l);
+            let parts: Vec<_> = segs.iter().map(|&s| (s, &input)).collect();
+            let dot = dots(&parts, l, self.sources.len(), query.n); // [n_src, n_q]
+            let r2 = input.per_query_dot(r.view(), r.view());
+            let inv = r2.mapv(|v| if v == 0.0 { 0.0 } else { 1.0 / v });
+            let mut per_class = Array2::zeros((query.n, n_classes));
+            let mut unlabeled = Array1::zeros(query.n);
+            for (s, meta) in self.sources.iter().enumerate() {
+                let share = &dot.row(s) * &inv;
+                match meta.label {
+                    Some(c) => per_class.column_mut(c).scaled_add(1.0, &share),
+                    None => unlabeled += &share,
+                }
+            }
+            let mut residual_m = Array2::zeros(self.initial[l].raw_dim());
+            for seg in &segs {
+                residual_m += &seg.layers[l].residual;
+            }
+            let residual = input.per_query_dot(input.apply(residual_m.view()).view(), r.view()) * &inv;
+            out.push(ClassAttribution { layer: self.layers[l].id.clone(), per_class, unlabeled, residual });
+        }
+        let n_l = out.len() as f64;
+        let mut all = ClassAttribution {
+            layer: LayerId::new("all"),
+            per_class: Array2::zeros((query.n, n_classes)),
+            unlabeled: Array1::zeros(query.n),
+            residual: Array1::zeros(query.n),
+        };
+        for ca in &out {
+            all.per_class.scaled_add(1.0 / n_l, &ca.per_class);
+            all.unlabeled.scaled_add(1.0 / n_l, &ca.unlabeled);
+            all.residual.scaled_add(1.0 / n_l, &ca.residual);
+        }
+        out.push(all);
+        Ok(out)
+    }
+
+    /// Self-scores: for each query `q` (a training example run through the final
+    /// network), the score under `lens` of source `sources[q]` for query `q`,
+    /// over all layers. `Share` self-influence is the paper's; the loss lens's
+    /// self-score ranks mislabelled examples best (DESIGN §2.6).
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] when `sources` and the query differ in length,
+    /// [`Error::UnknownSource`], and as [`scores`](Self::scores).
+    pub fn self_scores(&self, query: &Query<F>, sources: &[SourceId], lens: Lens) -> Result<Array1<f64>> {
+        const OP: &str = "Ledger::self_scores";
+        self.check_query(query, OP)?;
+        if sources.len() != query.n {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                expected: format!("{} source ids (one per query)", query.n),
+                got: format!("{}", sources.len()),
+            });
+        }
+        let idx: Vec<usize> = sources.iter().map(|&s| self.source_index(s)).collect::<Result<_>>()?;
+        let n_l = self.layers.len();
+        // Per layer and query: ⟨c, t⟩, ‖c‖², ‖t‖².
+        let mut dot = Array2::<f64>::zeros((n_l, query.n));
+        let mut norm2 = Array2::<f64>::zeros((n_l, query.n));
+        let mut t2 = Array2::<f64>::zeros((n_l, query.n));
+        for l in 0..n_l {
+            let input = if lens == Lens::Loss {
+                let ql = &query.layers[l];
+                let d = query.deltas(l, OP)?;
+                let (n, p, fo) = d.dim();
+                let t = d.mapv(|v| -v.widen()).into_shape_with_order((n * p, fo)).expect("invariant: standard layout");
+                LayerInput::new(ql.patches.view(), ql.shape.has_bias, t)
+            } else {
+                self.representation_input(query, l).0
+            };
+            for (q, &s) in idx.iter().enumerate() {
+                let one = input.single(q);
+                let c = kernel::chunk_contributions(&self.segments, l, s, s + 1, &one);
+                let c = c.index_axis(Axis(0), 0);
+                dot[[l, q]] = one.per_query_dot(c, one.target.view())[0];
+                norm2[[l, q]] = one.per_query_dot(c, c)[0];
+                t2[[l, q]] = one.per_query_dot(one.target.view(), one.target.view())[0];
+            }
+        }
+        let per_layer = |f: &dyn Fn(f64, f64, f64) -> f64| -> Array2<f64> {
+            ndarray::Zip::from(&dot).and(&norm2).and(&t2).map_collect(|&d, &n, &t| f(d, n, t))
+        };
+        let div = |a: f64, b: f64| if b == 0.0 { 0.0 } else { a / b };
+        Ok(match lens {
+            Lens::Share => per_layer(&|d, _, t| div(d, t)).mean_axis(Axis(0)).expect("invariant: layers"),
+            Lens::Dot | Lens::Loss => dot.sum_axis(Axis(0)),
+            Lens::Norm => norm2.sum_axis(Axis(0)).mapv(f64::sqrt),
+            Lens::Influence => {
+                let t = t2.sum_axis(Axis(0)).mapv(f64::sqrt);
+                ndarray::Zip::from(&dot.sum_axis(Axis(0))).and(&t).map_collect(|&d, &t| div(d, t))
+            }
+            Lens::Cos => {
+                let denom = ndarray::Zip::from(&norm2.sum_axis(Axis(0)))
+                    .and(&t2.sum_axis(Axis(0)))
+                    .map_collect(|&n, &t| (n * t).sqrt());
+                ndarray::Zip::from(&dot.sum_axis(Axis(0))).and(&denom).map_collect(|&d, &n| div(d, n))
+            }
+        })
+    }
+}
