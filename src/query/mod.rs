@@ -268,14 +268,14 @@ impl Explanation<'_> {
         let per_layer = (0..self.layers.len())
             .map(|l| {
                 let s = self.scores(lens, LayerSel::Layer(l))?;
-                Ok((self.layers[l].layer.clone(), rank(s.row(q).as_slice().expect("invariant: standard layout"), self.sources, k)))
+                Ok((self.layers[l].layer.clone(), rank(s.row(q), self.sources, k)))
             })
             .collect::<Result<Vec<_>>>()?;
         let all = self.scores(lens, LayerSel::All)?;
         Ok(Influences {
             query: q,
             per_layer,
-            combined: rank(all.row(q).as_slice().expect("invariant: standard layout"), self.sources, k),
+            combined: rank(all.row(q), self.sources, k),
         })
     }
 }
@@ -336,7 +336,7 @@ pub struct Influences {
 }
 
 /// Top and bottom `k` of `scores`, ties broken by source id.
-pub(crate) fn rank(scores: &[f64], sources: &[SourceMeta], k: usize) -> Ranking {
+pub(crate) fn rank(scores: ndarray::ArrayView1<'_, f64>, sources: &[SourceMeta], k: usize) -> Ranking {
     let mut idx: Vec<usize> = (0..scores.len()).collect();
     let k = k.min(idx.len());
     let desc = |a: &usize, b: &usize| {
@@ -422,7 +422,7 @@ impl<F: Float> Ledger<F> {
                 let r_norm = input.per_query_dot(r.view(), r.view()).mapv(f64::sqrt);
                 LayerExplanation {
                     layer: self.layers[l].id.clone(),
-                    dot: m.dot.t().to_owned(),
+                    dot: m.dot.t().as_standard_layout().into_owned(),
                     norm: m.norm2.t().mapv(f64::sqrt),
                     residual_dot: input.per_query_dot(c_res.view(), r.view()),
                     balance_error: ndarray::Zip::from(&err)
@@ -461,7 +461,7 @@ impl<F: Float> Ledger<F> {
                         let dot = dots(&parts, l, self.sources.len(), query.n);
                         LayerExplanation {
                             layer: self.layers[l].id.clone(),
-                            dot: dot.t().to_owned(),
+                            dot: dot.t().as_standard_layout().into_owned(),
                             norm: Array2::zeros((query.n, self.sources.len())),
                             refinement_norm: input.per_query_dot(r.view(), r.view()).mapv(f64::sqrt),
                             residual_dot: Array1::zeros(query.n),
@@ -536,7 +536,7 @@ impl<F: Float> Ledger<F> {
             };
             total -= &dots(&parts, l, self.sources.len(), n_q);
         }
-        Ok(total.t().to_owned())
+        Ok(total.t().as_standard_layout().into_owned())
     }
 
     /// The top `k` proponents and opponents of every query under `lens`, per
@@ -555,9 +555,9 @@ impl<F: Float> Ledger<F> {
                 per_layer: per_layer
                     .iter()
                     .zip(&self.layers)
-                    .map(|(s, m)| (m.id.clone(), rank(s.row(q).as_slice().expect("invariant: standard layout"), &self.sources, k)))
+                    .map(|(s, m)| (m.id.clone(), rank(s.row(q), &self.sources, k)))
                     .collect(),
-                combined: rank(combined.row(q).as_slice().expect("invariant: standard layout"), &self.sources, k),
+                combined: rank(combined.row(q), &self.sources, k),
             })
             .collect())
     }
