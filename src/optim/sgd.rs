@@ -246,3 +246,67 @@ impl<F: Float> Optimizer<F> for Sgd<F> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{ArrayD, IxDyn};
+
+    /// Runs `steps` steps from `w0` with the gradients `grads[t]` and returns the weights after each.
+    fn run(cfg: SgdConfig, w0: f64, grads: &[f64]) -> Vec<f64> {
+        let mut sgd = cfg.build::<f64>().unwrap();
+        let mut w = ArrayD::from_elem(IxDyn(&[1]), w0);
+        grads
+            .iter()
+            .map(|&g| {
+                let g = ArrayD::from_elem(IxDyn(&[1]), g);
+                let mut p = [ParamMut { id: ParamId("w".into()), value: w.view_mut(), grad: g.view() }];
+                sgd.step(&mut p).unwrap();
+                w[0]
+            })
+            .collect()
+    }
+
+    fn close(a: &[f64], b: &[f64]) {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-12, "{a:?} vs {b:?}");
+        }
+    }
+
+    #[test]
+    fn momentum_golden_values() {
+        // buf: 1, 1.9, 2.71 → w: −0.1, −0.29, −0.561
+        close(&run(SgdConfig::new(0.1).with_momentum(0.9), 0.0, &[1.0; 3]), &[-0.1, -0.29, -0.561]);
+    }
+
+    #[test]
+    fn nesterov_golden_values() {
+        // d = g + μ·buf: 1.9, then 1 + 0.9·1.9 = 2.71 → w: −0.19, −0.461
+        close(&run(SgdConfig::new(0.1).with_momentum(0.9).with_nesterov(true), 0.0, &[1.0; 2]), &[-0.19, -0.461]);
+    }
+
+    #[test]
+    fn dampening_skips_the_first_step() {
+        // buf: 1 (undampened), 0.9 + 0.5 = 1.4 → w: −0.1, −0.24
+        close(&run(SgdConfig::new(0.1).with_momentum(0.9).with_dampening(0.5), 0.0, &[1.0; 2]), &[-0.1, -0.24]);
+    }
+
+    #[test]
+    fn weight_decay_and_schedule_golden_values() {
+        // g' = 0.1·w: w = 1 − 0.1·0.1 = 0.99; then lr halves: 0.99 − 0.05·0.099 = 0.98505
+        let cfg = SgdConfig::new(0.1).with_weight_decay(0.1).with_schedule(LrSchedule::Step { every: 1, gamma: 0.5 });
+        close(&run(cfg, 1.0, &[0.0; 2]), &[0.99, 0.98505]);
+    }
+
+    #[test]
+    fn linear_rule_reports_the_next_step() {
+        let mut sgd = SgdConfig::new(0.2).with_momentum(0.5).with_schedule(LrSchedule::Factors(vec![1.0, 0.5])).build::<f32>().unwrap();
+        let r0 = sgd.linear_rule().unwrap();
+        assert!(r0.first_step && (r0.lr - 0.2).abs() < 1e-12);
+        let mut w = ArrayD::<f32>::zeros(IxDyn(&[1]));
+        let g = ArrayD::<f32>::ones(IxDyn(&[1]));
+        sgd.step(&mut [ParamMut { id: ParamId("w".into()), value: w.view_mut(), grad: g.view() }]).unwrap();
+        let r1 = sgd.linear_rule().unwrap();
+        assert!(!r1.first_step && (r1.lr - 0.1).abs() < 1e-12);
+    }
+}
