@@ -24,7 +24,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{check_finite, shape_str};
 use crate::ledger::{Accounts, Segment, read_params};
-use crate::{Error, ExampleId, Float, Ledger, LinearRule, Optimizer, ParamMut, Result, SourceId, Traceable};
+use crate::{
+    Error, ExampleId, Float, Ledger, LinearRule, Optimizer, ParamMut, Result, SourceId, Traceable,
+};
 
 /// What each update is credited to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,7 +53,10 @@ pub struct HookConfig {
 
 impl Default for HookConfig {
     fn default() -> Self {
-        Self { credit: Credit::Auto, fold_tolerance: 1e-12 }
+        Self {
+            credit: Credit::Auto,
+            fold_tolerance: 1e-12,
+        }
     }
 }
 
@@ -83,7 +88,11 @@ pub struct Batch<'a> {
 impl<'a> Batch<'a> {
     /// A batch without ghosts.
     pub fn new(ids: &'a [ExampleId], labels: &'a [usize]) -> Self {
-        Self { ids, labels, ghosts: None }
+        Self {
+            ids,
+            labels,
+            ghosts: None,
+        }
     }
     /// Marks ghost rows.
     pub fn with_ghosts(mut self, ghosts: &'a [bool]) -> Self {
@@ -162,7 +171,11 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
     /// [`Error::Empty`] without layers, [`Error::InvalidConfig`] for duplicate
     /// layer ids, a bad tolerance, or [`Credit::PerExample`] with an optimizer
     /// that has no [`LinearRule`]; [`Error::NonFinite`] for non-finite parameters.
-    pub fn with_config(optimizer: O, layers: &[&dyn Traceable<F>], config: HookConfig) -> Result<Self> {
+    pub fn with_config(
+        optimizer: O,
+        layers: &[&dyn Traceable<F>],
+        config: HookConfig,
+    ) -> Result<Self> {
         if !(config.fold_tolerance > 0.0 && config.fold_tolerance < 1.0) {
             return Err(Error::InvalidConfig {
                 what: "hook fold_tolerance",
@@ -177,12 +190,18 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             Credit::PerExample => {
                 return Err(Error::InvalidConfig {
                     what: "hook credit",
-                    reason: "PerExample needs an optimizer with a linear rule (SGD family), found none".into(),
+                    reason:
+                        "PerExample needs an optimizer with a linear rule (SGD family), found none"
+                            .into(),
                 });
             }
         };
         let ledger = Ledger::new(layers)?;
-        let zeros: Vec<Array2<f64>> = ledger.initial.iter().map(|m| Array2::zeros(m.raw_dim())).collect();
+        let zeros: Vec<Array2<f64>> = ledger
+            .initial
+            .iter()
+            .map(|m| Array2::zeros(m.raw_dim()))
+            .collect();
         Ok(Self {
             optimizer,
             config,
@@ -227,7 +246,8 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
     pub fn step(&mut self, layers: &mut [&mut dyn Traceable<F>], batch: &Batch<'_>) -> Result<()> {
         const OP: &str = "OptimizerHook::step";
         {
-            let shared: Vec<&dyn Traceable<F>> = layers.iter().map(|l| &**l as &dyn Traceable<F>).collect();
+            let shared: Vec<&dyn Traceable<F>> =
+                layers.iter().map(|l| &**l as &dyn Traceable<F>).collect();
             self.ledger.check_layers(&shared, OP)?;
         }
         self.check_batch(batch)?;
@@ -246,7 +266,8 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
         }
         let before = self.read_all(layers)?;
         {
-            let mut params: Vec<ParamMut<'_, F>> = layers.iter_mut().flat_map(|l| l.params_mut()).collect();
+            let mut params: Vec<ParamMut<'_, F>> =
+                layers.iter_mut().flat_map(|l| l.params_mut()).collect();
             self.optimizer.step(&mut params)?;
         }
         let after = self.read_all(layers)?;
@@ -277,7 +298,10 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
     pub fn close_segment(&mut self) -> Result<()> {
         let seg = self.ledger.segments.len() - 1;
         if self.ledger.segments[seg].n_steps == 0 {
-            return Err(Error::Empty { op: "OptimizerHook::close_segment", what: "current segment" });
+            return Err(Error::Empty {
+                op: "OptimizerHook::close_segment",
+                what: "current segment",
+            });
         }
         let n_layers = self.ledger.layers.len();
         let mut next = Segment {
@@ -331,7 +355,10 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
 
     /// Books pending dense terms with their coefficient so far, and compacts the open segment.
     fn flush(pending: &VecDeque<Pending<F>>, ledger: &mut Ledger<F>) {
-        let seg = ledger.segments.last_mut().expect("invariant: at least one segment");
+        let seg = ledger
+            .segments
+            .last_mut()
+            .expect("invariant: at least one segment");
         for p in pending {
             let k = seg.coef[p.group as usize];
             for (l, s, g) in &p.dense {
@@ -347,13 +374,20 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
         const OP: &str = "OptimizerHook::step";
         let n = batch.ids.len();
         if n == 0 {
-            return Err(Error::Empty { op: OP, what: "batch" });
+            return Err(Error::Empty {
+                op: OP,
+                what: "batch",
+            });
         }
         if batch.labels.len() != n || batch.ghosts.is_some_and(|g| g.len() != n) {
             return Err(Error::ShapeMismatch {
                 op: OP,
                 expected: format!("{n} labels and ghost flags (one per id)"),
-                got: format!("{} labels, {:?} ghost flags", batch.labels.len(), batch.ghosts.map(<[bool]>::len)),
+                got: format!(
+                    "{} labels, {:?} ghost flags",
+                    batch.labels.len(),
+                    batch.ghosts.map(<[bool]>::len)
+                ),
             });
         }
         let mut seen = HashSet::with_capacity(n);
@@ -372,7 +406,9 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
                 if known != Some(label) {
                     return Err(Error::InconsistentSource {
                         op: OP,
-                        reason: format!("example {id} was recorded with label {known:?}, now found {label}"),
+                        reason: format!(
+                            "example {id} was recorded with label {known:?}, now found {label}"
+                        ),
                     });
                 }
             }
@@ -395,11 +431,23 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
                     shape.fan_in,
                     shape.fan_out
                 ),
-                got: format!("patches {}, deltas {}", shape_str(a.shape()), shape_str(d.shape())),
+                got: format!(
+                    "patches {}, deltas {}",
+                    shape_str(a.shape()),
+                    shape_str(d.shape())
+                ),
             });
         }
-        check_finite(a.iter(), OP, &format!("input patches of {}", layer.layer_id()))?;
-        check_finite(d.iter(), OP, &format!("output deltas of {}", layer.layer_id()))
+        check_finite(
+            a.iter(),
+            OP,
+            &format!("input patches of {}", layer.layer_id()),
+        )?;
+        check_finite(
+            d.iter(),
+            OP,
+            &format!("output deltas of {}", layer.layer_id()),
+        )
     }
 
     fn read_all(&self, layers: &[&mut dyn Traceable<F>]) -> Result<Vec<Array2<f64>>> {
@@ -410,7 +458,12 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             .collect()
     }
 
-    fn record_batch(&mut self, batch: &Batch<'_>, before: &[Array2<f64>], after: &[Array2<f64>]) -> Result<()> {
+    fn record_batch(
+        &mut self,
+        batch: &Batch<'_>,
+        before: &[Array2<f64>],
+        after: &[Array2<f64>],
+    ) -> Result<()> {
         let members: Vec<ExampleId> = (0..batch.ids.len())
             .filter(|&i| !batch.is_ghost(i))
             .map(|i| batch.ids[i])
@@ -419,9 +472,16 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             .filter(|&i| !batch.is_ghost(i))
             .map(|i| batch.labels[i])
             .collect();
-        let label = (labels.len() == 1).then(|| *labels.iter().next().expect("invariant: one label"));
-        let s = self.ledger.source_or_insert(SourceId::Batch(self.step), label, members)?;
-        let segment = self.ledger.segments.last_mut().expect("invariant: at least one segment");
+        let label =
+            (labels.len() == 1).then(|| *labels.iter().next().expect("invariant: one label"));
+        let s = self
+            .ledger
+            .source_or_insert(SourceId::Batch(self.step), label, members)?;
+        let segment = self
+            .ledger
+            .segments
+            .last_mut()
+            .expect("invariant: at least one segment");
         for (l, (b, a)) in before.iter().zip(after).enumerate() {
             segment.layers[l].add_dense(s, (a - b).view(), 1.0);
         }
@@ -446,7 +506,10 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             )?);
         }
         let decay = if rule.weight_decay != 0.0 {
-            Some(self.ledger.source_or_insert(SourceId::Decay, None, Vec::new())?)
+            Some(
+                self.ledger
+                    .source_or_insert(SourceId::Decay, None, Vec::new())?,
+            )
         } else {
             None
         };
@@ -455,7 +518,12 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
         let segment = &mut self.ledger.segments[seg_idx];
         let group = segment.coef.len() as u32;
         segment.coef.push(0.0);
-        let mut new = Pending { group, buf: entry, rows: Vec::with_capacity(layers.len()), dense: Vec::new() };
+        let mut new = Pending {
+            group,
+            buf: entry,
+            rows: Vec::with_capacity(layers.len()),
+            dense: Vec::new(),
+        };
         for (l, layer) in layers.iter().enumerate() {
             let a = layer.input_patches()?;
             let d = layer.output_deltas()?;
@@ -473,7 +541,10 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
                 let dbuf = &mut self.decay_buf[l];
                 dbuf.zip_mut_with(&dg, |s, &g| *s = mu * *s + entry * g);
                 if rule.nesterov {
-                    (&g_hat + &shadow.mapv(|v| mu * v), &dg + &dbuf.mapv(|v| mu * v))
+                    (
+                        &g_hat + &shadow.mapv(|v| mu * v),
+                        &dg + &dbuf.mapv(|v| mu * v),
+                    )
                 } else {
                     (shadow.clone(), dbuf.clone())
                 }
@@ -506,7 +577,11 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             segment.coef[p.group as usize] -= lr * inc;
         }
         // Fold groups whose weight left in the buffer is negligible.
-        while self.pending.front().is_some_and(|p| p.buf < self.config.fold_tolerance) {
+        while self
+            .pending
+            .front()
+            .is_some_and(|p| p.buf < self.config.fold_tolerance)
+        {
             let p = self.pending.pop_front().expect("invariant: front exists");
             let k = segment.coef[p.group as usize];
             for (l, &(r0, r1)) in p.rows.iter().enumerate() {
@@ -554,8 +629,10 @@ fn credit_rows<F: Float>(
     let mut d64 = Array2::<f64>::zeros((n_rows, fan_out));
     for (k, &(i, _)) in credited.iter().enumerate() {
         let rows = k * positions..(k + 1) * positions;
-        a64.slice_mut(s![rows.clone(), ..fan_in]).assign(&a.index_axis(Axis(0), i).mapv(F::widen));
-        d64.slice_mut(s![rows, ..]).assign(&d.index_axis(Axis(0), i).mapv(F::widen));
+        a64.slice_mut(s![rows.clone(), ..fan_in])
+            .assign(&a.index_axis(Axis(0), i).mapv(F::widen));
+        d64.slice_mut(s![rows, ..])
+            .assign(&d.index_axis(Axis(0), i).mapv(F::widen));
     }
     let g_hat = d64.t().dot(&a64);
     for &(i, s) in &credited {

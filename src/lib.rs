@@ -1,4 +1,67 @@
-//! tmp
+//! Explain a neural network's representations by tracing its training.
+//!
+//! While a network trains, an [`OptimizerHook`] keeps an exact [`Ledger`] of
+//! which training examples refined each traced layer's weights. Afterwards the
+//! ledger answers, for any input, which training examples and which classes
+//! built the representation the network computes for it, layer by layer
+//! (Pfahler & Morik, "Explaining Deep Learning Representations by Tracing the
+//! Training Process", 2021), and the other lenses of [`query`] answer "which
+//! examples does this look like" and "which examples lowered this loss".
+//!
+//! * [`Traceable`]: a layer whose parameters are traced — the built-in
+//!   [`nn::Dense`] and [`nn::Conv2d`], or your own.
+//! * [`Optimizer`]: [`optim::Sgd`] (momentum, Nesterov, dampening, weight decay,
+//!   schedules), [`optim::Adam`] (and AdamW), or your own.
+//! * [`OptimizerHook`]: wraps any optimizer and books each step into the ledger:
+//!   exactly per example for the SGD family, exactly per batch for any other.
+//! * [`Ledger`]: per layer and source, the sum of credited updates; it balances
+//!   (`W₀ + Σ G + residual = W_T`, and every query's refinement splits exactly
+//!   into per-source contributions).
+//! * [`Query`] and [`Lens`]: score every source for a batch of queries by
+//!   matrix products; [`Ledger::top_k_influences`], [`Ledger::class_attribution`],
+//!   [`Ledger::self_scores`].
+//!
+//! # Example
+//! ```
+//! use ndarray::Array2;
+//! use rand::{SeedableRng, rngs::StdRng};
+//! use refinement_ledger::nn::{DenseConfig, Relu, Sequential};
+//! use refinement_ledger::optim::SgdConfig;
+//! use refinement_ledger::{Batch, ExampleId, Lens, OptimizerHook, Query};
+//!
+//! // Two classes of points: class 0 near (−1, −1), class 1 near (1, 1).
+//! let x = Array2::from_shape_fn((8, 2), |(i, j)| if i % 2 == 0 { -1.0 } else { 1.0 } + 0.1 * (i + j) as f32);
+//! let y: Vec<usize> = (0..8).map(|i| i % 2).collect();
+//! let ids: Vec<ExampleId> = (0..8).map(ExampleId).collect();
+//!
+//! let mut rng = StdRng::seed_from_u64(0);
+//! let mut net = Sequential::new()
+//!     .with(DenseConfig::new(2, 8).build("fc1", &mut rng)?)
+//!     .with(Relu::new())
+//!     .with(DenseConfig::new(8, 2).build("fc2", &mut rng)?);
+//! let sgd = SgdConfig::new(0.1).with_momentum(0.9).build()?;
+//! let mut hook = OptimizerHook::new(sgd, &net.traceables())?;
+//! for _epoch in 0..20 {
+//!     for b in 0..2 {
+//!         let rows = b * 4..(b + 1) * 4;
+//!         let xb = x.slice(ndarray::s![rows.clone(), ..]).to_owned().into_dyn();
+//!         net.train_batch(xb.view(), &y[rows.clone()])?;
+//!         hook.step(&mut net.traceables_mut(), &Batch::new(&ids[rows.clone()], &y[rows]))?;
+//!     }
+//! }
+//! let ledger = hook.finish();
+//!
+//! // Explain the prediction for a new point near class 1.
+//! let q = ndarray::array![[0.9f32, 1.2]].into_dyn();
+//! net.forward(q.view())?;
+//! let query = Query::from_layers(&net.traceables())?;
+//! let top = &ledger.top_k_influences(&query, Lens::Cos, 3)?[0];
+//! assert_eq!(top.per_layer[1].1.proponents[0].label, Some(1));
+//! // The ledger balances: contributions add up to the refinement.
+//! let explanation = ledger.explain(&query)?;
+//! assert!(explanation.layers.iter().all(|l| l.balance_error[0] < 1e-4));
+//! # Ok::<(), refinement_ledger::Error>(())
+//! ```
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 #![doc(test(attr(deny(warnings))))]
@@ -14,8 +77,10 @@ mod trace;
 
 pub use error::{Error, Result};
 pub use float::Float;
-pub use optim::{LinearRule, Optimizer};
-pub use trace::{ExampleId, LayerId, ParamId, ParamMut, SourceId, Traceable, TracedShape};
 pub use hook::{Batch, Credit, HookConfig, OptimizerHook};
 pub use ledger::{Ledger, load_params};
-pub use query::{ClassAttribution, Explanation, Influence, Influences, LayerSel, Lens, Query, Ranking};
+pub use optim::{LinearRule, Optimizer};
+pub use query::{
+    ClassAttribution, Explanation, Influence, Influences, LayerSel, Lens, Query, Ranking,
+};
+pub use trace::{ExampleId, LayerId, ParamId, ParamMut, SourceId, Traceable, TracedShape};

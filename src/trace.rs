@@ -132,7 +132,7 @@ pub struct ParamMut<'a, F> {
 /// # Example
 /// A bias-free linear layer `z = W a`, traced:
 /// ```
-/// use ndarray::{Array2, Array3, ArrayView1, ArrayView3, ArrayViewD, Axis};
+/// use ndarray::{Array2, Array3, ArrayView1, ArrayView3, ArrayViewD};
 /// use refinement_ledger::{Error, LayerId, ParamId, ParamMut, Result, Traceable, TracedShape};
 ///
 /// struct Linear { id: LayerId, w: Array2<f32>, gw: Array2<f32>,

@@ -6,17 +6,27 @@ mod common;
 use common::{blobs, mlp, rows};
 use ndarray::{Array1, Array2, ArrayD, array};
 use rand::{SeedableRng, rngs::StdRng};
-use refinement_ledger::nn::{Conv2dConfig, Dense, DenseConfig, Layer, MaxPool2d, SoftmaxCrossEntropy};
+use refinement_ledger::nn::{
+    Conv2dConfig, Dense, DenseConfig, Layer, MaxPool2d, SoftmaxCrossEntropy,
+};
 use refinement_ledger::optim::{AdamConfig, LrSchedule, SgdConfig};
 use refinement_ledger::{
-    Batch, Credit, Error, ExampleId, HookConfig, LayerSel, Lens, OptimizerHook, Query, SourceId, Traceable,
+    Batch, Credit, Error, ExampleId, HookConfig, LayerSel, Lens, OptimizerHook, Query, SourceId,
+    Traceable,
 };
 
 fn ids(v: &[u64]) -> Vec<ExampleId> {
     v.iter().map(|&i| ExampleId(i)).collect()
 }
 
-fn setup() -> (refinement_ledger::nn::Sequential<f64>, OptimizerHook<refinement_ledger::optim::Sgd<f64>, f64>, ArrayD<f64>, Vec<usize>) {
+type Setup = (
+    refinement_ledger::nn::Sequential<f64>,
+    OptimizerHook<refinement_ledger::optim::Sgd<f64>, f64>,
+    ArrayD<f64>,
+    Vec<usize>,
+);
+
+fn setup() -> Setup {
     let (x, y) = blobs::<f64>(2, 3, 4, 1);
     let net = mlp::<f64>(4, 3, 1);
     let hook = OptimizerHook::new(SgdConfig::new(0.1).build().unwrap(), &net.traceables()).unwrap();
@@ -32,21 +42,47 @@ fn hook_rejects_bad_batches_with_clear_messages() {
     let (mut net, mut hook, x, y) = setup();
     let xb = rows(&x, &[0, 1]);
     net.train_batch(xb.view(), &y[..2]).unwrap();
-    let e = hook.step(&mut net.traceables_mut(), &Batch::new(&[], &[])).unwrap_err();
+    let e = hook
+        .step(&mut net.traceables_mut(), &Batch::new(&[], &[]))
+        .unwrap_err();
     assert!(matches!(e, Error::Empty { .. }), "{e}");
-    let e = hook.step(&mut net.traceables_mut(), &Batch::new(&ids(&[0, 1]), &[0])).unwrap_err();
+    let e = hook
+        .step(&mut net.traceables_mut(), &Batch::new(&ids(&[0, 1]), &[0]))
+        .unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { .. }) && msg(e).contains("2 labels"));
-    let e = hook.step(&mut net.traceables_mut(), &Batch::new(&ids(&[0, 1, 2]), &[0, 1, 2])).unwrap_err();
+    let e = hook
+        .step(
+            &mut net.traceables_mut(),
+            &Batch::new(&ids(&[0, 1, 2]), &[0, 1, 2]),
+        )
+        .unwrap_err();
     let m = msg(e);
     assert!(m.contains("[3, P, 4]") && m.contains("[2, 1, 4]"), "{m}");
-    let e = hook.step(&mut net.traceables_mut(), &Batch::new(&ids(&[5, 5]), &[0, 1])).unwrap_err();
+    let e = hook
+        .step(
+            &mut net.traceables_mut(),
+            &Batch::new(&ids(&[5, 5]), &[0, 1]),
+        )
+        .unwrap_err();
     assert!(matches!(e, Error::InconsistentSource { .. }) && msg(e).contains("twice"));
     // A good step, then the same id with another label.
-    hook.step(&mut net.traceables_mut(), &Batch::new(&ids(&[0, 1]), &y[..2])).unwrap();
+    hook.step(
+        &mut net.traceables_mut(),
+        &Batch::new(&ids(&[0, 1]), &y[..2]),
+    )
+    .unwrap();
     net.train_batch(xb.view(), &[2, 1]).unwrap();
-    let e = hook.step(&mut net.traceables_mut(), &Batch::new(&ids(&[0, 1]), &[2, 1])).unwrap_err();
+    let e = hook
+        .step(
+            &mut net.traceables_mut(),
+            &Batch::new(&ids(&[0, 1]), &[2, 1]),
+        )
+        .unwrap_err();
     let m = msg(e);
-    assert!(m.contains("label Some(0)") && m.contains("now found 2"), "{m}");
+    assert!(
+        m.contains("label Some(0)") && m.contains("now found 2"),
+        "{m}"
+    );
     // Nothing was recorded by the failed steps.
     assert_eq!(hook.n_steps(), 1);
     let ledger = hook.snapshot();
@@ -57,13 +93,25 @@ fn hook_rejects_bad_batches_with_clear_messages() {
 fn hook_rejects_a_step_without_backward_and_foreign_layers() {
     let (mut net, mut hook, x, _) = setup();
     net.forward(rows(&x, &[0]).view()).unwrap();
-    let e = hook.step(&mut net.traceables_mut(), &Batch::new(&ids(&[0]), &[0])).unwrap_err();
+    let e = hook
+        .step(&mut net.traceables_mut(), &Batch::new(&ids(&[0]), &[0]))
+        .unwrap_err();
     assert!(matches!(e, Error::NoBackwardCache { .. }) && msg(e).contains("fc1"));
     let mut other = mlp::<f64>(5, 3, 2);
-    let e = hook.step(&mut other.traceables_mut(), &Batch::new(&ids(&[0]), &[0])).unwrap_err();
+    let e = hook
+        .step(&mut other.traceables_mut(), &Batch::new(&ids(&[0]), &[0]))
+        .unwrap_err();
     let m = msg(e);
-    assert!(m.contains("fc1 [4 → 8, bias]") && m.contains("fc1 [5 → 8, bias]"), "{m}");
-    let e = hook.step(&mut net.traceables_mut()[..1], &Batch::new(&ids(&[0]), &[0])).unwrap_err();
+    assert!(
+        m.contains("fc1 [4 → 8, bias]") && m.contains("fc1 [5 → 8, bias]"),
+        "{m}"
+    );
+    let e = hook
+        .step(
+            &mut net.traceables_mut()[..1],
+            &Batch::new(&ids(&[0]), &[0]),
+        )
+        .unwrap_err();
     assert!(msg(e).contains("expected 2 traced layers"));
 }
 
@@ -100,21 +148,35 @@ impl Traceable<f64> for Poisoned {
 #[test]
 fn non_finite_values_are_errors() {
     let mut d = Dense::<f64>::from_weights("fc", Array2::ones((2, 3)), Array1::zeros(2)).unwrap();
-    let e = d.forward(array![[1.0, f64::NAN, 0.0]].into_dyn().view()).unwrap_err();
+    let e = d
+        .forward(array![[1.0, f64::NAN, 0.0]].into_dyn().view())
+        .unwrap_err();
     assert!(matches!(e, Error::NonFinite { .. }) && msg(e).contains("input"));
-    d.forward(array![[1.0, 2.0, 0.0]].into_dyn().view()).unwrap();
-    let e = d.backward(array![[f64::INFINITY, 0.0]].into_dyn().view()).unwrap_err();
+    d.forward(array![[1.0, 2.0, 0.0]].into_dyn().view())
+        .unwrap();
+    let e = d
+        .backward(array![[f64::INFINITY, 0.0]].into_dyn().view())
+        .unwrap_err();
     assert!(matches!(e, Error::NonFinite { .. }));
     let e = Dense::<f64>::from_weights("fc", array![[f64::NAN]], array![0.0]).unwrap_err();
     assert!(matches!(e, Error::NonFinite { .. }));
     // NaN factors reaching the hook.
-    let mut p = Poisoned(Dense::from_weights("fc", Array2::ones((2, 3)), Array1::zeros(2)).unwrap(), None);
+    let mut p = Poisoned(
+        Dense::from_weights("fc", Array2::ones((2, 3)), Array1::zeros(2)).unwrap(),
+        None,
+    );
     let sgd = SgdConfig::new(0.1).build::<f64>().unwrap();
     let mut hook = OptimizerHook::new(sgd, &[&p as &dyn Traceable<f64>]).unwrap();
-    p.0.forward(array![[1.0, 2.0, 0.0]].into_dyn().view()).unwrap();
+    p.0.forward(array![[1.0, 2.0, 0.0]].into_dyn().view())
+        .unwrap();
     p.0.backward(array![[0.5, 0.0]].into_dyn().view()).unwrap();
     p.1 = Some(ndarray::Array3::from_elem((1, 1, 2), f64::NAN));
-    let e = hook.step(&mut [&mut p as &mut dyn Traceable<f64>], &Batch::new(&ids(&[0]), &[0])).unwrap_err();
+    let e = hook
+        .step(
+            &mut [&mut p as &mut dyn Traceable<f64>],
+            &Batch::new(&ids(&[0]), &[0]),
+        )
+        .unwrap_err();
     assert!(matches!(e, Error::NonFinite { .. }) && msg(e).contains("output deltas of fc"));
     assert_eq!(hook.n_steps(), 0);
     // A NaN gradient reaching the optimizer.
@@ -123,7 +185,11 @@ fn non_finite_values_are_errors() {
     let mut sgd = SgdConfig::new(0.1).build::<f64>().unwrap();
     let e = refinement_ledger::Optimizer::step(
         &mut sgd,
-        &mut [refinement_ledger::ParamMut { id: refinement_ledger::ParamId("w".into()), value: w.view_mut(), grad: g.view() }],
+        &mut [refinement_ledger::ParamMut {
+            id: refinement_ledger::ParamId("w".into()),
+            value: w.view_mut(),
+            grad: g.view(),
+        }],
     )
     .unwrap_err();
     assert!(msg(e).contains("gradient of w"));
@@ -142,21 +208,30 @@ fn queries_validate_their_inputs() {
     let (mut net, mut hook, _, _) = setup();
     net.train_batch(x.view(), &y).unwrap();
     let all: Vec<ExampleId> = (0..y.len() as u64).map(ExampleId).collect();
-    hook.step(&mut net.traceables_mut(), &Batch::new(&all, &y)).unwrap();
+    hook.step(&mut net.traceables_mut(), &Batch::new(&all, &y))
+        .unwrap();
     let ledger = hook.finish();
     net.forward(x.view()).unwrap();
     let q = Query::from_layers(&net.traceables()).unwrap();
     let e = ledger.scores(&q, Lens::Loss, LayerSel::All).unwrap_err();
     assert!(matches!(e, Error::NoBackwardCache { .. }));
-    let e = ledger.scores(&q, Lens::Cos, LayerSel::Layer(7)).unwrap_err();
+    let e = ledger
+        .scores(&q, Lens::Cos, LayerSel::Layer(7))
+        .unwrap_err();
     assert!(msg(e).contains("index 7 out of range, expected 0..2"));
-    let e = ledger.account(0, SourceId::Example(ExampleId(999))).unwrap_err();
+    let e = ledger
+        .account(0, SourceId::Example(ExampleId(999)))
+        .unwrap_err();
     assert!(matches!(e, Error::UnknownSource { .. }) && msg(e).contains("#999"));
-    let e = ledger.self_scores(&q, &[SourceId::Decay], Lens::Share).unwrap_err();
+    let e = ledger
+        .self_scores(&q, &[SourceId::Decay], Lens::Share)
+        .unwrap_err();
     assert!(msg(e).contains(&format!("{} source ids", y.len())));
     let mut other = mlp::<f64>(4, 2, 3);
     other.forward(x.view()).unwrap();
-    let e = ledger.explain(&Query::from_layers(&other.traceables()).unwrap()).unwrap_err();
+    let e = ledger
+        .explain(&Query::from_layers(&other.traceables()).unwrap())
+        .unwrap_err();
     assert!(matches!(e, Error::LayerMismatch { .. }) && msg(e).contains("fc2 [8 → 3, bias]"));
     let fresh = mlp::<f64>(4, 3, 9);
     let e = Query::from_layers(&fresh.traceables()).unwrap_err();
@@ -169,16 +244,51 @@ fn queries_validate_their_inputs() {
 fn configurations_are_validated() {
     let cases: Vec<(Error, &str)> = vec![
         (SgdConfig::new(0.0).build::<f32>().unwrap_err(), "found 0"),
-        (SgdConfig::new(0.1).with_momentum(1.0).build::<f32>().unwrap_err(), "found 1"),
-        (SgdConfig::new(0.1).with_nesterov(true).build::<f32>().unwrap_err(), "momentum 0"),
-        (SgdConfig::new(0.1).with_schedule(LrSchedule::Factors(vec![])).build::<f32>().unwrap_err(), "[]"),
-        (AdamConfig::new(0.1).with_betas(1.0, 0.9).build::<f32>().unwrap_err(), "found 1"),
+        (
+            SgdConfig::new(0.1)
+                .with_momentum(1.0)
+                .build::<f32>()
+                .unwrap_err(),
+            "found 1",
+        ),
+        (
+            SgdConfig::new(0.1)
+                .with_nesterov(true)
+                .build::<f32>()
+                .unwrap_err(),
+            "momentum 0",
+        ),
+        (
+            SgdConfig::new(0.1)
+                .with_schedule(LrSchedule::Factors(vec![]))
+                .build::<f32>()
+                .unwrap_err(),
+            "[]",
+        ),
+        (
+            AdamConfig::new(0.1)
+                .with_betas(1.0, 0.9)
+                .build::<f32>()
+                .unwrap_err(),
+            "found 1",
+        ),
         (MaxPool2d::new(0).unwrap_err(), "found 0"),
-        (Dense::<f32>::from_weights("fc", Array2::zeros((2, 3)), Array1::zeros(3)).unwrap_err(), "[2]"),
-        (DenseConfig::new(0, 3).build::<f32>("fc", &mut StdRng::seed_from_u64(0)).unwrap_err(), "fan_in 0"),
+        (
+            Dense::<f32>::from_weights("fc", Array2::zeros((2, 3)), Array1::zeros(3)).unwrap_err(),
+            "[2]",
+        ),
+        (
+            DenseConfig::new(0, 3)
+                .build::<f32>("fc", &mut StdRng::seed_from_u64(0))
+                .unwrap_err(),
+            "fan_in 0",
+        ),
     ];
     for (e, needle) in cases {
-        assert!(e.to_string().contains(needle), "{e} should mention {needle}");
+        assert!(
+            e.to_string().contains(needle),
+            "{e} should mention {needle}"
+        );
     }
     let net = mlp::<f32>(4, 3, 1);
     let e = OptimizerHook::with_config(
@@ -188,25 +298,45 @@ fn configurations_are_validated() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("linear rule"));
-    let e = OptimizerHook::<_, f32>::new(SgdConfig::new(0.1).build::<f32>().unwrap(), &[]).unwrap_err();
+    let e =
+        OptimizerHook::<_, f32>::new(SgdConfig::new(0.1).build::<f32>().unwrap(), &[]).unwrap_err();
     assert!(matches!(e, Error::Empty { .. }));
 }
 
 #[test]
 fn layers_and_loss_reject_bad_shapes_and_labels() {
-    let mut conv = Conv2dConfig::new(2, 3, 3).build::<f32>("c", &mut StdRng::seed_from_u64(0)).unwrap();
-    let e = conv.forward(ArrayD::zeros(ndarray::IxDyn(&[1, 3, 5, 5])).view()).unwrap_err();
+    let mut conv = Conv2dConfig::new(2, 3, 3)
+        .build::<f32>("c", &mut StdRng::seed_from_u64(0))
+        .unwrap();
+    let e = conv
+        .forward(ArrayD::zeros(ndarray::IxDyn(&[1, 3, 5, 5])).view())
+        .unwrap_err();
     assert!(e.to_string().contains("[batch>0, 2, h, w]") && e.to_string().contains("[1, 3, 5, 5]"));
-    let e = conv.forward(ArrayD::zeros(ndarray::IxDyn(&[1, 2, 2, 2])).view()).unwrap_err();
+    let e = conv
+        .forward(ArrayD::zeros(ndarray::IxDyn(&[1, 2, 2, 2])).view())
+        .unwrap_err();
     assert!(e.to_string().contains("at least [3, 3]"));
-    let e = conv.backward(ArrayD::zeros(ndarray::IxDyn(&[1, 3, 3, 3])).view()).unwrap_err();
+    let e = conv
+        .backward(ArrayD::zeros(ndarray::IxDyn(&[1, 3, 3, 3])).view())
+        .unwrap_err();
     assert!(matches!(e, Error::NoForwardCache { .. }));
-    let e = SoftmaxCrossEntropy::default().loss_and_grad(array![[0.0f32, 1.0]].view(), &[2]).unwrap_err();
-    assert!(e.to_string().contains("label 2 out of range, expected 0..2"));
+    let e = SoftmaxCrossEntropy::default()
+        .loss_and_grad(array![[0.0f32, 1.0]].view(), &[2])
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("label 2 out of range, expected 0..2")
+    );
     let mut hook_net = mlp::<f32>(4, 3, 1);
-    let mut hook = OptimizerHook::new(SgdConfig::new(0.1).build::<f32>().unwrap(), &hook_net.traceables()).unwrap();
+    let mut hook = OptimizerHook::new(
+        SgdConfig::new(0.1).build::<f32>().unwrap(),
+        &hook_net.traceables(),
+    )
+    .unwrap();
     let e = hook.close_segment().unwrap_err();
     assert!(matches!(e, Error::Empty { .. }));
-    let e = hook_net.train_batch(ArrayD::zeros(ndarray::IxDyn(&[0, 4])).view(), &[]).unwrap_err();
+    let e = hook_net
+        .train_batch(ArrayD::zeros(ndarray::IxDyn(&[0, 4])).view(), &[])
+        .unwrap_err();
     assert!(e.to_string().contains("[batch>0, 4]"));
 }

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{assert_allclose, blobs, mlp, rows};
-use ndarray::{Array2, ArrayD, concatenate, Axis};
+use ndarray::{Array2, ArrayD, Axis, concatenate};
 use refinement_ledger::nn::Sequential;
 use refinement_ledger::optim::{LrSchedule, SgdConfig};
 use refinement_ledger::{Batch, ExampleId, Ledger, OptimizerHook, SourceId, load_params};
@@ -16,7 +16,11 @@ fn params(net: &Sequential<f64>) -> Vec<Array2<f64>> {
         .iter()
         .map(|l| {
             let s = l.traced_shape();
-            let w = l.weight().to_owned().into_shape_with_order((s.fan_out, s.fan_in)).unwrap();
+            let w = l
+                .weight()
+                .to_owned()
+                .into_shape_with_order((s.fan_out, s.fan_in))
+                .unwrap();
             let b = l.bias().unwrap().to_owned().insert_axis(Axis(1));
             concatenate![Axis(1), w, b]
         })
@@ -24,7 +28,12 @@ fn params(net: &Sequential<f64>) -> Vec<Array2<f64>> {
 }
 
 /// Per-example gradient `[∇W | ∇b]` of example row `x` with label `y` at parameters `theta`.
-fn example_grad(probe: &mut Sequential<f64>, theta: &[Array2<f64>], x: &ArrayD<f64>, y: usize) -> Vec<Array2<f64>> {
+fn example_grad(
+    probe: &mut Sequential<f64>,
+    theta: &[Array2<f64>],
+    x: &ArrayD<f64>,
+    y: usize,
+) -> Vec<Array2<f64>> {
     load_params(&mut probe.traceables_mut(), theta).unwrap();
     probe.train_batch(x.view(), &[y]).unwrap();
     probe
@@ -33,8 +42,16 @@ fn example_grad(probe: &mut Sequential<f64>, theta: &[Array2<f64>], x: &ArrayD<f
         .map(|l| {
             let s = l.traced_shape();
             let p = l.params_mut();
-            let gw = p[0].grad.to_owned().into_shape_with_order((s.fan_out, s.fan_in)).unwrap();
-            let gb = p[1].grad.to_owned().into_shape_with_order((s.fan_out, 1)).unwrap();
+            let gw = p[0]
+                .grad
+                .to_owned()
+                .into_shape_with_order((s.fan_out, s.fan_in))
+                .unwrap();
+            let gb = p[1]
+                .grad
+                .to_owned()
+                .into_shape_with_order((s.fan_out, 1))
+                .unwrap();
             concatenate![Axis(1), gw, gb]
         })
         .collect()
@@ -55,7 +72,11 @@ fn check_exact(setting: Setting) -> Ledger<f64> {
     let sgd = setting.cfg.build::<f64>().unwrap();
     let mut hook = OptimizerHook::new(sgd.clone(), &net.traceables()).unwrap();
     let batches: Vec<Vec<usize>> = (0..setting.steps)
-        .map(|t| (0..setting.batch).map(|k| (t * setting.batch + k * 2) % n).collect())
+        .map(|t| {
+            (0..setting.batch)
+                .map(|k| (t * setting.batch + k * 2) % n)
+                .collect()
+        })
         .collect();
     let mut thetas = Vec::new();
     for b in &batches {
@@ -63,7 +84,8 @@ fn check_exact(setting: Setting) -> Ledger<f64> {
         let yb: Vec<usize> = b.iter().map(|&i| y[i]).collect();
         net.train_batch(rows(&x, b).view(), &yb).unwrap();
         let ids: Vec<ExampleId> = b.iter().map(|&i| ExampleId(i as u64)).collect();
-        hook.step(&mut net.traceables_mut(), &Batch::new(&ids, &yb)).unwrap();
+        hook.step(&mut net.traceables_mut(), &Batch::new(&ids, &yb))
+            .unwrap();
     }
     let ledger = hook.finish();
 
@@ -72,7 +94,11 @@ fn check_exact(setting: Setting) -> Ledger<f64> {
     let c = &setting.cfg;
     let (mu, nesterov) = (c.momentum, c.nesterov);
     let coef = |tau: usize| -> f64 {
-        let entry = if tau == 0 || mu == 0.0 { 1.0 } else { 1.0 - c.dampening };
+        let entry = if tau == 0 || mu == 0.0 {
+            1.0
+        } else {
+            1.0 - c.dampening
+        };
         (tau..setting.steps)
             .map(|t| {
                 let lr = sgd.lr_at(t as u64);
@@ -89,14 +115,11 @@ fn check_exact(setting: Setting) -> Ledger<f64> {
             .sum()
     };
     let n_layers = ledger.layers().len();
-    let mut expected: Vec<Vec<Array2<f64>>> = vec![vec![Array2::zeros((0, 0)); n_layers]; n];
-    let mut decay = vec![Array2::zeros(ledger.initial_params(0).unwrap().raw_dim()); 0];
-    for l in 0..n_layers {
-        decay.push(Array2::zeros(ledger.initial_params(l).unwrap().raw_dim()));
-        for e in expected.iter_mut() {
-            e[l] = Array2::zeros(ledger.initial_params(l).unwrap().raw_dim());
-        }
-    }
+    let zeros: Vec<Array2<f64>> = (0..n_layers)
+        .map(|l| Array2::zeros(ledger.initial_params(l).unwrap().raw_dim()))
+        .collect();
+    let mut expected = vec![zeros.clone(); n];
+    let mut decay = zeros;
     for (tau, b) in batches.iter().enumerate() {
         let k = coef(tau);
         for &i in b {
@@ -110,15 +133,29 @@ fn check_exact(setting: Setting) -> Ledger<f64> {
         }
     }
     for (i, exp) in expected.iter().enumerate() {
-        for l in 0..n_layers {
-            let got = ledger.account(l, SourceId::Example(ExampleId(i as u64))).unwrap();
-            assert_allclose(&got.into_dyn(), &exp[l].clone().into_dyn(), 1e-9, 1e-13, &format!("example {i} layer {l}"));
+        for (l, want) in exp.iter().enumerate() {
+            let got = ledger
+                .account(l, SourceId::Example(ExampleId(i as u64)))
+                .unwrap();
+            assert_allclose(
+                &got.into_dyn(),
+                &want.clone().into_dyn(),
+                1e-9,
+                1e-13,
+                &format!("example {i} layer {l}"),
+            );
         }
     }
     if c.weight_decay > 0.0 {
-        for l in 0..n_layers {
+        for (l, want) in decay.iter().enumerate() {
             let got = ledger.account(l, SourceId::Decay).unwrap();
-            assert_allclose(&got.into_dyn(), &decay[l].clone().into_dyn(), 1e-9, 1e-13, &format!("decay layer {l}"));
+            assert_allclose(
+                &got.into_dyn(),
+                &want.clone().into_dyn(),
+                1e-9,
+                1e-13,
+                &format!("decay layer {l}"),
+            );
         }
     }
     ledger
@@ -126,23 +163,42 @@ fn check_exact(setting: Setting) -> Ledger<f64> {
 
 #[test]
 fn single_instance_sgd_accounts_equal_summed_example_gradients() {
-    check_exact(Setting { cfg: SgdConfig::new(0.1), batch: 1, steps: 12 });
+    check_exact(Setting {
+        cfg: SgdConfig::new(0.1),
+        batch: 1,
+        steps: 12,
+    });
 }
 
 #[test]
 fn mini_batch_sgd_accounts_equal_scaled_example_gradients() {
-    check_exact(Setting { cfg: SgdConfig::new(0.1), batch: 3, steps: 8 });
+    check_exact(Setting {
+        cfg: SgdConfig::new(0.1),
+        batch: 3,
+        steps: 8,
+    });
 }
 
 #[test]
 fn momentum_accounts_equal_direct_sum_of_shares_times_coefficients() {
-    check_exact(Setting { cfg: SgdConfig::new(0.05).with_momentum(0.9), batch: 3, steps: 10 });
+    check_exact(Setting {
+        cfg: SgdConfig::new(0.05).with_momentum(0.9),
+        batch: 3,
+        steps: 10,
+    });
 }
 
 #[test]
 fn nesterov_and_weight_decay_accounts_are_exact() {
-    let cfg = SgdConfig::new(0.05).with_momentum(0.8).with_nesterov(true).with_weight_decay(0.01);
-    check_exact(Setting { cfg, batch: 2, steps: 10 });
+    let cfg = SgdConfig::new(0.05)
+        .with_momentum(0.8)
+        .with_nesterov(true)
+        .with_weight_decay(0.01);
+    check_exact(Setting {
+        cfg,
+        batch: 2,
+        steps: 10,
+    });
 }
 
 #[test]
@@ -152,15 +208,29 @@ fn dampening_and_schedule_accounts_are_exact() {
         .with_dampening(0.25)
         .with_weight_decay(0.003)
         .with_schedule(LrSchedule::Exponential { gamma: 0.9 });
-    check_exact(Setting { cfg, batch: 3, steps: 10 });
+    check_exact(Setting {
+        cfg,
+        batch: 3,
+        steps: 10,
+    });
 }
 
 #[test]
 fn folded_momentum_shares_stay_exact_and_balanced() {
     // μ = 0.3 folds a share after ~23 steps: the run is long enough that most
     // groups are folded before the end.
-    let cfg = SgdConfig::new(0.05).with_momentum(0.3).with_weight_decay(0.001);
-    let ledger = check_exact(Setting { cfg, batch: 2, steps: 60 });
+    let cfg = SgdConfig::new(0.05)
+        .with_momentum(0.3)
+        .with_weight_decay(0.001);
+    let ledger = check_exact(Setting {
+        cfg,
+        batch: 2,
+        steps: 60,
+    });
     assert!(ledger.parameter_balance().iter().all(|&e| e < 1e-9));
-    assert!(ledger.residual_fraction().iter().all(|&r| r < 1e-9), "{:?}", ledger.residual_fraction());
+    assert!(
+        ledger.residual_fraction().iter().all(|&r| r < 1e-9),
+        "{:?}",
+        ledger.residual_fraction()
+    );
 }

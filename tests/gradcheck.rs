@@ -39,12 +39,18 @@ fn away_from_kinks(shape: &[usize], seed: u64) -> ArrayD<f64> {
 fn check_layer(layer: &mut dyn Layer<f64>, x: ArrayD<f64>, name: &str) {
     let out = layer.forward(x.view()).unwrap();
     let v = random(out.shape(), 42);
-    let f = |layer: &mut dyn Layer<f64>, x: &ArrayD<f64>| (layer.forward(x.view()).unwrap() * &v).sum();
+    let f =
+        |layer: &mut dyn Layer<f64>, x: &ArrayD<f64>| (layer.forward(x.view()).unwrap() * &v).sum();
     layer.forward(x.view()).unwrap();
     let grad_in = layer.backward(v.view()).unwrap();
     let param_grads: Vec<ArrayD<f64>> = layer
         .as_traceable_mut()
-        .map(|t| t.params_mut().into_iter().map(|p| p.grad.to_owned()).collect())
+        .map(|t| {
+            t.params_mut()
+                .into_iter()
+                .map(|p| p.grad.to_owned())
+                .collect()
+        })
         .unwrap_or_default();
     let mut x2 = x.clone();
     for i in 0..x.len() {
@@ -56,7 +62,10 @@ fn check_layer(layer: &mut dyn Layer<f64>, x: ArrayD<f64>, name: &str) {
         x2.as_slice_mut().unwrap()[i] = orig;
         let num = (up - down) / (2.0 * H);
         let ana = grad_in.as_slice().unwrap()[i];
-        assert!(rel_err(num, ana) < TOL, "{name}: input grad {i}: numeric {num} analytic {ana}");
+        assert!(
+            rel_err(num, ana) < TOL,
+            "{name}: input grad {i}: numeric {num} analytic {ana}"
+        );
     }
     for (p, analytic) in param_grads.iter().enumerate() {
         for i in 0..analytic.len() {
@@ -73,7 +82,10 @@ fn check_layer(layer: &mut dyn Layer<f64>, x: ArrayD<f64>, name: &str) {
             nudge(layer, H);
             let num = (up - down) / (2.0 * H);
             let ana = analytic.iter().nth(i).copied().unwrap();
-            assert!(rel_err(num, ana) < TOL, "{name}: param {p} grad {i}: numeric {num} analytic {ana}");
+            assert!(
+                rel_err(num, ana) < TOL,
+                "{name}: param {p} grad {i}: numeric {num} analytic {ana}"
+            );
         }
     }
 }
@@ -94,7 +106,11 @@ fn conv2d_backward_matches_finite_differences_with_stride_and_padding() {
             .with_padding(padding)
             .build("conv", &mut rng)
             .unwrap();
-        check_layer(&mut c, random(&[2, 2, 5, 6], 4), &format!("conv stride {stride} padding {padding}"));
+        check_layer(
+            &mut c,
+            random(&[2, 2, 5, 6], 4),
+            &format!("conv stride {stride} padding {padding}"),
+        );
     }
 }
 
@@ -110,7 +126,9 @@ fn activations_pool_and_flatten_match_finite_differences() {
 
 #[test]
 fn softmax_cross_entropy_matches_finite_differences() {
-    let logits = random(&[4, 5], 6).into_dimensionality::<ndarray::Ix2>().unwrap();
+    let logits = random(&[4, 5], 6)
+        .into_dimensionality::<ndarray::Ix2>()
+        .unwrap();
     let labels = [0, 3, 4, 1];
     for reduction in [Reduction::Mean, Reduction::Sum] {
         let loss = SoftmaxCrossEntropy::new(reduction);
@@ -124,7 +142,10 @@ fn softmax_cross_entropy_matches_finite_differences() {
                 let down = loss.loss_and_grad(l2.view(), &labels).unwrap().loss;
                 l2[[i, j]] += H;
                 let num = (up - down) / (2.0 * H);
-                assert!(rel_err(num, out.grad[[i, j]]) < TOL, "{reduction:?} [{i},{j}]");
+                assert!(
+                    rel_err(num, out.grad[[i, j]]) < TOL,
+                    "{reduction:?} [{i},{j}]"
+                );
             }
         }
     }
@@ -133,9 +154,15 @@ fn softmax_cross_entropy_matches_finite_differences() {
 #[test]
 fn softmax_cross_entropy_is_finite_at_extreme_logits() {
     let logits = ndarray::array![[1e4f32, -1e4, 0.0], [-1e4, -1e4, -1e4]];
-    let out = SoftmaxCrossEntropy::default().loss_and_grad(logits.view(), &[1, 2]).unwrap();
+    let out = SoftmaxCrossEntropy::default()
+        .loss_and_grad(logits.view(), &[1, 2])
+        .unwrap();
     assert!(out.loss.is_finite() && out.grad.iter().all(|g| g.is_finite()));
-    assert!((out.per_example[0] - 2e4).abs() < 1.0, "{}", out.per_example[0]);
+    assert!(
+        (out.per_example[0] - 2e4).abs() < 1.0,
+        "{}",
+        out.per_example[0]
+    );
 }
 
 #[test]
@@ -147,16 +174,24 @@ fn whole_network_gradients_match_finite_differences() {
     let grads: Vec<Vec<ArrayD<f64>>> = net
         .traceables_mut()
         .into_iter()
-        .map(|t| t.params_mut().into_iter().map(|p| p.grad.to_owned()).collect())
+        .map(|t| {
+            t.params_mut()
+                .into_iter()
+                .map(|p| p.grad.to_owned())
+                .collect()
+        })
         .collect();
     let loss = |net: &mut Sequential<f64>| {
         let logits = net.logits(x.view()).unwrap();
-        SoftmaxCrossEntropy::default().loss_and_grad(logits.view(), &labels).unwrap().loss
+        SoftmaxCrossEntropy::default()
+            .loss_and_grad(logits.view(), &labels)
+            .unwrap()
+            .loss
     };
     for (l, layer_grads) in grads.iter().enumerate() {
         for (p, g) in layer_grads.iter().enumerate() {
             for i in (0..g.len()).step_by(3) {
-                let mut nudge = |net: &mut Sequential<f64>, d: f64| {
+                let nudge = |net: &mut Sequential<f64>, d: f64| {
                     let mut ts = net.traceables_mut();
                     let mut params = ts[l].params_mut();
                     *params[p].value.iter_mut().nth(i).unwrap() += d;
@@ -168,14 +203,23 @@ fn whole_network_gradients_match_finite_differences() {
                 nudge(&mut net, H);
                 let num = (up - down) / (2.0 * H);
                 let ana = g.iter().nth(i).copied().unwrap();
-                assert!(rel_err(num, ana) < TOL, "layer {l} param {p} [{i}]: numeric {num} analytic {ana}");
+                assert!(
+                    rel_err(num, ana) < TOL,
+                    "layer {l} param {p} [{i}]: numeric {num} analytic {ana}"
+                );
             }
         }
     }
 }
 
 /// Direct 4-loop convolution, the reference for im2col.
-fn naive_conv(x: &Array4<f64>, w: &Array4<f64>, b: &Array1<f64>, stride: usize, pad: usize) -> Array4<f64> {
+fn naive_conv(
+    x: &Array4<f64>,
+    w: &Array4<f64>,
+    b: &Array1<f64>,
+    stride: usize,
+    pad: usize,
+) -> Array4<f64> {
     let (n, c, h, wd) = x.dim();
     let (co, _, kh, kw) = w.dim();
     let ho = (h + 2 * pad - kh) / stride + 1;
@@ -189,7 +233,10 @@ fn naive_conv(x: &Array4<f64>, w: &Array4<f64>, b: &Array1<f64>, stride: usize, 
                     for ci in 0..c {
                         for ki in 0..kh {
                             for kj in 0..kw {
-                                let (y, xx) = ((i * stride + ki) as isize - pad as isize, (j * stride + kj) as isize - pad as isize);
+                                let (y, xx) = (
+                                    (i * stride + ki) as isize - pad as isize,
+                                    (j * stride + kj) as isize - pad as isize,
+                                );
                                 if y >= 0 && xx >= 0 && (y as usize) < h && (xx as usize) < wd {
                                     s += w[[o, ci, ki, kj]] * x[[ni, ci, y as usize, xx as usize]];
                                 }
@@ -218,7 +265,17 @@ fn im2col_conv_matches_naive_convolution() {
         let patches = conv.input_patches().unwrap().to_owned();
         let w_mat = w.clone().into_shape_with_order((4, 18)).unwrap();
         let z0: Array2<f64> = patches.index_axis(ndarray::Axis(0), 0).dot(&w_mat.t()) + &b;
-        let want0 = got.index_axis(ndarray::Axis(0), 0).to_owned().into_shape_with_order((4, z0.nrows())).unwrap();
-        common::assert_allclose(&z0.t().to_owned().into_dyn(), &want0.into_dyn(), 1e-12, 1e-12, "patches");
+        let want0 = got
+            .index_axis(ndarray::Axis(0), 0)
+            .to_owned()
+            .into_shape_with_order((4, z0.nrows()))
+            .unwrap();
+        common::assert_allclose(
+            &z0.t().to_owned().into_dyn(),
+            &want0.into_dyn(),
+            1e-12,
+            1e-12,
+            "patches",
+        );
     }
 }

@@ -7,15 +7,30 @@ use common::{Run, assert_allclose, blobs, cnn, gradient_query, images, mlp, quer
 use ndarray::{Array1, Array2, Axis, s};
 use refinement_ledger::nn::Sequential;
 use refinement_ledger::optim::SgdConfig;
-use refinement_ledger::{LayerSel, Ledger, Lens, OptimizerHook, Query, Traceable, load_params};
+use refinement_ledger::{LayerSel, Ledger, Lens, OptimizerHook, Query, load_params};
 
 /// Trained CNN (conv layers hold dense accounts, the dense layer factored rows).
 fn trained_cnn(segments: bool) -> (Ledger<f64>, Sequential<f64>, ndarray::ArrayD<f64>) {
     let (x, y) = images::<f64>(5, 4, 1);
     let mut net = cnn::<f64>(4, 2);
-    let sgd = SgdConfig::new(0.05).with_momentum(0.9).with_weight_decay(1e-3).build::<f64>().unwrap();
+    let sgd = SgdConfig::new(0.05)
+        .with_momentum(0.9)
+        .with_weight_decay(1e-3)
+        .build::<f64>()
+        .unwrap();
     let mut hook = OptimizerHook::new(sgd, &net.traceables()).unwrap();
-    train(&mut net, &mut hook, &x, &y, Run { batch: 4, epochs: 3, segment_per_epoch: segments, seed: 3 });
+    train(
+        &mut net,
+        &mut hook,
+        &x,
+        &y,
+        Run {
+            batch: 4,
+            epochs: 3,
+            segment_per_epoch: segments,
+            seed: 3,
+        },
+    );
     let (test, _) = images::<f64>(1, 4, 9);
     (hook.finish(), net, test)
 }
@@ -29,13 +44,18 @@ fn direct(ledger: &Ledger<f64>, net: &Sequential<f64>) -> Vec<(Vec<Array2<f64>>,
             let p = t.input_patches().unwrap();
             let (n, pos, fi) = p.dim();
             let mut a = Array2::ones((n * pos, fi + 1));
-            a.slice_mut(s![.., ..fi]).assign(&p.to_owned().into_shape_with_order((n * pos, fi)).unwrap());
+            a.slice_mut(s![.., ..fi])
+                .assign(&p.to_owned().into_shape_with_order((n * pos, fi)).unwrap());
             let flat = |m: &Array2<f64>| {
                 let z = a.dot(&m.t()); // [n·P, fan_out]
                 let fo = z.ncols();
                 z.into_shape_with_order((n, pos * fo)).unwrap()
             };
-            let cs = ledger.sources().iter().map(|s| flat(&ledger.account(l, s.id).unwrap())).collect();
+            let cs = ledger
+                .sources()
+                .iter()
+                .map(|s| flat(&ledger.account(l, s.id).unwrap()))
+                .collect();
             let r = flat(&(ledger.final_params(l).unwrap() - ledger.initial_params(l).unwrap()));
             (cs, r)
         })
@@ -59,10 +79,32 @@ fn representation_lenses_match_direct_computation() {
                     norm[[qi, si]] = c.row(qi).dot(&c.row(qi)).sqrt();
                 }
             }
-            let rn: Array1<f64> = r.rows().into_iter().map(|row| row.dot(&row).sqrt()).collect();
-            assert_allclose(&ex.layers[l].dot.clone().into_dyn(), &dot.clone().into_dyn(), 1e-9, 1e-14, "dot");
-            assert_allclose(&ex.layers[l].norm.clone().into_dyn(), &norm.clone().into_dyn(), 1e-9, 1e-14, "norm");
-            assert_allclose(&ex.layers[l].refinement_norm.clone().into_dyn(), &rn.clone().into_dyn(), 1e-12, 0.0, "r");
+            let rn: Array1<f64> = r
+                .rows()
+                .into_iter()
+                .map(|row| row.dot(&row).sqrt())
+                .collect();
+            assert_allclose(
+                &ex.layers[l].dot.clone().into_dyn(),
+                &dot.clone().into_dyn(),
+                1e-9,
+                1e-14,
+                "dot",
+            );
+            assert_allclose(
+                &ex.layers[l].norm.clone().into_dyn(),
+                &norm.clone().into_dyn(),
+                1e-9,
+                1e-14,
+                "norm",
+            );
+            assert_allclose(
+                &ex.layers[l].refinement_norm.clone().into_dyn(),
+                &rn.clone().into_dyn(),
+                1e-12,
+                0.0,
+                "r",
+            );
             let rc = rn.view().insert_axis(Axis(1));
             let expect = [
                 (Lens::Dot, dot.clone()),
@@ -73,24 +115,57 @@ fn representation_lenses_match_direct_computation() {
             ];
             for (lens, want) in expect {
                 let got = ex.scores(lens, LayerSel::Layer(l)).unwrap();
-                assert_allclose(&got.clone().into_dyn(), &want.clone().into_dyn(), 1e-9, 1e-13, &format!("{lens:?} explain"));
+                assert_allclose(
+                    &got.clone().into_dyn(),
+                    &want.clone().into_dyn(),
+                    1e-9,
+                    1e-13,
+                    &format!("{lens:?} explain"),
+                );
                 // The fast path gives the same numbers.
                 let fast = ledger.scores(&q, lens, LayerSel::Layer(l)).unwrap();
-                assert_allclose(&fast.into_dyn(), &want.into_dyn(), 1e-9, 1e-13, &format!("{lens:?} scores"));
+                assert_allclose(
+                    &fast.into_dyn(),
+                    &want.into_dyn(),
+                    1e-9,
+                    1e-13,
+                    &format!("{lens:?} scores"),
+                );
             }
         }
         // Across layers: shares average, influence uses the concatenated representation.
-        let mean_share = (0..3).map(|l| ex.scores(Lens::Share, LayerSel::Layer(l)).unwrap()).fold(
-            Array2::zeros((q.len(), ledger.sources().len())),
-            |acc, s| acc + s / 3.0,
-        );
+        let mean_share = (0..3)
+            .map(|l| ex.scores(Lens::Share, LayerSel::Layer(l)).unwrap())
+            .fold(
+                Array2::zeros((q.len(), ledger.sources().len())),
+                |acc, s| acc + s / 3.0,
+            );
         let all = ledger.scores(&q, Lens::Share, LayerSel::All).unwrap();
-        assert_allclose(&all.into_dyn(), &mean_share.into_dyn(), 1e-9, 1e-14, "all-layer share");
-        let dot_all: Array2<f64> = (0..3).map(|l| ex.layers[l].dot.clone()).fold(Array2::zeros((q.len(), ledger.sources().len())), |a, b| a + b);
-        let r_all = (0..3).map(|l| ex.layers[l].refinement_norm.mapv(|v| v * v)).fold(Array1::zeros(q.len()), |a, b| a + b).mapv(f64::sqrt);
+        assert_allclose(
+            &all.into_dyn(),
+            &mean_share.into_dyn(),
+            1e-9,
+            1e-14,
+            "all-layer share",
+        );
+        let dot_all: Array2<f64> = (0..3)
+            .map(|l| ex.layers[l].dot.clone())
+            .fold(Array2::zeros((q.len(), ledger.sources().len())), |a, b| {
+                a + b
+            });
+        let r_all = (0..3)
+            .map(|l| ex.layers[l].refinement_norm.mapv(|v| v * v))
+            .fold(Array1::zeros(q.len()), |a, b| a + b)
+            .mapv(f64::sqrt);
         let infl = &dot_all / &r_all.view().insert_axis(Axis(1));
         let got = ledger.scores(&q, Lens::Influence, LayerSel::All).unwrap();
-        assert_allclose(&got.into_dyn(), &infl.into_dyn(), 1e-9, 1e-14, "all-layer influence");
+        assert_allclose(
+            &got.into_dyn(),
+            &infl.into_dyn(),
+            1e-9,
+            1e-14,
+            "all-layer influence",
+        );
     }
 }
 
@@ -118,34 +193,65 @@ fn loss_lens_by_segment_pairs_each_segment_with_its_boundary_parameters() {
     let mut queries: Vec<Query<f64>> = Vec::new();
     let mut want = Array2::<f64>::zeros((test.shape()[0], ledger.sources().len()));
     for k in 0..ledger.n_segments() {
-        let theta: Vec<Array2<f64>> = (0..n_layers).map(|l| ledger.segment_end_params(k, l).unwrap().clone()).collect();
+        let theta: Vec<Array2<f64>> = (0..n_layers)
+            .map(|l| ledger.segment_end_params(k, l).unwrap().clone())
+            .collect();
         load_params(&mut net.traceables_mut(), &theta).unwrap();
         let q = gradient_query(&mut net, &test);
         // Segment k alone: every other segment paired with a zero gradient.
-        let paired: Vec<Query<f64>> =
-            (0..ledger.n_segments()).map(|j| if j == k { q.clone() } else { zero_query(&q) }).collect();
-        let seg_scores = ledger.loss_scores_by_segment(&paired, LayerSel::All).unwrap();
+        let paired: Vec<Query<f64>> = (0..ledger.n_segments())
+            .map(|j| if j == k { q.clone() } else { zero_query(&q) })
+            .collect();
+        let seg_scores = ledger
+            .loss_scores_by_segment(&paired, LayerSel::All)
+            .unwrap();
         // Direct: summed over sources (plus the negligible residual) it is
         // −⟨θ_k − θ_{k−1}, ∇ℓ(x; θ_k)⟩.
         let mut direct = Array1::<f64>::zeros(q.len());
         for (l, grads) in query_grads(&net).iter().enumerate() {
-            let start = if k == 0 { ledger.initial_params(l).unwrap() } else { ledger.segment_end_params(k - 1, l).unwrap() };
+            let start = if k == 0 {
+                ledger.initial_params(l).unwrap()
+            } else {
+                ledger.segment_end_params(k - 1, l).unwrap()
+            };
             let step = ledger.segment_end_params(k, l).unwrap() - start;
             for (qi, g) in grads.iter().enumerate() {
                 direct[qi] -= (&step * g).sum();
             }
         }
-        assert_allclose(&seg_scores.sum_axis(Axis(1)).into_dyn(), &direct.into_dyn(), 1e-8, 1e-12, "segment total");
+        assert_allclose(
+            &seg_scores.sum_axis(Axis(1)).into_dyn(),
+            &direct.into_dyn(),
+            1e-8,
+            1e-12,
+            "segment total",
+        );
         want += &seg_scores;
         queries.push(q);
     }
-    let got = ledger.loss_scores_by_segment(&queries, LayerSel::All).unwrap();
-    assert_allclose(&got.into_dyn(), &want.into_dyn(), 1e-9, 1e-14, "segments add up");
+    let got = ledger
+        .loss_scores_by_segment(&queries, LayerSel::All)
+        .unwrap();
+    assert_allclose(
+        &got.into_dyn(),
+        &want.into_dyn(),
+        1e-9,
+        1e-14,
+        "segments add up",
+    );
     // With one segment's query for all segments, it equals the final-parameter loss lens.
     let last = queries.last().unwrap();
     let one = ledger.scores(last, Lens::Loss, LayerSel::All).unwrap();
-    let all_last = ledger.loss_scores_by_segment(&vec![last.clone(); ledger.n_segments()], LayerSel::All).unwrap();
-    assert_allclose(&one.into_dyn(), &all_last.into_dyn(), 1e-12, 1e-15, "single pairing");
+    let all_last = ledger
+        .loss_scores_by_segment(&vec![last.clone(); ledger.n_segments()], LayerSel::All)
+        .unwrap();
+    assert_allclose(
+        &one.into_dyn(),
+        &all_last.into_dyn(),
+        1e-12,
+        1e-15,
+        "single pairing",
+    );
 }
 
 /// Per layer and query, `∇_{[W|b]} ℓ(x_q)` from the traced layers' last backward pass.
@@ -173,7 +279,12 @@ fn zero_query(q: &Query<f64>) -> Query<f64> {
     let (test, _) = images::<f64>(1, 4, 9);
     net.forward(test.view()).unwrap();
     let logits = net.logits(test.view()).unwrap();
-    net.backward(ndarray::Array2::<f64>::zeros(logits.raw_dim()).view().into_dyn()).unwrap();
+    net.backward(
+        ndarray::Array2::<f64>::zeros(logits.raw_dim())
+            .view()
+            .into_dyn(),
+    )
+    .unwrap();
     let z = Query::with_gradients(&net.traceables()).unwrap();
     assert_eq!(z.len(), q.len());
     z
@@ -183,18 +294,50 @@ fn zero_query(q: &Query<f64>) -> Query<f64> {
 fn self_scores_match_the_diagonal_of_full_scores() {
     let (x, y) = blobs::<f64>(6, 3, 4, 4);
     let mut net = mlp::<f64>(4, 3, 5);
-    let sgd = SgdConfig::new(0.1).with_momentum(0.5).build::<f64>().unwrap();
+    let sgd = SgdConfig::new(0.1)
+        .with_momentum(0.5)
+        .build::<f64>()
+        .unwrap();
     let mut hook = OptimizerHook::new(sgd, &net.traceables()).unwrap();
-    train(&mut net, &mut hook, &x, &y, Run { batch: 3, epochs: 4, segment_per_epoch: true, seed: 2 });
+    train(
+        &mut net,
+        &mut hook,
+        &x,
+        &y,
+        Run {
+            batch: 3,
+            epochs: 4,
+            segment_per_epoch: true,
+            seed: 2,
+        },
+    );
     let ledger = hook.finish();
-    let ids: Vec<_> = (0..y.len()).map(|i| refinement_ledger::SourceId::Example(refinement_ledger::ExampleId(i as u64))).collect();
-    let col: Vec<usize> = ids.iter().map(|&s| ledger.source_index(s).unwrap()).collect();
+    let ids: Vec<_> = (0..y.len())
+        .map(|i| refinement_ledger::SourceId::Example(refinement_ledger::ExampleId(i as u64)))
+        .collect();
+    let col: Vec<usize> = ids
+        .iter()
+        .map(|&s| ledger.source_index(s).unwrap())
+        .collect();
     let q = gradient_query(&mut net, &x);
-    for lens in [Lens::Dot, Lens::Norm, Lens::Cos, Lens::Influence, Lens::Share, Lens::Loss] {
+    for lens in [
+        Lens::Dot,
+        Lens::Norm,
+        Lens::Cos,
+        Lens::Influence,
+        Lens::Share,
+        Lens::Loss,
+    ] {
         let full = ledger.scores(&q, lens, LayerSel::All).unwrap();
         let diag: Array1<f64> = (0..y.len()).map(|i| full[[i, col[i]]]).collect();
         let got = ledger.self_scores(&q, &ids, lens).unwrap();
-        assert_allclose(&got.into_dyn(), &diag.into_dyn(), 1e-9, 1e-14, &format!("{lens:?} self-score"));
+        assert_allclose(
+            &got.into_dyn(),
+            &diag.into_dyn(),
+            1e-9,
+            1e-14,
+            &format!("{lens:?} self-score"),
+        );
     }
 }
 
@@ -213,8 +356,18 @@ fn top_k_is_sorted_deterministic_and_matches_scores() {
         assert_eq!(inf.combined.proponents.len(), 5);
         assert_eq!(inf.combined.proponents[0].score, max);
         assert_eq!(inf.combined.opponents[0].score, min);
-        assert!(inf.combined.proponents.windows(2).all(|w| w[0].score >= w[1].score));
-        assert!(inf.combined.opponents.windows(2).all(|w| w[0].score <= w[1].score));
+        assert!(
+            inf.combined
+                .proponents
+                .windows(2)
+                .all(|w| w[0].score >= w[1].score)
+        );
+        assert!(
+            inf.combined
+                .opponents
+                .windows(2)
+                .all(|w| w[0].score <= w[1].score)
+        );
         assert_eq!(inf.per_layer.len(), 3);
     }
     // Asking for more than there are sources returns them all.

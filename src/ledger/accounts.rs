@@ -68,7 +68,13 @@ impl<F: Float> Accounts<F> {
     }
 
     /// Appends one factored row; `patch` has `fan_in` values (the bias column is added here).
-    pub(crate) fn push_row(&mut self, source: u32, group: u32, patch: ArrayView1<'_, F>, delta: ArrayView1<'_, F>) {
+    pub(crate) fn push_row(
+        &mut self,
+        source: u32,
+        group: u32,
+        patch: ArrayView1<'_, F>,
+        delta: ArrayView1<'_, F>,
+    ) {
         debug_assert!(patch.len() + 1 == self.aug_in || patch.len() == self.aug_in);
         debug_assert_eq!(delta.len(), self.fan_out);
         self.a.extend(patch.iter().copied());
@@ -117,16 +123,25 @@ impl<F: Float> Accounts<F> {
     /// The dense account in `slot`.
     pub(crate) fn slot(&self, slot: usize) -> ArrayView2<'_, f64> {
         let size = self.fan_out * self.aug_in;
-        ArrayView2::from_shape((self.fan_out, self.aug_in), &self.dense[slot * size..(slot + 1) * size])
-            .expect("invariant: slot holds fan_out × aug_in values")
+        ArrayView2::from_shape(
+            (self.fan_out, self.aug_in),
+            &self.dense[slot * size..(slot + 1) * size],
+        )
+        .expect("invariant: slot holds fan_out × aug_in values")
     }
 
     /// Rows `[start, end)` as `(patches, deltas)` views.
     pub(crate) fn rows(&self, start: usize, end: usize) -> (ArrayView2<'_, F>, ArrayView2<'_, F>) {
-        let a = ArrayView2::from_shape((end - start, self.aug_in), &self.a[start * self.aug_in..end * self.aug_in])
-            .expect("invariant: rows hold aug_in values");
-        let d = ArrayView2::from_shape((end - start, self.fan_out), &self.d[start * self.fan_out..end * self.fan_out])
-            .expect("invariant: rows hold fan_out values");
+        let a = ArrayView2::from_shape(
+            (end - start, self.aug_in),
+            &self.a[start * self.aug_in..end * self.aug_in],
+        )
+        .expect("invariant: rows hold aug_in values");
+        let d = ArrayView2::from_shape(
+            (end - start, self.fan_out),
+            &self.d[start * self.fan_out..end * self.fan_out],
+        )
+        .expect("invariant: rows hold fan_out values");
         (a, d)
     }
 
@@ -173,8 +188,14 @@ impl<F: Float> Accounts<F> {
                 continue;
             }
             if densify(rows_of[&s], self.slot_of.contains_key(&s)) {
-                let a: Vec<f64> = self.a[j * ai..(j + 1) * ai].iter().map(|v| v.widen()).collect();
-                let d: Vec<f64> = self.d[j * fo..(j + 1) * fo].iter().map(|v| v.widen() * k).collect();
+                let a: Vec<f64> = self.a[j * ai..(j + 1) * ai]
+                    .iter()
+                    .map(|v| v.widen())
+                    .collect();
+                let d: Vec<f64> = self.d[j * fo..(j + 1) * fo]
+                    .iter()
+                    .map(|v| v.widen() * k)
+                    .collect();
                 let mut acc = self.dense_mut(s);
                 for (o, &dv) in d.iter().enumerate() {
                     for (i, &av) in a.iter().enumerate() {

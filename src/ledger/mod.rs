@@ -75,7 +75,10 @@ impl<F: Float> Ledger<F> {
     /// An empty ledger for `layers` at their current (initial) parameters.
     pub(crate) fn new(layers: &[&dyn Traceable<F>]) -> Result<Self> {
         if layers.is_empty() {
-            return Err(Error::Empty { op: "Ledger::new", what: "list of traced layers" });
+            return Err(Error::Empty {
+                op: "Ledger::new",
+                what: "list of traced layers",
+            });
         }
         let mut metas = Vec::with_capacity(layers.len());
         let mut initial = Vec::with_capacity(layers.len());
@@ -156,7 +159,10 @@ impl<F: Float> Ledger<F> {
                 op: "Ledger::layer_index",
                 expected: format!(
                     "one of {:?}",
-                    self.layers.iter().map(|m| m.id.0.as_str()).collect::<Vec<_>>()
+                    self.layers
+                        .iter()
+                        .map(|m| m.id.0.as_str())
+                        .collect::<Vec<_>>()
                 ),
                 got: layer.to_string(),
             })
@@ -166,7 +172,12 @@ impl<F: Float> Ledger<F> {
         if layer < self.layers.len() {
             Ok(())
         } else {
-            Err(Error::IndexOutOfRange { op, what: "layer", index: layer, len: self.layers.len() })
+            Err(Error::IndexOutOfRange {
+                op,
+                what: "layer",
+                index: layer,
+                len: self.layers.len(),
+            })
         }
     }
 
@@ -259,7 +270,8 @@ impl<F: Float> Ledger<F> {
         (0..self.layers.len())
             .map(|l| {
                 let res = self.residual(l).expect("invariant: layer in range");
-                let change = self.final_params(l).expect("invariant: layer in range") - &self.initial[l];
+                let change =
+                    self.final_params(l).expect("invariant: layer in range") - &self.initial[l];
                 let c = change.mapv(|v| v * v).sum().sqrt();
                 let r = res.mapv(|v| v * v).sum().sqrt();
                 if c == 0.0 { r } else { r / c }
@@ -273,13 +285,22 @@ impl<F: Float> Ledger<F> {
         (0..self.layers.len())
             .map(|l| {
                 let params = self.initial[l].len() * 8 * (1 + self.segments.len());
-                params + self.segments.iter().map(|s| s.layers[l].bytes()).sum::<usize>()
+                params
+                    + self
+                        .segments
+                        .iter()
+                        .map(|s| s.layers[l].bytes())
+                        .sum::<usize>()
             })
             .collect()
     }
 
     /// Checks that `layers` are the layers this ledger traced (ids and shapes, in order).
-    pub(crate) fn check_layers(&self, layers: &[&dyn Traceable<F>], op: &'static str) -> Result<()> {
+    pub(crate) fn check_layers(
+        &self,
+        layers: &[&dyn Traceable<F>],
+        op: &'static str,
+    ) -> Result<()> {
         let got: Vec<(LayerId, TracedShape)> = layers
             .iter()
             .map(|l| (l.layer_id().clone(), l.traced_shape()))
@@ -321,7 +342,12 @@ pub(crate) fn check_metas(
     op: &'static str,
 ) -> Result<()> {
     let describe = |id: &LayerId, s: &TracedShape| {
-        format!("{id} [{} → {}{}]", s.fan_in, s.fan_out, if s.has_bias { ", bias" } else { "" })
+        format!(
+            "{id} [{} → {}{}]",
+            s.fan_in,
+            s.fan_out,
+            if s.has_bias { ", bias" } else { "" }
+        )
     };
     if metas.len() != got.len() {
         return Err(Error::LayerMismatch {
@@ -357,10 +383,20 @@ pub(crate) fn read_params<F: Float>(
             got: format!("bias present = {}", b.is_some()),
         });
     }
-    let m = augmented(w.view(), b, shape.fan_out, shape.fan_in).ok_or_else(|| Error::ShapeMismatch {
-        op,
-        expected: format!("weight of {} values and bias of {}", shape.fan_out * shape.fan_in, shape.fan_out),
-        got: format!("weight {}, bias {:?}", shape_str(w.shape()), b.map(|b| b.len())),
+    let m = augmented(w.view(), b, shape.fan_out, shape.fan_in).ok_or_else(|| {
+        Error::ShapeMismatch {
+            op,
+            expected: format!(
+                "weight of {} values and bias of {}",
+                shape.fan_out * shape.fan_in,
+                shape.fan_out
+            ),
+            got: format!(
+                "weight {}, bias {:?}",
+                shape_str(w.shape()),
+                b.map(|b| b.len())
+            ),
+        }
     })?;
     crate::error::check_finite(
         w.iter().chain(b.iter().flat_map(|b| b.iter())),
@@ -387,7 +423,10 @@ pub(crate) fn read_params<F: Float>(
 /// assert_eq!(fc.bias().unwrap()[0], 3.0);
 /// # Ok::<(), refinement_ledger::Error>(())
 /// ```
-pub fn load_params<F: Float>(layers: &mut [&mut dyn Traceable<F>], params: &[Array2<f64>]) -> Result<()> {
+pub fn load_params<F: Float>(
+    layers: &mut [&mut dyn Traceable<F>],
+    params: &[Array2<f64>],
+) -> Result<()> {
     const OP: &str = "load_params";
     if layers.len() != params.len() {
         return Err(Error::LayerMismatch {
@@ -412,7 +451,12 @@ pub fn load_params<F: Float>(layers: &mut [&mut dyn Traceable<F>], params: &[Arr
             }
         };
         if let Some(w) = params.get_mut(0) {
-            let mut it = m.rows().into_iter().flat_map(|r| r.into_iter().take(shape.fan_in).copied().collect::<Vec<_>>());
+            let mut it = m.rows().into_iter().flat_map(|r| {
+                r.into_iter()
+                    .take(shape.fan_in)
+                    .copied()
+                    .collect::<Vec<_>>()
+            });
             write(&mut w.value, &mut it);
         }
         if shape.has_bias {

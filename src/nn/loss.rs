@@ -77,23 +77,37 @@ impl SoftmaxCrossEntropy {
         const OP: &str = "SoftmaxCrossEntropy::loss_and_grad";
         let (b, c) = logits.dim();
         if b == 0 {
-            return Err(Error::Empty { op: OP, what: "batch" });
+            return Err(Error::Empty {
+                op: OP,
+                what: "batch",
+            });
         }
         if labels.len() != b || mask.is_some_and(|m| m.len() != b) {
             return Err(Error::ShapeMismatch {
                 op: OP,
                 expected: format!("{b} labels and mask entries (one per logit row)"),
-                got: format!("{} labels, {:?} mask entries", labels.len(), mask.map(<[bool]>::len)),
+                got: format!(
+                    "{} labels, {:?} mask entries",
+                    labels.len(),
+                    mask.map(<[bool]>::len)
+                ),
             });
         }
         if let Some(&label) = labels.iter().find(|&&y| y >= c) {
-            return Err(Error::LabelOutOfRange { op: OP, label, n_classes: c });
+            return Err(Error::LabelOutOfRange {
+                op: OP,
+                label,
+                n_classes: c,
+            });
         }
         check_finite(logits.iter(), OP, "logits")?;
         let active = |i: usize| mask.is_none_or(|m| m[i]);
         let n_active = (0..b).filter(|&i| active(i)).count();
         if n_active == 0 {
-            return Err(Error::Empty { op: OP, what: "set of non-ghost rows" });
+            return Err(Error::Empty {
+                op: OP,
+                what: "set of non-ghost rows",
+            });
         }
         let scale = match self.reduction {
             Reduction::Mean => F::one() / F::narrow(n_active as f64),
@@ -116,8 +130,16 @@ impl SoftmaxCrossEntropy {
             }
         }
         let loss = per_example.sum() * scale;
-        debug_assert!(grad.iter().all(|g| g.is_finite()), "{}", shape_str(grad.shape()));
-        Ok(LossOutput { loss, per_example, grad })
+        debug_assert!(
+            grad.iter().all(|g| g.is_finite()),
+            "{}",
+            shape_str(grad.shape())
+        );
+        Ok(LossOutput {
+            loss,
+            per_example,
+            grad,
+        })
     }
 }
 

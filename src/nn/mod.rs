@@ -185,7 +185,9 @@ impl<F: Float> Sequential<F> {
         mask: Option<&[bool]>,
     ) -> Result<F> {
         let logits = self.logits(x)?;
-        let out = self.loss.loss_and_grad_masked(logits.view(), labels, mask)?;
+        let out = self
+            .loss
+            .loss_and_grad_masked(logits.view(), labels, mask)?;
         self.backward(out.grad.view().into_dyn())?;
         Ok(out.loss)
     }
@@ -205,7 +207,10 @@ impl<F: Float> Sequential<F> {
 
     /// The traced layers, in order.
     pub fn traceables(&self) -> Vec<&dyn Traceable<F>> {
-        self.layers.iter().filter_map(|l| l.as_traceable()).collect()
+        self.layers
+            .iter()
+            .filter_map(|l| l.as_traceable())
+            .collect()
     }
 
     /// The traced layers, mutably, in order: what [`OptimizerHook::step`](crate::OptimizerHook::step) takes.
@@ -224,7 +229,9 @@ pub fn argmax_rows<F: Float>(x: ArrayView2<'_, F>) -> Vec<usize> {
         .map(|r| {
             r.iter()
                 .enumerate()
-                .fold((0, F::neg_infinity()), |best, (j, &v)| if v > best.1 { (j, v) } else { best })
+                .fold((0, F::neg_infinity()), |best, (j, &v)| {
+                    if v > best.1 { (j, v) } else { best }
+                })
                 .0
         })
         .collect()

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use ndarray::{ArrayD, Zip};
 use serde::{Deserialize, Serialize};
 
-use super::{Optimizer, check_params, check_range};
+use super::{Optimizer, check_params, check_range, positive};
 use crate::{Error, Float, ParamId, ParamMut, Result};
 
 /// Configuration of [`Adam`].
@@ -41,7 +41,10 @@ impl Default for AdamConfig {
 impl AdamConfig {
     /// Adam with learning rate `lr` and the usual betas.
     pub fn new(lr: f64) -> Self {
-        Self { lr, ..Self::default() }
+        Self {
+            lr,
+            ..Self::default()
+        }
     }
     /// Sets the betas.
     pub fn with_betas(mut self, beta1: f64, beta2: f64) -> Self {
@@ -61,15 +64,24 @@ impl AdamConfig {
     /// # Errors
     /// [`Error::InvalidConfig`] for `lr ≤ 0`, betas outside `[0, 1)`, `eps ≤ 0` or negative decay.
     pub fn build<F: Float>(&self) -> Result<Adam<F>> {
-        if !(self.lr > 0.0) || !self.lr.is_finite() || !(self.eps > 0.0) {
+        if !positive(self.lr) || !positive(self.eps) {
             return Err(Error::InvalidConfig {
                 what: "adam lr/eps",
-                reason: format!("must be finite and > 0, found lr {}, eps {}", self.lr, self.eps),
+                reason: format!(
+                    "must be finite and > 0, found lr {}, eps {}",
+                    self.lr, self.eps
+                ),
             });
         }
         check_range("adam beta1", self.beta1, 0.0, 1.0, false)?;
         check_range("adam beta2", self.beta2, 0.0, 1.0, false)?;
-        check_range("adam weight_decay", self.weight_decay, 0.0, f64::INFINITY, false)?;
+        check_range(
+            "adam weight_decay",
+            self.weight_decay,
+            0.0,
+            f64::INFINITY,
+            false,
+        )?;
         Ok(Adam {
             config: self.clone(),
             state: AdamState::default(),
@@ -125,11 +137,21 @@ impl<F: Float> Optimizer<F> for Adam<F> {
                 if c.decoupled {
                     p.value.mapv_inplace(|w| w - lr * wd * w);
                 } else {
-                    Zip::from(&mut g).and(&p.value).for_each(|gi, &w| *gi += wd * w);
+                    Zip::from(&mut g)
+                        .and(&p.value)
+                        .for_each(|gi, &w| *gi += wd * w);
                 }
             }
-            let m = self.state.m.entry(p.id.clone()).or_insert_with(|| ArrayD::zeros(g.raw_dim()));
-            let v = self.state.v.entry(p.id.clone()).or_insert_with(|| ArrayD::zeros(g.raw_dim()));
+            let m = self
+                .state
+                .m
+                .entry(p.id.clone())
+                .or_insert_with(|| ArrayD::zeros(g.raw_dim()));
+            let v = self
+                .state
+                .v
+                .entry(p.id.clone())
+                .or_insert_with(|| ArrayD::zeros(g.raw_dim()));
             if m.shape() != g.shape() || v.shape() != g.shape() {
                 return Err(Error::ShapeMismatch {
                     op: "Adam::step (moments)",
@@ -166,7 +188,12 @@ mod tests {
             .iter()
             .map(|&g| {
                 let g = ArrayD::from_elem(IxDyn(&[1]), g);
-                adam.step(&mut [ParamMut { id: ParamId("w".into()), value: w.view_mut(), grad: g.view() }]).unwrap();
+                adam.step(&mut [ParamMut {
+                    id: ParamId("w".into()),
+                    value: w.view_mut(),
+                    grad: g.view(),
+                }])
+                .unwrap();
                 w[0]
             })
             .collect()
@@ -179,15 +206,25 @@ mod tests {
         let step1 = -0.1 / (1.0 + 1e-8);
         let v_hat2: f64 = (0.999 * 0.001 + 0.001) / (1.0 - 0.999f64.powi(2));
         let step2 = step1 - 0.1 * (-0.01 / 0.19) / (v_hat2.sqrt() + 1e-8);
-        assert!((w[0] - step1).abs() < 1e-12 && (w[1] - step2).abs() < 1e-12, "{w:?}");
+        assert!(
+            (w[0] - step1).abs() < 1e-12 && (w[1] - step2).abs() < 1e-12,
+            "{w:?}"
+        );
         assert!((w[1] + 0.094_736_842).abs() < 1e-6);
     }
 
     #[test]
     fn adamw_decays_decoupled_from_the_gradient() {
         // g = 0: moments stay 0, only w ← w − lr·λ·w acts: 1 → 0.99 → 0.9801
-        let w = run(AdamConfig::new(0.1).with_weight_decay(0.1, true), 1.0, &[0.0, 0.0]);
-        assert!((w[0] - 0.99).abs() < 1e-12 && (w[1] - 0.9801).abs() < 1e-12, "{w:?}");
+        let w = run(
+            AdamConfig::new(0.1).with_weight_decay(0.1, true),
+            1.0,
+            &[0.0, 0.0],
+        );
+        assert!(
+            (w[0] - 0.99).abs() < 1e-12 && (w[1] - 0.9801).abs() < 1e-12,
+            "{w:?}"
+        );
     }
 
     #[test]
@@ -196,12 +233,27 @@ mod tests {
         let mut a = cfg.build::<f64>().unwrap();
         let mut w = ArrayD::from_elem(IxDyn(&[2]), 0.5);
         let g = ArrayD::from_elem(IxDyn(&[2]), 0.3);
-        a.step(&mut [ParamMut { id: ParamId("w".into()), value: w.view_mut(), grad: g.view() }]).unwrap();
+        a.step(&mut [ParamMut {
+            id: ParamId("w".into()),
+            value: w.view_mut(),
+            grad: g.view(),
+        }])
+        .unwrap();
         let mut b = cfg.build::<f64>().unwrap();
         b.load_state(a.state().clone());
         let mut w2 = w.clone();
-        a.step(&mut [ParamMut { id: ParamId("w".into()), value: w.view_mut(), grad: g.view() }]).unwrap();
-        b.step(&mut [ParamMut { id: ParamId("w".into()), value: w2.view_mut(), grad: g.view() }]).unwrap();
+        a.step(&mut [ParamMut {
+            id: ParamId("w".into()),
+            value: w.view_mut(),
+            grad: g.view(),
+        }])
+        .unwrap();
+        b.step(&mut [ParamMut {
+            id: ParamId("w".into()),
+            value: w2.view_mut(),
+            grad: g.view(),
+        }])
+        .unwrap();
         assert_eq!(w, w2);
     }
 }

@@ -96,6 +96,11 @@ pub(crate) fn check_params<F: Float>(params: &[ParamMut<'_, F>], op: &'static st
     Ok(())
 }
 
+/// Whether `x` is finite and strictly positive (false for NaN).
+pub(crate) fn positive(x: f64) -> bool {
+    x.is_finite() && x > 0.0
+}
+
 /// Validates that `value` is finite and within `[lo, hi)` (or `[lo, hi]` when `inclusive`).
 pub(crate) fn check_range(
     what: &'static str,

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use ndarray::{ArrayD, Zip};
 use serde::{Deserialize, Serialize};
 
-use super::{LinearRule, Optimizer, check_params, check_range};
+use super::{LinearRule, Optimizer, check_params, check_range, positive};
 use crate::{Error, Float, ParamId, ParamMut, Result};
 
 /// The learning rate as a function of the step number `t` (from 0).
@@ -45,17 +45,26 @@ impl LrSchedule {
     }
 
     fn validate(&self) -> Result<()> {
-        let bad = |reason: String| Err(Error::InvalidConfig { what: "lr schedule", reason });
+        let bad = |reason: String| {
+            Err(Error::InvalidConfig {
+                what: "lr schedule",
+                reason,
+            })
+        };
         match self {
             LrSchedule::Constant => Ok(()),
-            LrSchedule::Step { every, gamma } if *every == 0 || !(*gamma > 0.0) || !gamma.is_finite() => {
-                bad(format!("needs every > 0 and finite gamma > 0, found every {every}, gamma {gamma}"))
-            }
-            LrSchedule::Exponential { gamma } if !(*gamma > 0.0) || !gamma.is_finite() => {
+            LrSchedule::Step { every, gamma } if *every == 0 || !positive(*gamma) => bad(format!(
+                "needs every > 0 and finite gamma > 0, found every {every}, gamma {gamma}"
+            )),
+            LrSchedule::Exponential { gamma } if !positive(*gamma) => {
                 bad(format!("needs finite gamma > 0, found {gamma}"))
             }
-            LrSchedule::Factors(f) if f.is_empty() || f.iter().any(|x| !x.is_finite() || *x < 0.0) => {
-                bad(format!("needs a non-empty list of finite factors >= 0, found {f:?}"))
+            LrSchedule::Factors(f)
+                if f.is_empty() || f.iter().any(|x| !x.is_finite() || *x < 0.0) =>
+            {
+                bad(format!(
+                    "needs a non-empty list of finite factors >= 0, found {f:?}"
+                ))
             }
             _ => Ok(()),
         }
@@ -123,7 +132,7 @@ impl SgdConfig {
     /// [`Error::InvalidConfig`] for `lr ≤ 0`, `μ ∉ [0, 1)`, dampening outside `[0, 1]`,
     /// negative decay, Nesterov without momentum or with dampening, or a bad schedule.
     pub fn build<F: Float>(&self) -> Result<Sgd<F>> {
-        if !(self.lr > 0.0) || !self.lr.is_finite() {
+        if !positive(self.lr) {
             return Err(Error::InvalidConfig {
                 what: "sgd lr",
                 reason: format!("must be finite and > 0, found {}", self.lr),
@@ -131,7 +140,13 @@ impl SgdConfig {
         }
         check_range("sgd momentum", self.momentum, 0.0, 1.0, false)?;
         check_range("sgd dampening", self.dampening, 0.0, 1.0, true)?;
-        check_range("sgd weight_decay", self.weight_decay, 0.0, f64::INFINITY, false)?;
+        check_range(
+            "sgd weight_decay",
+            self.weight_decay,
+            0.0,
+            f64::INFINITY,
+            false,
+        )?;
         if self.nesterov && (self.momentum == 0.0 || self.dampening != 0.0) {
             return Err(Error::InvalidConfig {
                 what: "sgd nesterov",
@@ -226,10 +241,18 @@ impl<F: Float> Optimizer<F> for Sgd<F> {
                         got: format!("{:?}", g.shape()),
                     });
                 }
-                Zip::from(&mut *buf).and(&g).for_each(|b, &gi| *b = mu * *b + entry * gi);
-                if rule.nesterov { g + &buf.mapv(|b| b * mu) } else { buf.clone() }
+                Zip::from(&mut *buf)
+                    .and(&g)
+                    .for_each(|b, &gi| *b = mu * *b + entry * gi);
+                if rule.nesterov {
+                    g + &buf.mapv(|b| b * mu)
+                } else {
+                    buf.clone()
+                }
             };
-            Zip::from(&mut p.value).and(&d).for_each(|w, &di| *w -= lr * di);
+            Zip::from(&mut p.value)
+                .and(&d)
+                .for_each(|w, &di| *w -= lr * di);
         }
         self.state.step += 1;
         Ok(())
@@ -260,7 +283,11 @@ mod tests {
             .iter()
             .map(|&g| {
                 let g = ArrayD::from_elem(IxDyn(&[1]), g);
-                let mut p = [ParamMut { id: ParamId("w".into()), value: w.view_mut(), grad: g.view() }];
+                let mut p = [ParamMut {
+                    id: ParamId("w".into()),
+                    value: w.view_mut(),
+                    grad: g.view(),
+                }];
                 sgd.step(&mut p).unwrap();
                 w[0]
             })
@@ -276,36 +303,67 @@ mod tests {
     #[test]
     fn momentum_golden_values() {
         // buf: 1, 1.9, 2.71 → w: −0.1, −0.29, −0.561
-        close(&run(SgdConfig::new(0.1).with_momentum(0.9), 0.0, &[1.0; 3]), &[-0.1, -0.29, -0.561]);
+        close(
+            &run(SgdConfig::new(0.1).with_momentum(0.9), 0.0, &[1.0; 3]),
+            &[-0.1, -0.29, -0.561],
+        );
     }
 
     #[test]
     fn nesterov_golden_values() {
         // d = g + μ·buf: 1.9, then 1 + 0.9·1.9 = 2.71 → w: −0.19, −0.461
-        close(&run(SgdConfig::new(0.1).with_momentum(0.9).with_nesterov(true), 0.0, &[1.0; 2]), &[-0.19, -0.461]);
+        close(
+            &run(
+                SgdConfig::new(0.1).with_momentum(0.9).with_nesterov(true),
+                0.0,
+                &[1.0; 2],
+            ),
+            &[-0.19, -0.461],
+        );
     }
 
     #[test]
     fn dampening_skips_the_first_step() {
         // buf: 1 (undampened), 0.9 + 0.5 = 1.4 → w: −0.1, −0.24
-        close(&run(SgdConfig::new(0.1).with_momentum(0.9).with_dampening(0.5), 0.0, &[1.0; 2]), &[-0.1, -0.24]);
+        close(
+            &run(
+                SgdConfig::new(0.1).with_momentum(0.9).with_dampening(0.5),
+                0.0,
+                &[1.0; 2],
+            ),
+            &[-0.1, -0.24],
+        );
     }
 
     #[test]
     fn weight_decay_and_schedule_golden_values() {
         // g' = 0.1·w: w = 1 − 0.1·0.1 = 0.99; then lr halves: 0.99 − 0.05·0.099 = 0.98505
-        let cfg = SgdConfig::new(0.1).with_weight_decay(0.1).with_schedule(LrSchedule::Step { every: 1, gamma: 0.5 });
+        let cfg = SgdConfig::new(0.1)
+            .with_weight_decay(0.1)
+            .with_schedule(LrSchedule::Step {
+                every: 1,
+                gamma: 0.5,
+            });
         close(&run(cfg, 1.0, &[0.0; 2]), &[0.99, 0.98505]);
     }
 
     #[test]
     fn linear_rule_reports_the_next_step() {
-        let mut sgd = SgdConfig::new(0.2).with_momentum(0.5).with_schedule(LrSchedule::Factors(vec![1.0, 0.5])).build::<f32>().unwrap();
+        let mut sgd = SgdConfig::new(0.2)
+            .with_momentum(0.5)
+            .with_schedule(LrSchedule::Factors(vec![1.0, 0.5]))
+            .build::<f32>()
+            .unwrap();
         let r0 = sgd.linear_rule().unwrap();
         assert!(r0.first_step && (r0.lr - 0.2).abs() < 1e-12);
         let mut w = ArrayD::<f32>::zeros(IxDyn(&[1]));
         let g = ArrayD::<f32>::ones(IxDyn(&[1]));
-        sgd.step(&mut [ParamMut { id: ParamId("w".into()), value: w.view_mut(), grad: g.view() }]).unwrap();
+        sgd.step(&mut [ParamMut {
+            id: ParamId("w".into()),
+            value: w.view_mut(),
+            grad: g.view(),
+        }])
+        .unwrap();
         let r1 = sgd.linear_rule().unwrap();
         assert!(!r1.first_step && (r1.lr - 0.1).abs() < 1e-12);
     }

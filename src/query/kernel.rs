@@ -36,7 +36,11 @@ pub(crate) struct LayerInput<F> {
 
 impl<F: Float> LayerInput<F> {
     /// Builds the input from patches `[n_q, P, fan_in]` and a target `[n_q·P, fan_out]`.
-    pub(crate) fn new(patches: ndarray::ArrayView3<'_, F>, has_bias: bool, target: Array2<f64>) -> Self {
+    pub(crate) fn new(
+        patches: ndarray::ArrayView3<'_, F>,
+        has_bias: bool,
+        target: Array2<f64>,
+    ) -> Self {
         let (n_q, positions, fan_in) = patches.dim();
         let aug_in = fan_in + usize::from(has_bias);
         let mut af = Array2::<F>::ones((n_q * positions, aug_in));
@@ -46,7 +50,13 @@ impl<F: Float> LayerInput<F> {
             .into_shape_with_order((n_q * positions, fan_in))
             .expect("invariant: standard layout");
         af.slice_mut(s![.., ..fan_in]).assign(&flat);
-        Self { n_q, positions, a64: af.mapv(F::widen), af, target }
+        Self {
+            n_q,
+            positions,
+            a64: af.mapv(F::widen),
+            af,
+            target,
+        }
     }
 
     /// The same input restricted to query `q`.
@@ -62,7 +72,11 @@ impl<F: Float> LayerInput<F> {
     }
 
     /// `Σ_p ⟨x[q,p], y[q,p]⟩` per query, for two `[n_q·P, k]` matrices.
-    pub(crate) fn per_query_dot(&self, x: ArrayView2<'_, f64>, y: ArrayView2<'_, f64>) -> Array1<f64> {
+    pub(crate) fn per_query_dot(
+        &self,
+        x: ArrayView2<'_, f64>,
+        y: ArrayView2<'_, f64>,
+    ) -> Array1<f64> {
         let mut out = Array1::zeros(self.n_q);
         for (r, (xr, yr)) in x.rows().into_iter().zip(y.rows()).enumerate() {
             out[r / self.positions] += xr.dot(&yr);
@@ -110,7 +124,8 @@ pub(crate) fn materialize<F: Float>(
             let mut norm2 = Array2::zeros((s1 - s0, input.n_q));
             let mut total = Array2::zeros((width, fan_out));
             for (m, cs) in c.axis_iter(Axis(0)).enumerate() {
-                dot.row_mut(m).assign(&input.per_query_dot(cs, input.target.view()));
+                dot.row_mut(m)
+                    .assign(&input.per_query_dot(cs, input.target.view()));
                 norm2.row_mut(m).assign(&input.per_query_dot(cs, cs));
                 total += &cs;
             }
@@ -240,7 +255,8 @@ pub(crate) fn dots<F: Float>(
                 .expect("invariant: slots hold fan_out × aug_in values");
             let prod = stack.dot(&q_mats.t()); // [slots, n_q]
             for (k, row) in prod.rows().into_iter().enumerate() {
-                out.row_mut(acc.dense_source[k] as usize).scaled_add(1.0, &row);
+                out.row_mut(acc.dense_source[k] as usize)
+                    .scaled_add(1.0, &row);
             }
         }
     }
@@ -253,7 +269,11 @@ pub(crate) fn query_matrices<F: Float>(input: &LayerInput<F>) -> Array2<f64> {
     let mut q = Array2::zeros((input.n_q, fan_out * aug_in));
     for qi in 0..input.n_q {
         let rows = qi * input.positions..(qi + 1) * input.positions;
-        let m = input.target.slice(s![rows.clone(), ..]).t().dot(&input.a64.slice(s![rows, ..]));
+        let m = input
+            .target
+            .slice(s![rows.clone(), ..])
+            .t()
+            .dot(&input.a64.slice(s![rows, ..]));
         q.row_mut(qi).assign(&Array1::from_iter(m.iter().copied()));
     }
     q

@@ -104,7 +104,10 @@ impl<F: Float> Query<F> {
     fn build(layers: &[&dyn Traceable<F>], gradients: bool) -> Result<Self> {
         const OP: &str = "Query::from_layers";
         if layers.is_empty() {
-            return Err(Error::Empty { op: OP, what: "list of traced layers" });
+            return Err(Error::Empty {
+                op: OP,
+                what: "list of traced layers",
+            });
         }
         let mut out = Vec::with_capacity(layers.len());
         let mut n = None;
@@ -115,11 +118,19 @@ impl<F: Float> Query<F> {
             if patches.shape()[0] != expected_n || patches.shape()[2] != shape.fan_in {
                 return Err(Error::ShapeMismatch {
                     op: OP,
-                    expected: format!("{}: patches [{expected_n}, P, {}]", layer.layer_id(), shape.fan_in),
+                    expected: format!(
+                        "{}: patches [{expected_n}, P, {}]",
+                        layer.layer_id(),
+                        shape.fan_in
+                    ),
                     got: shape_str(patches.shape()),
                 });
             }
-            check_finite(patches.iter(), OP, &format!("patches of {}", layer.layer_id()))?;
+            check_finite(
+                patches.iter(),
+                OP,
+                &format!("patches of {}", layer.layer_id()),
+            )?;
             let deltas = if gradients {
                 let d = layer.output_deltas()?;
                 let want = [expected_n, patches.shape()[1], shape.fan_out];
@@ -135,11 +146,19 @@ impl<F: Float> Query<F> {
             } else {
                 None
             };
-            out.push(QueryLayer { id: layer.layer_id().clone(), shape, patches: patches.to_owned(), deltas });
+            out.push(QueryLayer {
+                id: layer.layer_id().clone(),
+                shape,
+                patches: patches.to_owned(),
+                deltas,
+            });
         }
         let n = n.unwrap_or(0);
         if n == 0 {
-            return Err(Error::Empty { op: OP, what: "query batch" });
+            return Err(Error::Empty {
+                op: OP,
+                what: "query batch",
+            });
         }
         Ok(Self { layers: out, n })
     }
@@ -160,15 +179,22 @@ impl<F: Float> Query<F> {
     }
 
     fn check(&self, metas: &[LayerMeta], op: &'static str) -> Result<()> {
-        let got: Vec<(LayerId, TracedShape)> = self.layers.iter().map(|l| (l.id.clone(), l.shape.clone())).collect();
+        let got: Vec<(LayerId, TracedShape)> = self
+            .layers
+            .iter()
+            .map(|l| (l.id.clone(), l.shape.clone()))
+            .collect();
         check_metas(metas, &got, op)
     }
 
     fn deltas(&self, l: usize, op: &'static str) -> Result<&Array3<F>> {
-        self.layers[l].deltas.as_ref().ok_or_else(|| Error::NoBackwardCache {
-            layer: self.layers[l].id.to_string(),
-            op,
-        })
+        self.layers[l]
+            .deltas
+            .as_ref()
+            .ok_or_else(|| Error::NoBackwardCache {
+                layer: self.layers[l].id.to_string(),
+                op,
+            })
     }
 }
 
@@ -233,14 +259,21 @@ impl Explanation<'_> {
         if lens == Lens::Loss {
             return Err(Error::InvalidConfig {
                 what: "lens",
-                reason: "Loss is not a representation lens; use Ledger::scores with a gradient query".into(),
+                reason:
+                    "Loss is not a representation lens; use Ledger::scores with a gradient query"
+                        .into(),
             });
         }
         match layers {
             LayerSel::Layer(l) => Ok(self
                 .layers
                 .get(l)
-                .ok_or(Error::IndexOutOfRange { op: "Explanation::scores", what: "layer", index: l, len: self.layers.len() })?
+                .ok_or(Error::IndexOutOfRange {
+                    op: "Explanation::scores",
+                    what: "layer",
+                    index: l,
+                    len: self.layers.len(),
+                })?
                 .score(lens)),
             LayerSel::All if lens == Lens::Share => {
                 let mut acc = self.layers[0].score(Lens::Share);
@@ -263,12 +296,20 @@ impl Explanation<'_> {
     pub fn top_k(&self, q: usize, lens: Lens, k: usize) -> Result<Influences> {
         let n_q = self.layers[0].dot.nrows();
         if q >= n_q {
-            return Err(Error::IndexOutOfRange { op: "Explanation::top_k", what: "query", index: q, len: n_q });
+            return Err(Error::IndexOutOfRange {
+                op: "Explanation::top_k",
+                what: "query",
+                index: q,
+                len: n_q,
+            });
         }
         let per_layer = (0..self.layers.len())
             .map(|l| {
                 let s = self.scores(lens, LayerSel::Layer(l))?;
-                Ok((self.layers[l].layer.clone(), rank(s.row(q), self.sources, k)))
+                Ok((
+                    self.layers[l].layer.clone(),
+                    rank(s.row(q), self.sources, k),
+                ))
             })
             .collect::<Result<Vec<_>>>()?;
         let all = self.scores(lens, LayerSel::All)?;
@@ -298,9 +339,13 @@ fn concatenate_layers(layers: &[LayerExplanation]) -> LayerExplanation {
         norm: norm2.mapv(f64::sqrt),
         refinement_norm: r2.mapv(f64::sqrt),
         residual_dot: res,
-        balance_error: layers.iter().fold(Array1::zeros(layers[0].balance_error.len()), |m, l| {
-            ndarray::Zip::from(&m).and(&l.balance_error).map_collect(|&a, &b| a.max(b))
-        }),
+        balance_error: layers
+            .iter()
+            .fold(Array1::zeros(layers[0].balance_error.len()), |m, l| {
+                ndarray::Zip::from(&m)
+                    .and(&l.balance_error)
+                    .map_collect(|&a, &b| a.max(b))
+            }),
     }
 }
 
@@ -336,16 +381,26 @@ pub struct Influences {
 }
 
 /// Top and bottom `k` of `scores`, ties broken by source id.
-pub(crate) fn rank(scores: ndarray::ArrayView1<'_, f64>, sources: &[SourceMeta], k: usize) -> Ranking {
+pub(crate) fn rank(
+    scores: ndarray::ArrayView1<'_, f64>,
+    sources: &[SourceMeta],
+    k: usize,
+) -> Ranking {
     let mut idx: Vec<usize> = (0..scores.len()).collect();
     let k = k.min(idx.len());
     let desc = |a: &usize, b: &usize| {
-        scores[*b].total_cmp(&scores[*a]).then(sources[*a].id.cmp(&sources[*b].id))
+        scores[*b]
+            .total_cmp(&scores[*a])
+            .then(sources[*a].id.cmp(&sources[*b].id))
     };
     let asc = |a: &usize, b: &usize| {
-        scores[*a].total_cmp(&scores[*b]).then(sources[*a].id.cmp(&sources[*b].id))
+        scores[*a]
+            .total_cmp(&scores[*b])
+            .then(sources[*a].id.cmp(&sources[*b].id))
     };
-    let pick = |idx: &mut Vec<usize>, cmp: &dyn Fn(&usize, &usize) -> std::cmp::Ordering| -> Vec<Influence> {
+    let pick = |idx: &mut Vec<usize>,
+                cmp: &dyn Fn(&usize, &usize) -> std::cmp::Ordering|
+     -> Vec<Influence> {
         if k == 0 {
             return Vec::new();
         }
@@ -353,10 +408,17 @@ pub(crate) fn rank(scores: ndarray::ArrayView1<'_, f64>, sources: &[SourceMeta],
         let mut top = idx[..k].to_vec();
         top.sort_by(cmp);
         top.into_iter()
-            .map(|i| Influence { source: sources[i].id, label: sources[i].label, score: scores[i] })
+            .map(|i| Influence {
+                source: sources[i].id,
+                label: sources[i].label,
+                score: scores[i],
+            })
             .collect()
     };
-    Ranking { proponents: pick(&mut idx, &desc), opponents: pick(&mut idx, &asc) }
+    Ranking {
+        proponents: pick(&mut idx, &desc),
+        opponents: pick(&mut idx, &asc),
+    }
 }
 
 /// Class attribution of one layer (or all layers) for a batch of queries:
@@ -377,7 +439,10 @@ impl<F: Float> Ledger<F> {
     fn check_query(&self, query: &Query<F>, op: &'static str) -> Result<()> {
         query.check(&self.layers, op)?;
         if self.segments.iter().all(|s| s.n_steps == 0) {
-            return Err(Error::Empty { op, what: "ledger (no training step recorded)" });
+            return Err(Error::Empty {
+                op,
+                what: "ledger (no training step recorded)",
+            });
         }
         Ok(())
     }
@@ -390,7 +455,8 @@ impl<F: Float> Ledger<F> {
 
     fn representation_input(&self, query: &Query<F>, l: usize) -> (LayerInput<F>, Array2<f64>) {
         let ql = &query.layers[l];
-        let mut input = LayerInput::new(ql.patches.view(), ql.shape.has_bias, Array2::zeros((0, 0)));
+        let mut input =
+            LayerInput::new(ql.patches.view(), ql.shape.has_bias, Array2::zeros((0, 0)));
         let r = self.refinement(l, &input.a64);
         input.target = r.clone();
         (input, r)
@@ -418,7 +484,9 @@ impl<F: Float> Ledger<F> {
                 }
                 let c_res = input.apply(residual.view());
                 let total = &m.total + &c_res;
-                let err = input.per_query_dot((&total - &r).view(), (&total - &r).view()).mapv(f64::sqrt);
+                let err = input
+                    .per_query_dot((&total - &r).view(), (&total - &r).view())
+                    .mapv(f64::sqrt);
                 let r_norm = input.per_query_dot(r.view(), r.view()).mapv(f64::sqrt);
                 LayerExplanation {
                     layer: self.layers[l].id.clone(),
@@ -432,7 +500,10 @@ impl<F: Float> Ledger<F> {
                 }
             })
             .collect();
-        Ok(Explanation { layers, sources: &self.sources })
+        Ok(Explanation {
+            layers,
+            sources: &self.sources,
+        })
     }
 
     /// Scores `[n_queries, n_sources]` under `lens` for the chosen layers.
@@ -463,14 +534,24 @@ impl<F: Float> Ledger<F> {
                             layer: self.layers[l].id.clone(),
                             dot: dot.t().as_standard_layout().into_owned(),
                             norm: Array2::zeros((query.n, self.sources.len())),
-                            refinement_norm: input.per_query_dot(r.view(), r.view()).mapv(f64::sqrt),
+                            refinement_norm: input
+                                .per_query_dot(r.view(), r.view())
+                                .mapv(f64::sqrt),
                             residual_dot: Array1::zeros(query.n),
                             balance_error: Array1::zeros(query.n),
                         }
                     })
                     .collect();
-                let sel = if per_layer.len() == 1 { LayerSel::Layer(0) } else { LayerSel::All };
-                Explanation { layers: per_layer, sources: &self.sources }.scores(lens, sel)
+                let sel = if per_layer.len() == 1 {
+                    LayerSel::Layer(0)
+                } else {
+                    LayerSel::All
+                };
+                Explanation {
+                    layers: per_layer,
+                    sources: &self.sources,
+                }
+                .scores(lens, sel)
             }
         }
     }
@@ -479,7 +560,12 @@ impl<F: Float> Ledger<F> {
         match layers {
             LayerSel::All => Ok((0..self.layers.len()).collect()),
             LayerSel::Layer(l) if l < self.layers.len() => Ok(vec![l]),
-            LayerSel::Layer(l) => Err(Error::IndexOutOfRange { op, what: "layer", index: l, len: self.layers.len() }),
+            LayerSel::Layer(l) => Err(Error::IndexOutOfRange {
+                op,
+                what: "layer",
+                index: l,
+                len: self.layers.len(),
+            }),
         }
     }
 
@@ -491,7 +577,11 @@ impl<F: Float> Ledger<F> {
     /// # Errors
     /// [`Error::ShapeMismatch`] when there is not one query per segment, or the
     /// queries differ in size; as [`scores`](Self::scores) otherwise.
-    pub fn loss_scores_by_segment(&self, queries: &[Query<F>], layers: LayerSel) -> Result<Array2<f64>> {
+    pub fn loss_scores_by_segment(
+        &self,
+        queries: &[Query<F>],
+        layers: LayerSel,
+    ) -> Result<Array2<f64>> {
         const OP: &str = "Ledger::loss_scores_by_segment";
         if queries.len() != self.segments.len() {
             return Err(Error::ShapeMismatch {
@@ -515,7 +605,12 @@ impl<F: Float> Ledger<F> {
     }
 
     /// `−⟨G, ∇ℓ⟩` summed over `layers`; one query for all segments or one per segment.
-    fn loss_scores_impl(&self, queries: &[Query<F>], layers: &[usize], op: &'static str) -> Result<Array2<f64>> {
+    fn loss_scores_impl(
+        &self,
+        queries: &[Query<F>],
+        layers: &[usize],
+        op: &'static str,
+    ) -> Result<Array2<f64>> {
         let n_q = queries[0].n;
         let mut total = Array2::<f64>::zeros((self.sources.len(), n_q));
         for &l in layers {
@@ -525,8 +620,15 @@ impl<F: Float> Ledger<F> {
                     let ql = &q.layers[l];
                     let d = q.deltas(l, op)?;
                     let (n, p, fo) = d.dim();
-                    let target = d.mapv(F::widen).into_shape_with_order((n * p, fo)).expect("invariant: standard layout");
-                    Ok(LayerInput::new(ql.patches.view(), ql.shape.has_bias, target))
+                    let target = d
+                        .mapv(F::widen)
+                        .into_shape_with_order((n * p, fo))
+                        .expect("invariant: standard layout");
+                    Ok(LayerInput::new(
+                        ql.patches.view(),
+                        ql.shape.has_bias,
+                        target,
+                    ))
                 })
                 .collect::<Result<_>>()?;
             let parts: Vec<_> = if inputs.len() == 1 {
@@ -544,7 +646,12 @@ impl<F: Float> Ledger<F> {
     ///
     /// # Errors
     /// As [`scores`](Self::scores).
-    pub fn top_k_influences(&self, query: &Query<F>, lens: Lens, k: usize) -> Result<Vec<Influences>> {
+    pub fn top_k_influences(
+        &self,
+        query: &Query<F>,
+        lens: Lens,
+        k: usize,
+    ) -> Result<Vec<Influences>> {
         let per_layer: Vec<Array2<f64>> = (0..self.layers.len())
             .map(|l| self.scores(query, lens, LayerSel::Layer(l)))
             .collect::<Result<_>>()?;
@@ -568,7 +675,11 @@ impl<F: Float> Ledger<F> {
     ///
     /// # Errors
     /// As [`scores`](Self::scores); [`Error::IndexOutOfRange`] for a bad segment.
-    pub fn class_attribution(&self, query: &Query<F>, segment: Option<usize>) -> Result<Vec<ClassAttribution>> {
+    pub fn class_attribution(
+        &self,
+        query: &Query<F>,
+        segment: Option<usize>,
+    ) -> Result<Vec<ClassAttribution>> {
         const OP: &str = "Ledger::class_attribution";
         self.check_query(query, OP)?;
         let segs: Vec<&crate::ledger::Segment<F>> = match segment {
@@ -580,7 +691,12 @@ impl<F: Float> Ledger<F> {
                 len: self.segments.len(),
             })?],
         };
-        let n_classes = self.sources.iter().filter_map(|s| s.label).max().map_or(0, |m| m + 1);
+        let n_classes = self
+            .sources
+            .iter()
+            .filter_map(|s| s.label)
+            .max()
+            .map_or(0, |m| m + 1);
         let mut out = Vec::with_capacity(self.layers.len() + 1);
         for l in 0..self.layers.len() {
             let (input, r) = self.representation_input(query, l);
@@ -601,8 +717,14 @@ impl<F: Float> Ledger<F> {
             for seg in &segs {
                 residual_m += &seg.layers[l].residual;
             }
-            let residual = input.per_query_dot(input.apply(residual_m.view()).view(), r.view()) * &inv;
-            out.push(ClassAttribution { layer: self.layers[l].id.clone(), per_class, unlabeled, residual });
+            let residual =
+                input.per_query_dot(input.apply(residual_m.view()).view(), r.view()) * &inv;
+            out.push(ClassAttribution {
+                layer: self.layers[l].id.clone(),
+                per_class,
+                unlabeled,
+                residual,
+            });
         }
         let n_l = out.len() as f64;
         let mut all = ClassAttribution {
@@ -628,7 +750,12 @@ impl<F: Float> Ledger<F> {
     /// # Errors
     /// [`Error::ShapeMismatch`] when `sources` and the query differ in length,
     /// [`Error::UnknownSource`], and as [`scores`](Self::scores).
-    pub fn self_scores(&self, query: &Query<F>, sources: &[SourceId], lens: Lens) -> Result<Array1<f64>> {
+    pub fn self_scores(
+        &self,
+        query: &Query<F>,
+        sources: &[SourceId],
+        lens: Lens,
+    ) -> Result<Array1<f64>> {
         const OP: &str = "Ledger::self_scores";
         self.check_query(query, OP)?;
         if sources.len() != query.n {
@@ -638,7 +765,10 @@ impl<F: Float> Ledger<F> {
                 got: format!("{}", sources.len()),
             });
         }
-        let idx: Vec<usize> = sources.iter().map(|&s| self.source_index(s)).collect::<Result<_>>()?;
+        let idx: Vec<usize> = sources
+            .iter()
+            .map(|&s| self.source_index(s))
+            .collect::<Result<_>>()?;
         let n_l = self.layers.len();
         // Per layer and query: ⟨c, t⟩, ‖c‖², ‖t‖².
         let mut dot = Array2::<f64>::zeros((n_l, query.n));
@@ -649,7 +779,10 @@ impl<F: Float> Ledger<F> {
                 let ql = &query.layers[l];
                 let d = query.deltas(l, OP)?;
                 let (n, p, fo) = d.dim();
-                let t = d.mapv(|v| -v.widen()).into_shape_with_order((n * p, fo)).expect("invariant: standard layout");
+                let t = d
+                    .mapv(|v| -v.widen())
+                    .into_shape_with_order((n * p, fo))
+                    .expect("invariant: standard layout");
                 LayerInput::new(ql.patches.view(), ql.shape.has_bias, t)
             } else {
                 self.representation_input(query, l).0
@@ -664,22 +797,31 @@ impl<F: Float> Ledger<F> {
             }
         }
         let per_layer = |f: &dyn Fn(f64, f64, f64) -> f64| -> Array2<f64> {
-            ndarray::Zip::from(&dot).and(&norm2).and(&t2).map_collect(|&d, &n, &t| f(d, n, t))
+            ndarray::Zip::from(&dot)
+                .and(&norm2)
+                .and(&t2)
+                .map_collect(|&d, &n, &t| f(d, n, t))
         };
         let div = |a: f64, b: f64| if b == 0.0 { 0.0 } else { a / b };
         Ok(match lens {
-            Lens::Share => per_layer(&|d, _, t| div(d, t)).mean_axis(Axis(0)).expect("invariant: layers"),
+            Lens::Share => per_layer(&|d, _, t| div(d, t))
+                .mean_axis(Axis(0))
+                .expect("invariant: layers"),
             Lens::Dot | Lens::Loss => dot.sum_axis(Axis(0)),
             Lens::Norm => norm2.sum_axis(Axis(0)).mapv(f64::sqrt),
             Lens::Influence => {
                 let t = t2.sum_axis(Axis(0)).mapv(f64::sqrt);
-                ndarray::Zip::from(&dot.sum_axis(Axis(0))).and(&t).map_collect(|&d, &t| div(d, t))
+                ndarray::Zip::from(&dot.sum_axis(Axis(0)))
+                    .and(&t)
+                    .map_collect(|&d, &t| div(d, t))
             }
             Lens::Cos => {
                 let denom = ndarray::Zip::from(&norm2.sum_axis(Axis(0)))
                     .and(&t2.sum_axis(Axis(0)))
                     .map_collect(|&n, &t| (n * t).sqrt());
-                ndarray::Zip::from(&dot.sum_axis(Axis(0))).and(&denom).map_collect(|&d, &n| div(d, n))
+                ndarray::Zip::from(&dot.sum_axis(Axis(0)))
+                    .and(&denom)
+                    .map_collect(|&d, &n| div(d, n))
             }
         })
     }

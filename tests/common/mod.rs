@@ -5,11 +5,18 @@
 use ndarray::{Array2, Array4, ArrayD, Axis, IxDyn};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rand_distr::{Distribution, Normal};
-use refinement_ledger::nn::{Conv2dConfig, DenseConfig, Flatten, Init, MaxPool2d, Relu, Sequential, Tanh};
+use refinement_ledger::nn::{
+    Conv2dConfig, DenseConfig, Flatten, Init, MaxPool2d, Relu, Sequential, Tanh,
+};
 use refinement_ledger::{Batch, ExampleId, Float, Optimizer, OptimizerHook, Query};
 
 /// Gaussian blobs: `n_per_class` points per class around seeded centres, `[n, dim]`.
-pub fn blobs<F: Float>(n_per_class: usize, n_classes: usize, dim: usize, seed: u64) -> (ArrayD<F>, Vec<usize>) {
+pub fn blobs<F: Float>(
+    n_per_class: usize,
+    n_classes: usize,
+    dim: usize,
+    seed: u64,
+) -> (ArrayD<F>, Vec<usize>) {
     let mut rng = StdRng::seed_from_u64(seed);
     let normal = Normal::new(0.0, 1.0).unwrap();
     let centres = Array2::from_shape_fn((n_classes, dim), |_| 2.0 * normal.sample(&mut rng));
@@ -27,7 +34,11 @@ pub fn blobs<F: Float>(n_per_class: usize, n_classes: usize, dim: usize, seed: u
 }
 
 /// Small images `[n, 1, 6, 6]`: class `c` brightens one quadrant, plus noise.
-pub fn images<F: Float>(n_per_class: usize, n_classes: usize, seed: u64) -> (ArrayD<F>, Vec<usize>) {
+pub fn images<F: Float>(
+    n_per_class: usize,
+    n_classes: usize,
+    seed: u64,
+) -> (ArrayD<F>, Vec<usize>) {
     let mut rng = StdRng::seed_from_u64(seed);
     let n = n_per_class * n_classes;
     let mut x = Array4::zeros((n, 1, 6, 6));
@@ -52,31 +63,61 @@ pub fn mlp<F: Float>(dim: usize, classes: usize, seed: u64) -> Sequential<F> {
     Sequential::new()
         .with(DenseConfig::new(dim, 8).build("fc1", &mut rng).unwrap())
         .with(Relu::new())
-        .with(DenseConfig::new(8, classes).with_init(Init::Xavier).build("fc2", &mut rng).unwrap())
+        .with(
+            DenseConfig::new(8, classes)
+                .with_init(Init::Xavier)
+                .build("fc2", &mut rng)
+                .unwrap(),
+        )
 }
 
 /// MLP with tanh and three traced layers.
 pub fn mlp3<F: Float>(dim: usize, classes: usize, seed: u64) -> Sequential<F> {
     let mut rng = StdRng::seed_from_u64(seed);
     Sequential::new()
-        .with(DenseConfig::new(dim, 6).with_init(Init::Xavier).build("fc1", &mut rng).unwrap())
+        .with(
+            DenseConfig::new(dim, 6)
+                .with_init(Init::Xavier)
+                .build("fc1", &mut rng)
+                .unwrap(),
+        )
         .with(Tanh::new())
-        .with(DenseConfig::new(6, 5).with_init(Init::Xavier).build("fc2", &mut rng).unwrap())
+        .with(
+            DenseConfig::new(6, 5)
+                .with_init(Init::Xavier)
+                .build("fc2", &mut rng)
+                .unwrap(),
+        )
         .with(Tanh::new())
-        .with(DenseConfig::new(5, classes).with_init(Init::Xavier).build("fc3", &mut rng).unwrap())
+        .with(
+            DenseConfig::new(5, classes)
+                .with_init(Init::Xavier)
+                .build("fc3", &mut rng)
+                .unwrap(),
+        )
 }
 
 /// CNN on `[n, 1, 6, 6]`: conv(1→3, 3×3, pad 1) → ReLU → maxpool 2 → conv(3→4, 2×2) → ReLU → flatten → dense(16 → classes).
 pub fn cnn<F: Float>(classes: usize, seed: u64) -> Sequential<F> {
     let mut rng = StdRng::seed_from_u64(seed);
     Sequential::new()
-        .with(Conv2dConfig::new(1, 3, 3).with_padding(1).build("conv1", &mut rng).unwrap())
+        .with(
+            Conv2dConfig::new(1, 3, 3)
+                .with_padding(1)
+                .build("conv1", &mut rng)
+                .unwrap(),
+        )
         .with(Relu::new())
         .with(MaxPool2d::new(2).unwrap())
         .with(Conv2dConfig::new(3, 4, 2).build("conv2", &mut rng).unwrap())
         .with(Relu::new())
         .with(Flatten::new())
-        .with(DenseConfig::new(16, classes).with_init(Init::Xavier).build("fc", &mut rng).unwrap())
+        .with(
+            DenseConfig::new(16, classes)
+                .with_init(Init::Xavier)
+                .build("fc", &mut rng)
+                .unwrap(),
+        )
 }
 
 /// Rows `idx` of `x`.
@@ -115,7 +156,8 @@ pub fn train<F: Float, O: Optimizer<F>>(
             let yb: Vec<usize> = chunk.iter().map(|&i| y[i]).collect();
             let ids: Vec<ExampleId> = chunk.iter().map(|&i| ExampleId(i as u64)).collect();
             net.train_batch(xb.view(), &yb).unwrap();
-            hook.step(&mut net.traceables_mut(), &Batch::new(&ids, &yb)).unwrap();
+            hook.step(&mut net.traceables_mut(), &Batch::new(&ids, &yb))
+                .unwrap();
             steps.push(chunk.to_vec());
         }
         if run.segment_per_epoch && epoch + 1 < run.epochs {
@@ -139,7 +181,13 @@ pub fn gradient_query<F: Float>(net: &mut Sequential<F>, x: &ArrayD<F>) -> Query
 }
 
 /// Asserts `actual ≈ expected` element-wise: `|a − e| ≤ atol + rtol·|e|`, reporting the worst index.
-pub fn assert_allclose(actual: &ArrayD<f64>, expected: &ArrayD<f64>, rtol: f64, atol: f64, what: &str) {
+pub fn assert_allclose(
+    actual: &ArrayD<f64>,
+    expected: &ArrayD<f64>,
+    rtol: f64,
+    atol: f64,
+    what: &str,
+) {
     assert_eq!(actual.shape(), expected.shape(), "{what}: shapes differ");
     let mut worst = (0.0f64, IxDyn(&[]), 0.0, 0.0);
     for ((idx, &a), &e) in actual.indexed_iter().zip(expected.iter()) {
