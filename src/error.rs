@@ -105,6 +105,14 @@ pub enum Error {
         /// The number of valid indices.
         len: usize,
     },
+    /// A data file does not parse.
+    #[error("corrupt data in {what}: {reason}")]
+    CorruptData {
+        /// The file or source.
+        what: &'static str,
+        /// What is wrong, where.
+        reason: String,
+    },
     /// An ndarray shape error.
     #[error(transparent)]
     Shape(#[from] ndarray::ShapeError),

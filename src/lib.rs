@@ -66,6 +66,7 @@
 #![deny(unsafe_code)]
 #![doc(test(attr(deny(warnings))))]
 
+pub mod data;
 mod error;
 mod float;
 mod hook;
