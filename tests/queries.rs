@@ -374,3 +374,100 @@ fn top_k_is_sorted_deterministic_and_matches_scores() {
     let many = ledger.top_k_influences(&q, Lens::Cos, 10_000).unwrap();
     assert_eq!(many[0].combined.proponents.len(), ledger.sources().len());
 }
+
+#[test]
+fn margin_lens_is_the_winning_margin_of_each_contribution() {
+    let (ledger, mut net, test) = trained_cnn(false);
+    let q = query(&mut net, &test);
+    let logits = net.logits(test.view()).unwrap();
+    let got = ledger.scores(&q, Lens::Margin, LayerSel::All).unwrap();
+    let (cs, _) = &direct(&ledger, &net)[2];
+    for qi in 0..q.len() {
+        let mut order: Vec<usize> = (0..4).collect();
+        order.sort_by(|&a, &b| logits[[qi, b]].total_cmp(&logits[[qi, a]]));
+        for (si, c) in cs.iter().enumerate() {
+            let want = c[[qi, order[0]]] - c[[qi, order[1]]];
+            assert!(
+                (got[[qi, si]] - want).abs() <= 1e-9 * want.abs().max(1e-6),
+                "{} vs {want}",
+                got[[qi, si]]
+            );
+        }
+    }
+    let ids: Vec<_> = ledger
+        .sources()
+        .iter()
+        .take(q.len())
+        .map(|s| s.id)
+        .collect();
+    let own = ledger.self_scores(&q, &ids, Lens::Margin).unwrap();
+    for qi in 0..q.len() {
+        assert!((own[qi] - got[[qi, qi]]).abs() < 1e-12);
+    }
+}
+
+#[test]
+fn ridge_lens_solves_the_regularised_gram_system() {
+    let (ledger, mut net, test) = trained_cnn(false);
+    let q = gradient_query(&mut net, &test);
+    let c = 1e-2;
+    let ridge = refinement_ledger::query::RidgeLens::fit(&ledger, c).unwrap();
+    let got = ridge.scores(&ledger, &q).unwrap();
+    // Direct: L from the dense accounts, K = L Lᵀ, λ = c·tr(K)/N, solve by Gaussian elimination.
+    let n = ledger.sources().len();
+    let rows: Vec<Vec<f64>> = ledger
+        .sources()
+        .iter()
+        .map(|s| {
+            (0..3)
+                .flat_map(|l| ledger.account(l, s.id).unwrap().into_iter())
+                .collect()
+        })
+        .collect();
+    let mut k = Array2::<f64>::zeros((n, n));
+    for i in 0..n {
+        for j in 0..n {
+            k[[i, j]] = rows[i].iter().zip(&rows[j]).map(|(a, b)| a * b).sum();
+        }
+    }
+    let lambda = c * k.diag().sum() / n as f64;
+    assert!((ridge.lambda() - lambda).abs() <= 1e-12 * lambda);
+    let lg = ledger.scores(&q, Lens::Loss, LayerSel::All).unwrap();
+    for qi in 0..q.len() {
+        // Solve (K + λI) x = lg[qi] with partial pivoting.
+        let mut m = k.clone();
+        for i in 0..n {
+            m[[i, i]] += lambda;
+        }
+        let mut b = lg.row(qi).to_owned();
+        for col in 0..n {
+            let p = (col..n)
+                .max_by(|&a, &bb| m[[a, col]].abs().total_cmp(&m[[bb, col]].abs()))
+                .unwrap();
+            for j in 0..n {
+                m.swap([col, j], [p, j]);
+            }
+            b.swap(col, p);
+            for r in col + 1..n {
+                let f = m[[r, col]] / m[[col, col]];
+                for j in col..n {
+                    m[[r, j]] -= f * m[[col, j]];
+                }
+                b[r] -= f * b[col];
+            }
+        }
+        let mut x = Array1::<f64>::zeros(n);
+        for r in (0..n).rev() {
+            let s: f64 = (r + 1..n).map(|j| m[[r, j]] * x[j]).sum();
+            x[r] = (b[r] - s) / m[[r, r]];
+        }
+        assert_allclose(
+            &got.row(qi).to_owned().into_dyn(),
+            &x.into_dyn(),
+            1e-7,
+            1e-10,
+            "ridge alpha",
+        );
+    }
+    assert!(refinement_ledger::query::RidgeLens::fit(&ledger, 0.0).is_err());
+}

@@ -468,3 +468,38 @@ pub fn load_params<F: Float>(
     }
     Ok(())
 }
+
+impl<F: Float> Ledger<F> {
+    /// Every source's whole account of layer `layer` (summed over segments) as
+    /// one row: `[n_sources, fan_out · aug_in]`, `f64`. Memory: that many numbers.
+    ///
+    /// # Errors
+    /// [`Error::IndexOutOfRange`] for a bad layer index.
+    pub fn account_matrix(&self, layer: usize) -> Result<Array2<f64>> {
+        self.check_layer(layer, "Ledger::account_matrix")?;
+        let (fan_out, aug_in) = self.initial[layer].dim();
+        let mut m = Array2::<f64>::zeros((self.sources.len(), fan_out * aug_in));
+        for seg in &self.segments {
+            let acc = &seg.layers[layer];
+            for k in 0..acc.n_slots() {
+                let mut row = m.row_mut(acc.dense_source[k] as usize);
+                row += &ndarray::ArrayView1::from(
+                    &acc.dense[k * fan_out * aug_in..(k + 1) * fan_out * aug_in],
+                );
+            }
+            for j in 0..acc.n_rows() {
+                let k = seg.coef[acc.row_group[j] as usize];
+                let (a, d) = acc.rows(j, j + 1);
+                let mut row = m.row_mut(acc.row_source[j] as usize);
+                let row = row.as_slice_mut().expect("invariant: standard layout");
+                for (o, &dv) in d.row(0).iter().enumerate() {
+                    let dk = dv.widen() * k;
+                    for (i, &av) in a.row(0).iter().enumerate() {
+                        row[o * aug_in + i] += dk * av.widen();
+                    }
+                }
+            }
+        }
+        Ok(m)
+    }
+}

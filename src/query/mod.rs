@@ -23,6 +23,9 @@
 //! concatenated vector (dots and squared norms add).
 
 mod kernel;
+mod ridge;
+
+pub use ridge::RidgeLens;
 
 use ndarray::{Array1, Array2, Array3, Axis};
 use serde::{Deserialize, Serialize};
@@ -51,6 +54,17 @@ pub enum Lens {
     /// exact TracIn sum over every step. Needs a query built with
     /// [`Query::with_gradients`].
     Loss,
+    /// `c_s[ŷ] − c_s[runner-up]` at the last traced layer, which must output the
+    /// logits: how much a source's updates widened the query's winning margin.
+    Margin,
+}
+
+impl Lens {
+    /// Whether the lens scores a source's contribution against the refinement
+    /// (`Dot`, `Norm`, `Cos`, `Influence`, `Share`) — the paper's lenses.
+    pub fn is_representation(self) -> bool {
+        !matches!(self, Lens::Loss | Lens::Margin)
+    }
 }
 
 /// Which layers a score covers.
@@ -225,7 +239,7 @@ impl LayerExplanation {
             Lens::Influence => safe_div(&self.dot, &r.to_owned()),
             Lens::Share => safe_div(&self.dot, &r.mapv(|v| v * v)),
             Lens::Cos => safe_div(&self.dot, &(&self.norm * &r)),
-            Lens::Loss => unreachable!("invariant: loss lens is not a representation score"),
+            Lens::Loss | Lens::Margin => unreachable!("invariant: checked by Explanation::scores"),
         }
     }
 }
@@ -522,6 +536,14 @@ impl<F: Float> Ledger<F> {
         let selected = self.select(layers, OP)?;
         match lens {
             Lens::Loss => self.loss_scores_impl(std::slice::from_ref(query), &selected, OP),
+            Lens::Margin => {
+                let (l, input) = self.margin_input(query)?;
+                let parts: Vec<_> = self.segments.iter().map(|s| (s, &input)).collect();
+                Ok(dots(&parts, l, self.sources.len(), query.n)
+                    .t()
+                    .as_standard_layout()
+                    .into_owned())
+            }
             Lens::Norm | Lens::Cos => self.explain(query)?.scores(lens, layers),
             _ => {
                 let per_layer: Vec<LayerExplanation> = selected
@@ -554,6 +576,36 @@ impl<F: Float> Ledger<F> {
                 .scores(lens, sel)
             }
         }
+    }
+
+    /// The last layer's input with target `e_ŷ − e_runner-up` from the final logits.
+    fn margin_input(&self, query: &Query<F>) -> Result<(usize, LayerInput<F>)> {
+        let l = self.layers.len() - 1;
+        let ql = &query.layers[l];
+        let (n, positions, _) = ql.patches.dim();
+        let fan_out = ql.shape.fan_out;
+        if positions != 1 || fan_out < 2 {
+            return Err(Error::InvalidConfig {
+                what: "margin lens",
+                reason: format!(
+                    "needs a last traced layer that outputs logits (one position, at least 2 classes), found {} with {positions} positions and {fan_out} outputs",
+                    ql.id
+                ),
+            });
+        }
+        let mut input = LayerInput::new(
+            ql.patches.view(),
+            ql.shape.has_bias,
+            Array2::zeros((n, fan_out)),
+        );
+        let logits = input.apply(self.final_params(l)?.view());
+        for (q, row) in logits.rows().into_iter().enumerate() {
+            let mut order: Vec<usize> = (0..fan_out).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+            input.target[[q, order[0]]] = 1.0;
+            input.target[[q, order[1]]] = -1.0;
+        }
+        Ok((l, input))
     }
 
     fn select(&self, layers: LayerSel, op: &'static str) -> Result<Vec<usize>> {
@@ -602,6 +654,31 @@ impl<F: Float> Ledger<F> {
         }
         let selected = self.select(layers, OP)?;
         self.loss_scores_impl(queries, &selected, OP)
+    }
+
+    /// The midpoint loss lens: each segment paired with the mean of the query
+    /// gradients at its start and its end, `½ (by_segment(starts) + by_segment(ends))`.
+    /// `starts[k]` holds the gradients at the parameters segment `k` started from
+    /// (the initial ones for `k = 0`, else the end of segment `k − 1`).
+    ///
+    /// # Errors
+    /// As [`loss_scores_by_segment`](Self::loss_scores_by_segment).
+    pub fn loss_scores_midpoint(
+        &self,
+        starts: &[Query<F>],
+        ends: &[Query<F>],
+        layers: LayerSel,
+    ) -> Result<Array2<f64>> {
+        let a = self.loss_scores_by_segment(starts, layers)?;
+        let b = self.loss_scores_by_segment(ends, layers)?;
+        if a.dim() != b.dim() {
+            return Err(Error::ShapeMismatch {
+                op: "Ledger::loss_scores_midpoint",
+                expected: format!("{:?} scores", a.dim()),
+                got: format!("{:?}", b.dim()),
+            });
+        }
+        Ok((a + b) * 0.5)
     }
 
     /// `−⟨G, ∇ℓ⟩` summed over `layers`; one query for all segments or one per segment.
@@ -774,6 +851,18 @@ impl<F: Float> Ledger<F> {
         let mut dot = Array2::<f64>::zeros((n_l, query.n));
         let mut norm2 = Array2::<f64>::zeros((n_l, query.n));
         let mut t2 = Array2::<f64>::zeros((n_l, query.n));
+        if lens == Lens::Margin {
+            let (l, input) = self.margin_input(query)?;
+            return Ok(idx
+                .iter()
+                .enumerate()
+                .map(|(q, &s)| {
+                    let one = input.single(q);
+                    let c = kernel::chunk_contributions(&self.segments, l, s, s + 1, &one);
+                    one.per_query_dot(c.index_axis(Axis(0), 0), one.target.view())[0]
+                })
+                .collect());
+        }
         for l in 0..n_l {
             let input = if lens == Lens::Loss {
                 let ql = &query.layers[l];
@@ -807,7 +896,7 @@ impl<F: Float> Ledger<F> {
             Lens::Share => per_layer(&|d, _, t| div(d, t))
                 .mean_axis(Axis(0))
                 .expect("invariant: layers"),
-            Lens::Dot | Lens::Loss => dot.sum_axis(Axis(0)),
+            Lens::Dot | Lens::Loss | Lens::Margin => dot.sum_axis(Axis(0)),
             Lens::Norm => norm2.sum_axis(Axis(0)).mapv(f64::sqrt),
             Lens::Influence => {
                 let t = t2.sum_axis(Axis(0)).mapv(f64::sqrt);
