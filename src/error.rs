@@ -113,6 +113,22 @@ pub enum Error {
         /// What is wrong, where.
         reason: String,
     },
+    /// Drawing a plot or encoding an image failed.
+    #[error("{what}: {reason}")]
+    Report {
+        /// What was being drawn.
+        what: &'static str,
+        /// The backend's message.
+        reason: String,
+    },
+    /// A file could not be read or written.
+    #[error("i/o error on {path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
     /// An ndarray shape error.
     #[error(transparent)]
     Shape(#[from] ndarray::ShapeError),

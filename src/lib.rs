@@ -74,6 +74,8 @@ pub mod ledger;
 pub mod nn;
 pub mod optim;
 pub mod query;
+#[cfg(feature = "report")]
+pub mod report;
 mod trace;
 
 pub use error::{Error, Result};

@@ -335,6 +335,66 @@ impl Explanation<'_> {
     }
 }
 
+/// Per class, the `norm`-weighted density of `cos` over that class's sources
+/// (Gaussian kernel on a grid over `[−1, 1]`), normalised by the total weight
+/// of all classes: the rows of the paper's ridge plot.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClassDistributions {
+    /// Grid points in `[−1, 1]`.
+    pub grid: Vec<f64>,
+    /// Per class, the density at each grid point.
+    pub density: Vec<Vec<f64>>,
+    /// Per class, its share of the total `norm` weight.
+    pub weight: Vec<f64>,
+}
+
+impl Explanation<'_> {
+    /// The ridge-plot distributions of query `q` at layer `layer` for classes
+    /// `0..n_classes`, kernel bandwidth `bandwidth` (e.g. 0.05), 101 grid points.
+    ///
+    /// # Errors
+    /// [`Error::IndexOutOfRange`] for a bad query or layer; [`Error::InvalidConfig`]
+    /// for a bandwidth that is not positive.
+    pub fn class_distributions(
+        &self,
+        q: usize,
+        layer: usize,
+        n_classes: usize,
+        bandwidth: f64,
+    ) -> Result<ClassDistributions> {
+        const OP: &str = "Explanation::class_distributions";
+        let le = self.layers.get(layer).ok_or(Error::IndexOutOfRange { op: OP, what: "layer", index: layer, len: self.layers.len() })?;
+        if q >= le.dot.nrows() {
+            return Err(Error::IndexOutOfRange { op: OP, what: "query", index: q, len: le.dot.nrows() });
+        }
+        if !(bandwidth.is_finite() && bandwidth > 0.0) {
+            return Err(Error::InvalidConfig { what: "bandwidth", reason: format!("must be finite and > 0, found {bandwidth}") });
+        }
+        let cos = le.score(Lens::Cos);
+        let grid: Vec<f64> = (0..101).map(|i| -1.0 + 2.0 * i as f64 / 100.0).collect();
+        let mut density = vec![vec![0.0; grid.len()]; n_classes];
+        let mut weight = vec![0.0; n_classes];
+        let mut total = 0.0;
+        for (s, meta) in self.sources.iter().enumerate() {
+            let w = le.norm[[q, s]];
+            total += w;
+            let Some(c) = meta.label.filter(|&c| c < n_classes) else { continue };
+            weight[c] += w;
+            let x = cos[[q, s]];
+            for (g, d) in grid.iter().zip(density[c].iter_mut()) {
+                let z = (g - x) / bandwidth;
+                *d += w * (-0.5 * z * z).exp();
+            }
+        }
+        let norm = if total > 0.0 { 1.0 / (total * bandwidth * (2.0 * std::f64::consts::PI).sqrt()) } else { 0.0 };
+        for (row, w) in density.iter_mut().zip(weight.iter_mut()) {
+            row.iter_mut().for_each(|d| *d *= norm);
+            *w = if total > 0.0 { *w / total } else { 0.0 };
+        }
+        Ok(ClassDistributions { grid, density, weight })
+    }
+}
+
 /// The layers as one concatenated representation: dots and squared norms add.
 fn concatenate_layers(layers: &[LayerExplanation]) -> LayerExplanation {
     let mut dot = layers[0].dot.clone();
