@@ -70,6 +70,7 @@ pub mod data;
 mod error;
 mod float;
 mod hook;
+pub mod metrics;
 pub mod ledger;
 pub mod nn;
 pub mod optim;

@@ -1,0 +1,125 @@
+//! Metrics for evaluating explanations: ROC AUC, class agreement, recall in the
+//! top fraction, and mean ± standard error.
+
+/// ROC AUC of `scores` (higher = more likely positive) against `positive` labels:
+/// the probability that a random positive outranks a random negative, ties
+/// counting one half. `None` when either class is empty or a score is NaN.
+///
+/// # Example
+/// ```
+/// use refinement_ledger::metrics::roc_auc;
+/// assert_eq!(roc_auc(&[0.9, 0.8, 0.3, 0.1], &[true, false, true, false]), Some(0.75));
+/// ```
+pub fn roc_auc(scores: &[f64], positive: &[bool]) -> Option<f64> {
+    if scores.len() != positive.len() || scores.iter().any(|s| s.is_nan()) {
+        return None;
+    }
+    let n_pos = positive.iter().filter(|&&p| p).count();
+    let n_neg = positive.len() - n_pos;
+    if n_pos == 0 || n_neg == 0 {
+        return None;
+    }
+    // Mann–Whitney U with mid-ranks for ties.
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    let mut rank_sum = 0.0;
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i + 1;
+        while j < idx.len() && scores[idx[j]] == scores[idx[i]] {
+            j += 1;
+        }
+        let mid = (i + j + 1) as f64 / 2.0; // ranks i+1..=j
+        rank_sum += idx[i..j].iter().filter(|&&k| positive[k]).count() as f64 * mid;
+        i = j;
+    }
+    let u = rank_sum - (n_pos * (n_pos + 1)) as f64 / 2.0;
+    Some(u / (n_pos * n_neg) as f64)
+}
+
+/// Fraction of the positives found among the top `fraction` of `scores` (high first).
+///
+/// # Example
+/// ```
+/// use refinement_ledger::metrics::recall_at_fraction;
+/// let r = recall_at_fraction(&[0.9, 0.8, 0.3, 0.1], &[true, false, true, false], 0.5);
+/// assert_eq!(r, Some(0.5));
+/// ```
+pub fn recall_at_fraction(scores: &[f64], positive: &[bool], fraction: f64) -> Option<f64> {
+    let n_pos = positive.iter().filter(|&&p| p).count();
+    if scores.len() != positive.len() || n_pos == 0 || !(0.0..=1.0).contains(&fraction) {
+        return None;
+    }
+    let k = (fraction * scores.len() as f64).round() as usize;
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    Some(idx[..k].iter().filter(|&&i| positive[i]).count() as f64 / n_pos as f64)
+}
+
+/// Fraction of `labels` equal to `class` (agreement of top-k proponents with a prediction).
+///
+/// # Example
+/// ```
+/// use refinement_ledger::metrics::class_agreement;
+/// assert_eq!(class_agreement(&[Some(3), Some(3), None, Some(1)], 3), 0.5);
+/// ```
+pub fn class_agreement(labels: &[Option<usize>], class: usize) -> f64 {
+    if labels.is_empty() {
+        return 0.0;
+    }
+    labels.iter().filter(|&&l| l == Some(class)).count() as f64 / labels.len() as f64
+}
+
+/// Mean and standard error of the mean (sample standard deviation / √n; 0 for n < 2).
+///
+/// # Example
+/// ```
+/// use refinement_ledger::metrics::mean_and_standard_error;
+/// let (m, se) = mean_and_standard_error(&[1.0, 2.0, 3.0, 4.0]);
+/// assert_eq!(m, 2.5);
+/// assert!((se - (5.0f64 / 3.0).sqrt() / 2.0).abs() < 1e-12);
+/// ```
+pub fn mean_and_standard_error(values: &[f64]) -> (f64, f64) {
+    let n = values.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let mean = values.iter().sum::<f64>() / n as f64;
+    if n < 2 {
+        return (mean, 0.0);
+    }
+    let var = values.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / (n - 1) as f64;
+    (mean, (var / n as f64).sqrt())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auc_of_perfect_inverted_and_tied_rankings() {
+        assert_eq!(roc_auc(&[4.0, 3.0, 2.0, 1.0], &[true, true, false, false]), Some(1.0));
+        assert_eq!(roc_auc(&[1.0, 2.0, 3.0, 4.0], &[true, true, false, false]), Some(0.0));
+        assert_eq!(roc_auc(&[1.0, 1.0, 1.0, 1.0], &[true, false, true, false]), Some(0.5));
+        // One tie between a positive and a negative: (1 + 1 + 0.5 + 1) / 4.
+        assert_eq!(roc_auc(&[3.0, 2.0, 2.0, 1.0], &[true, true, false, false]), Some(0.875));
+        assert_eq!(roc_auc(&[1.0, 2.0], &[true, true]), None);
+        assert_eq!(roc_auc(&[f64::NAN, 2.0], &[true, false]), None);
+    }
+
+    #[test]
+    fn recall_counts_positives_in_the_top_fraction() {
+        let s = [0.1, 0.9, 0.8, 0.2, 0.7];
+        let p = [true, true, false, false, true];
+        assert_eq!(recall_at_fraction(&s, &p, 0.2), Some(1.0 / 3.0));
+        assert_eq!(recall_at_fraction(&s, &p, 0.6), Some(2.0 / 3.0));
+        assert_eq!(recall_at_fraction(&s, &p, 1.0), Some(1.0));
+    }
+
+    #[test]
+    fn standard_error_of_constant_and_single_values() {
+        assert_eq!(mean_and_standard_error(&[2.0, 2.0, 2.0]), (2.0, 0.0));
+        assert_eq!(mean_and_standard_error(&[5.0]), (5.0, 0.0));
+        assert!(mean_and_standard_error(&[]).0.is_nan());
+    }
+}
