@@ -7,7 +7,9 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{Model, Recipe, accuracy, gradient_query, representation_query, text_art, train_traced};
+use common::{
+    Model, Recipe, accuracy, gradient_query, representation_query, text_art, train_traced,
+};
 use refinement_ledger::data::{ClassPureSampler, Dataset};
 use refinement_ledger::nn::Sequential;
 use refinement_ledger::optim::AdamConfig;
@@ -29,6 +31,15 @@ fn example_index(train: &Dataset<f32>, source: SourceId) -> Option<usize> {
     }
 }
 
+/// A score with three significant digits, readable at any scale.
+fn fmt_score(v: f64) -> String {
+    if v != 0.0 && v.abs() < 0.01 {
+        format!("{v:+.2e}")
+    } else {
+        format!("{v:+.3}")
+    }
+}
+
 fn describe(inf: &Influence) -> String {
     match inf.label {
         Some(l) => format!("{} ({l})", inf.source),
@@ -45,7 +56,10 @@ fn print_row(title: &str, items: &[(String, Option<Vec<f32>>)]) {
     println!();
     for r in 0..8 {
         for (_, px) in items {
-            let art = px.as_ref().map(|p| text_art(p)[r].clone()).unwrap_or_else(|| " ".repeat(16));
+            let art = px
+                .as_ref()
+                .map(|p| text_art(p)[r].clone())
+                .unwrap_or_else(|| " ".repeat(16));
             print!("    {art:<18}");
         }
         println!();
@@ -56,7 +70,10 @@ fn thumbs(train: &Dataset<f32>, infs: &[Influence]) -> Result<Vec<Thumb>> {
     infs.iter()
         .filter_map(|inf| example_index(train, inf.source).map(|i| (i, inf)))
         .map(|(i, inf)| {
-            Ok(Thumb { uri: png_data_uri(&train.flat(i), 8, 8, 5)?, caption: format!("{} {:+.3}", describe(inf), inf.score) })
+            Ok(Thumb {
+                uri: png_data_uri(&train.flat(i), 8, 8, 5)?,
+                caption: format!("{} {}", describe(inf), fmt_score(inf.score)),
+            })
         })
         .collect()
 }
@@ -66,7 +83,11 @@ fn top_k(scores: ndarray::ArrayView1<'_, f64>, ledger: &Ledger<f32>, k: usize) -
     idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
     idx.into_iter()
         .take(k)
-        .map(|i| Influence { source: ledger.sources()[i].id, label: ledger.sources()[i].label, score: scores[i] })
+        .map(|i| Influence {
+            source: ledger.sources()[i].id,
+            label: ledger.sources()[i].label,
+            score: scores[i],
+        })
         .collect()
 }
 
@@ -86,24 +107,51 @@ fn explain_model(
     let attribution = ledger.class_attribution(&query, None)?;
     let gq = gradient_query(net, picked.x(), &pred)?;
     let ridge = RidgeLens::fit(ledger, RIDGE_C)?.scores(ledger, &gq)?;
-    let cos_last = ledger.scores(&query, Lens::Cos, LayerSel::Layer(ledger.layers().len() - 1))?;
+    let cos_last = ledger.scores(
+        &query,
+        Lens::Cos,
+        LayerSel::Layer(ledger.layers().len() - 1),
+    )?;
     let n_layers = ledger.layers().len();
 
-    report.heading(&format!("{} — {n_layers} traced layers", model.name().to_uppercase()));
+    report.heading(&format!(
+        "{} — {n_layers} traced layers",
+        model.name().to_uppercase()
+    ));
     for (qi, &ti) in EXPLAINED.iter().enumerate() {
         let label = picked.labels()[qi];
-        println!("\n[{}] test digit #{ti}: label {label}, predicted {}", model.name(), pred[qi]);
-        print_row("query", &[(format!("label {label}"), Some(picked.flat(qi)))]);
+        println!(
+            "\n[{}] test digit #{ti}: label {label}, predicted {}",
+            model.name(),
+            pred[qi]
+        );
+        print_row(
+            "query",
+            &[(format!("label {label}"), Some(picked.flat(qi)))],
+        );
         for (l, (layer, ranking)) in tops[qi].per_layer.iter().enumerate() {
-            for (kind, list) in [("proponents", &ranking.proponents), ("opponents", &ranking.opponents)] {
+            for (kind, list) in [
+                ("proponents", &ranking.proponents),
+                ("opponents", &ranking.opponents),
+            ] {
                 let items: Vec<(String, Option<Vec<f32>>)> = list
                     .iter()
-                    .map(|inf| (format!("{} {:+.3}", describe(inf), inf.score), example_index(train, inf.source).map(|i| train.flat(i))))
+                    .map(|inf| {
+                        (
+                            format!("{} {}", describe(inf), fmt_score(inf.score)),
+                            example_index(train, inf.source).map(|i| train.flat(i)),
+                        )
+                    })
                     .collect();
                 print_row(&format!("layer {layer}: top-5 {kind} (influence)"), &items);
             }
-            let shares: Vec<String> =
-                attribution[l].per_class.row(qi).iter().enumerate().map(|(c, s)| format!("{c}:{s:+.2}")).collect();
+            let shares: Vec<String> = attribution[l]
+                .per_class
+                .row(qi)
+                .iter()
+                .enumerate()
+                .map(|(c, s)| format!("{c}:{s:+.2}"))
+                .collect();
             println!(
                 "    class attribution at {layer}: {}  (unlabeled {:+.3}, residual {:+.1e}); balance error {:.1e}",
                 shares.join(" "),
@@ -113,8 +161,17 @@ fn explain_model(
             );
         }
 
-        report.subheading(&format!("Test digit #{ti}: label {label}, predicted {}", pred[qi]));
-        report.image_grid("Query", &[Thumb { uri: png_data_uri(&picked.flat(qi), 8, 8, 8)?, caption: format!("label {label}") }]);
+        report.subheading(&format!(
+            "Test digit #{ti}: label {label}, predicted {}",
+            pred[qi]
+        ));
+        report.image_grid(
+            "Query",
+            &[Thumb {
+                uri: png_data_uri(&picked.flat(qi), 8, 8, 8)?,
+                caption: format!("label {label}"),
+            }],
+        );
         report.image_grid(
             "Representation lens (the paper's influence, all layers): top proponents",
             &thumbs(train, &tops[qi].combined.proponents)?,
@@ -123,17 +180,28 @@ fn explain_model(
             "Looks like: cos at the last layer, top proponents",
             &thumbs(train, &top_k(cos_last.row(qi), ledger, 8))?,
         );
-        report.image_grid("Caused by: ridge lens, top proponents", &thumbs(train, &top_k(ridge.row(qi), ledger, 8))?);
+        report.image_grid(
+            "Caused by: ridge lens, top proponents",
+            &thumbs(train, &top_k(ridge.row(qi), ledger, 8))?,
+        );
         report.begin_row();
         for (l, meta) in ledger.layers().iter().enumerate() {
             let values: Vec<f64> = attribution[l].per_class.row(qi).to_vec();
-            report.svg(&bar_chart(&format!("class attribution at {}", meta.id), &values, Some(pred[qi]))?);
+            report.svg(&bar_chart(
+                &format!("class attribution at {}", meta.id),
+                &values,
+                Some(pred[qi]),
+            )?);
         }
         report.end_row();
         report.begin_row();
         for (l, meta) in ledger.layers().iter().enumerate() {
             let dist = explanation.class_distributions(qi, l, 10, 0.05)?;
-            report.svg(&ridge_plot(&format!("{} (predicted {})", meta.id, pred[qi]), &dist, Some(pred[qi]))?);
+            report.svg(&ridge_plot(
+                &format!("{} (predicted {})", meta.id, pred[qi]),
+                &dist,
+                Some(pred[qi]),
+            )?);
         }
         report.end_row();
     }
@@ -141,7 +209,12 @@ fn explain_model(
 }
 
 /// The paper's protocol: class-pure batches with ghosts, Adam, batch-level ledger.
-fn class_pure_adam(train: &Dataset<f32>, test: &Dataset<f32>, epochs: u64, report: &mut HtmlReport) -> Result<()> {
+fn class_pure_adam(
+    train: &Dataset<f32>,
+    test: &Dataset<f32>,
+    epochs: u64,
+    report: &mut HtmlReport,
+) -> Result<()> {
     let mut net = Model::Mlp.build(1)?;
     let adam = AdamConfig::new(0.01).build::<f32>()?;
     let cfg = HookConfig::default().with_credit(Credit::Batch);
@@ -155,25 +228,48 @@ fn class_pure_adam(train: &Dataset<f32>, test: &Dataset<f32>, epochs: u64, repor
             let mask: Vec<bool> = ghosts.iter().map(|g| !g).collect();
             net.train_batch_masked(train.batch_x(&rows).view(), &labels, Some(&mask))?;
             let ids: Vec<_> = rows.iter().map(|&i| train.ids()[i]).collect();
-            hook.step(&mut net.traceables_mut(), &Batch::new(&ids, &labels).with_ghosts(&ghosts))?;
+            hook.step(
+                &mut net.traceables_mut(),
+                &Batch::new(&ids, &labels).with_ghosts(&ghosts),
+            )?;
         }
     }
     let ledger = hook.finish();
-    println!("\nclass-pure batches + Adam (batch-level ledger, {} batch sources)", ledger.sources().len());
-    println!("mlp (class-pure, Adam) test accuracy: {:.4}", accuracy(&mut net, test)?);
+    println!(
+        "\nclass-pure batches + Adam (batch-level ledger, {} batch sources)",
+        ledger.sources().len()
+    );
+    println!(
+        "mlp (class-pure, Adam) test accuracy: {:.4}",
+        accuracy(&mut net, test)?
+    );
     let picked = test.subset(&EXPLAINED)?;
     let pred = net.predict(picked.x().view())?;
     let query = representation_query(&mut net, picked.x())?;
     let attribution = ledger.class_attribution(&query, None)?;
     report.heading("Class-pure batches with Adam (batch-level ledger, exact per class)");
     for (qi, &ti) in EXPLAINED.iter().enumerate() {
-        println!("  test digit #{ti} (label {}, predicted {}):", picked.labels()[qi], pred[qi]);
+        println!(
+            "  test digit #{ti} (label {}, predicted {}):",
+            picked.labels()[qi],
+            pred[qi]
+        );
         report.begin_row();
         for (l, ca) in attribution.iter().enumerate().take(ledger.layers().len()) {
-            let shares: Vec<String> = ca.per_class.row(qi).iter().enumerate().map(|(c, s)| format!("{c}:{s:+.2}")).collect();
+            let shares: Vec<String> = ca
+                .per_class
+                .row(qi)
+                .iter()
+                .enumerate()
+                .map(|(c, s)| format!("{c}:{s:+.2}"))
+                .collect();
             println!("    {}: {}", ca.layer, shares.join(" "));
             let values: Vec<f64> = attribution[l].per_class.row(qi).to_vec();
-            report.svg(&bar_chart(&format!("#{ti} at {}", ca.layer), &values, Some(pred[qi]))?);
+            report.svg(&bar_chart(
+                &format!("#{ti} at {}", ca.layer),
+                &values,
+                Some(pred[qi]),
+            )?);
         }
         report.end_row();
     }
@@ -185,7 +281,11 @@ fn main() -> Result<()> {
     let epochs = if quick { 3 } else { 30 };
     let digits = Dataset::<f32>::digits()?;
     let (train, test) = digits.stratified_split(0.2, 0)?;
-    println!("digits: {} training, {} test examples; {epochs} epochs", train.len(), test.len());
+    println!(
+        "digits: {} training, {} test examples; {epochs} epochs",
+        train.len(),
+        test.len()
+    );
     let mut report = HtmlReport::new("refinement-ledger — traced training on the digits");
     report.paragraph(
         "Each explained test digit shows the training examples that built its representation \
@@ -199,18 +299,29 @@ fn main() -> Result<()> {
         let mut net = model.build(1)?;
         let recipe = Recipe::for_model(model, epochs);
         let ledger = train_traced(&mut net, &tr, &recipe, false, model.name())?;
-        println!("{} test accuracy: {:.4}", model.name(), accuracy(&mut net, &te)?);
+        println!(
+            "{} test accuracy: {:.4}",
+            model.name(),
+            accuracy(&mut net, &te)?
+        );
         let bytes: Vec<String> = ledger
             .layers()
             .iter()
             .zip(ledger.bytes_per_layer())
             .map(|(m, b)| format!("{} {:.1} MB", m.id, b as f64 / 1e6))
             .collect();
-        println!("{} ledger: {} sources, {} segments, {}", model.name(), ledger.sources().len(), ledger.n_segments(), bytes.join(", "));
+        println!(
+            "{} ledger: {} sources, {} segments, {}",
+            model.name(),
+            ledger.sources().len(),
+            ledger.n_segments(),
+            bytes.join(", ")
+        );
         explain_model(model, &mut net, &ledger, &tr, &te, &mut report)?;
     }
     class_pure_adam(&train, &test, if quick { 2 } else { 15 }, &mut report)?;
-    let dir = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("traced-digits");
+    let dir = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
+        .join("traced-digits");
     let path = dir.join("report.html");
     report.write(&path)?;
     println!("\nreport: {}", path.display());

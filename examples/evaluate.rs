@@ -10,13 +10,18 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use common::{Model, Recipe, accuracy, gradient_query, probabilities, representation_query, train_bare, train_traced};
+use common::{
+    Model, Recipe, accuracy, gradient_query, probabilities, representation_query, train_bare,
+    train_traced,
+};
 use ndarray::Array2;
 use rand::{Rng, SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use refinement_ledger::data::Dataset;
-use refinement_ledger::metrics::{class_agreement, mean_and_standard_error, recall_at_fraction, roc_auc};
+use refinement_ledger::metrics::{
+    class_agreement, mean_and_standard_error, recall_at_fraction, roc_auc,
+};
 use refinement_ledger::nn::Sequential;
 use refinement_ledger::query::RidgeLens;
 use refinement_ledger::{LayerSel, Ledger, Lens, Query, Result, SourceId, load_params};
@@ -43,21 +48,26 @@ struct Row {
     seconds: Option<f64>,
 }
 
+/// Gradient queries at each segment's start and end parameters.
+type StartsAndEnds = (Vec<Query<f32>>, Vec<Query<f32>>);
+
 /// A model at every segment boundary: the parameters each segment started and ended at.
 fn boundary_queries(
     model: Model,
     ledger: &Ledger<f32>,
     x: &ndarray::ArrayD<f32>,
     targets: &[usize],
-) -> Result<(Vec<Query<f32>>, Vec<Query<f32>>)> {
+) -> Result<StartsAndEnds> {
     let mut net = model.build(0)?;
     let n_l = ledger.layers().len();
     let params = |k: Option<usize>| -> Result<Vec<Array2<f64>>> {
         (0..n_l)
-            .map(|l| Ok(match k {
-                None => ledger.initial_params(l)?.clone(),
-                Some(k) => ledger.segment_end_params(k, l)?.clone(),
-            }))
+            .map(|l| {
+                Ok(match k {
+                    None => ledger.initial_params(l)?.clone(),
+                    Some(k) => ledger.segment_end_params(k, l)?.clone(),
+                })
+            })
             .collect()
     };
     let (mut starts, mut ends) = (Vec::new(), Vec::new());
@@ -90,14 +100,24 @@ fn all_lenses(
     };
     for (lens, tag) in [(Lens::Influence, "influence"), (Lens::Cos, "cos")] {
         for l in 0..n_l {
-            timed(format!("{tag}/{}", ledger.layers()[l].id), &mut || ledger.scores(&q, lens, LayerSel::Layer(l)))?;
+            timed(format!("{tag}/{}", ledger.layers()[l].id), &mut || {
+                ledger.scores(&q, lens, LayerSel::Layer(l))
+            })?;
         }
-        timed(format!("{tag}/all"), &mut || ledger.scores(&q, lens, LayerSel::All))?;
+        timed(format!("{tag}/all"), &mut || {
+            ledger.scores(&q, lens, LayerSel::All)
+        })?;
     }
-    timed("share/all".into(), &mut || ledger.scores(&q, Lens::Share, LayerSel::All))?;
-    timed("margin".into(), &mut || ledger.scores(&q, Lens::Margin, LayerSel::All))?;
+    timed("share/all".into(), &mut || {
+        ledger.scores(&q, Lens::Share, LayerSel::All)
+    })?;
+    timed("margin".into(), &mut || {
+        ledger.scores(&q, Lens::Margin, LayerSel::All)
+    })?;
     let gq = gradient_query(net, x, targets)?;
-    timed("loss/final".into(), &mut || ledger.scores(&gq, Lens::Loss, LayerSel::All))?;
+    timed("loss/final".into(), &mut || {
+        ledger.scores(&gq, Lens::Loss, LayerSel::All)
+    })?;
     timed("loss/epoch".into(), &mut || {
         let (_, ends) = boundary_queries(model, ledger, x, targets)?;
         ledger.loss_scores_by_segment(&ends, LayerSel::All)
@@ -110,7 +130,9 @@ fn all_lenses(
     let n_src = ledger.sources().len();
     timed("random".into(), &mut || {
         let mut rng = ChaCha8Rng::seed_from_u64(99);
-        Ok(Array2::from_shape_fn((x.shape()[0], n_src), |_| rng.random::<f64>()))
+        Ok(Array2::from_shape_fn((x.shape()[0], n_src), |_| {
+            rng.random::<f64>()
+        }))
     })?;
     Ok(out)
 }
@@ -123,10 +145,18 @@ fn top(scores: ndarray::ArrayView1<'_, f64>, k: usize) -> Vec<usize> {
 }
 
 /// Logit margin `z[ŷ] − max_{c≠ŷ} z[c]` and probability of `ŷ` for one input.
-fn margin_and_prob(net: &mut Sequential<f32>, x: &ndarray::ArrayD<f32>, class: usize) -> Result<(f64, f64)> {
+fn margin_and_prob(
+    net: &mut Sequential<f32>,
+    x: &ndarray::ArrayD<f32>,
+    class: usize,
+) -> Result<(f64, f64)> {
     let logits = net.logits(x.view())?;
     let row = logits.row(0);
-    let other = row.iter().enumerate().filter(|&(c, _)| c != class).fold(f32::NEG_INFINITY, |m, (_, &v)| m.max(v));
+    let other = row
+        .iter()
+        .enumerate()
+        .filter(|&(c, _)| c != class)
+        .fold(f32::NEG_INFINITY, |m, (_, &v)| m.max(v));
     let p = probabilities(net, x)?[[0, class]];
     Ok((f64::from(row[class] - other), f64::from(p)))
 }
@@ -157,7 +187,18 @@ fn rows_of(ledger: &Ledger<f32>, train: &Dataset<f32>, sources: &[usize]) -> Vec
         .collect()
 }
 
-const DELETION_LENSES: [&str; 7] = ["influence/all", "cos/all", "margin", "loss/final", "loss/epoch", "loss/midpoint", "ridge"];
+/// Candidate `c` for the ridge lens (λ = c·trace(K)/N), chosen on validation points.
+const RIDGE_GRID: [f64; 6] = [1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0];
+
+const DELETION_LENSES: [&str; 7] = [
+    "influence/all",
+    "cos/all",
+    "margin",
+    "loss/final",
+    "loss/epoch",
+    "loss/midpoint",
+    "ridge",
+];
 
 fn evaluate(model: Model, opts: Opts) -> Result<(BTreeMap<String, Row>, Value)> {
     let digits = Dataset::<f32>::digits()?;
@@ -167,7 +208,11 @@ fn evaluate(model: Model, opts: Opts) -> Result<(BTreeMap<String, Row>, Value)> 
     let mut net = model.build(1)?;
     let ledger = train_traced(&mut net, &train, &recipe, opts.quick, model.name())?;
     let acc = accuracy(&mut net, &test)?;
-    println!("\n== {} (test accuracy {acc:.4}, {} epochs) ==", model.name(), opts.epochs);
+    println!(
+        "\n== {} (test accuracy {acc:.4}, {} epochs) ==",
+        model.name(),
+        opts.epochs
+    );
 
     // Evaluated points and held-out validation points (for the ridge lens's c), disjoint.
     let mut order: Vec<usize> = (0..test.len()).collect();
@@ -183,7 +228,7 @@ fn evaluate(model: Model, opts: Opts) -> Result<(BTreeMap<String, Row>, Value)> 
     let vpred = net.predict(valid.x().view())?;
     let vq = gradient_query(&mut net, valid.x(), &vpred)?;
     let mut best = (f64::NEG_INFINITY, 1e-3);
-    for c in [1e-4, 1e-3, 1e-2, 1e-1] {
+    for c in RIDGE_GRID {
         let ridge = base_ridge.with_c(c)?;
         let alpha = ridge.scores(&ledger, &vq)?;
         let drops: Vec<f64> = (0..valid.len())
@@ -204,7 +249,11 @@ fn evaluate(model: Model, opts: Opts) -> Result<(BTreeMap<String, Row>, Value)> 
         }
     }
     let ridge = base_ridge.with_c(best.1)?;
-    println!("  chosen c = {:e} (K factored once in {fit_seconds:.2} s for {} sources)", best.1, ledger.sources().len());
+    println!(
+        "  chosen c = {:e} (K factored once in {fit_seconds:.2} s for {} sources)",
+        best.1,
+        ledger.sources().len()
+    );
 
     // (a) agreement and (d) time.
     let lenses = all_lenses(model, &mut net, &ledger, eval.x(), &pred, &ridge)?;
@@ -213,7 +262,10 @@ fn evaluate(model: Model, opts: Opts) -> Result<(BTreeMap<String, Row>, Value)> 
         let t = Instant::now();
         let agreement: Vec<f64> = (0..eval.len())
             .map(|q| {
-                let labels: Vec<Option<usize>> = top(scores.row(q), 10).iter().map(|&s| ledger.sources()[s].label).collect();
+                let labels: Vec<Option<usize>> = top(scores.row(q), 10)
+                    .iter()
+                    .map(|&s| ledger.sources()[s].label)
+                    .collect();
                 class_agreement(&labels, pred[q])
             })
             .collect();
@@ -228,7 +280,10 @@ fn evaluate(model: Model, opts: Opts) -> Result<(BTreeMap<String, Row>, Value)> 
     let mut idx: Vec<usize> = (0..train.len()).collect();
     idx.shuffle(&mut rng);
     let flipped: Vec<usize> = idx[..train.len() / 10].to_vec();
-    let new_labels: Vec<usize> = flipped.iter().map(|&i| (train.labels()[i] + rng.random_range(1..10)) % 10).collect();
+    let new_labels: Vec<usize> = flipped
+        .iter()
+        .map(|&i| (train.labels()[i] + rng.random_range(1..10)) % 10)
+        .collect();
     let noisy = train.with_labels(&flipped, &new_labels)?;
     let mut noisy_net = model.build(1)?;
     let noisy_ledger = train_traced(&mut noisy_net, &noisy, &recipe, true, "noisy")?;
@@ -241,23 +296,53 @@ fn evaluate(model: Model, opts: Opts) -> Result<(BTreeMap<String, Row>, Value)> 
     let rq = representation_query(&mut noisy_net, noisy.x())?;
     let gq = gradient_query(&mut noisy_net, noisy.x(), noisy.labels())?;
     let mut self_scores: Vec<(String, Vec<f64>)> = Vec::new();
-    for (lens, name) in [(Lens::Influence, "influence/all"), (Lens::Share, "share/all"), (Lens::Cos, "cos/all")] {
-        self_scores.push((name.into(), noisy_ledger.self_scores(&rq, &ids, lens)?.to_vec()));
+    for (lens, name) in [
+        (Lens::Influence, "influence/all"),
+        (Lens::Share, "share/all"),
+        (Lens::Cos, "cos/all"),
+    ] {
+        self_scores.push((
+            name.into(),
+            noisy_ledger.self_scores(&rq, &ids, lens)?.to_vec(),
+        ));
     }
-    self_scores.push(("margin".into(), noisy_ledger.self_scores(&rq, &ids, Lens::Margin)?.to_vec()));
-    self_scores.push(("loss/final".into(), noisy_ledger.self_scores(&gq, &ids, Lens::Loss)?.to_vec()));
-    let col: Vec<usize> = ids.iter().map(|&s| noisy_ledger.source_index(s)).collect::<Result<_>>()?;
+    self_scores.push((
+        "margin".into(),
+        noisy_ledger.self_scores(&rq, &ids, Lens::Margin)?.to_vec(),
+    ));
+    self_scores.push((
+        "loss/final".into(),
+        noisy_ledger.self_scores(&gq, &ids, Lens::Loss)?.to_vec(),
+    ));
+    let col: Vec<usize> = ids
+        .iter()
+        .map(|&s| noisy_ledger.source_index(s))
+        .collect::<Result<_>>()?;
     let diag = |m: &Array2<f64>| -> Vec<f64> { (0..col.len()).map(|i| m[[i, col[i]]]).collect() };
     let (starts, ends) = boundary_queries(model, &noisy_ledger, noisy.x(), noisy.labels())?;
-    self_scores.push(("loss/epoch".into(), diag(&noisy_ledger.loss_scores_by_segment(&ends, LayerSel::All)?)));
-    self_scores.push(("loss/midpoint".into(), diag(&noisy_ledger.loss_scores_midpoint(&starts, &ends, LayerSel::All)?)));
+    self_scores.push((
+        "loss/epoch".into(),
+        diag(&noisy_ledger.loss_scores_by_segment(&ends, LayerSel::All)?),
+    ));
+    self_scores.push((
+        "loss/midpoint".into(),
+        diag(&noisy_ledger.loss_scores_midpoint(&starts, &ends, LayerSel::All)?),
+    ));
     let noisy_ridge = RidgeLens::fit(&noisy_ledger, best.1)?;
-    self_scores.push(("ridge".into(), diag(&noisy_ridge.scores(&noisy_ledger, &gq)?)));
-    self_scores.push(("random".into(), (0..train.len()).map(|_| rng.random::<f64>()).collect()));
+    self_scores.push((
+        "ridge".into(),
+        diag(&noisy_ridge.scores(&noisy_ledger, &gq)?),
+    ));
+    self_scores.push((
+        "random".into(),
+        (0..train.len()).map(|_| rng.random::<f64>()).collect(),
+    ));
     for (name, s) in &self_scores {
         let row = rows.entry(name.clone()).or_default();
         row.auc = roc_auc(s, &is_flipped);
-        row.recall = Some([0.05, 0.1, 0.2].map(|f| recall_at_fraction(s, &is_flipped, f).unwrap_or(f64::NAN)));
+        row.recall = Some(
+            [0.05, 0.1, 0.2].map(|f| recall_at_fraction(s, &is_flipped, f).unwrap_or(f64::NAN)),
+        );
     }
 
     // (c) deletion faithfulness.
@@ -275,7 +360,11 @@ fn evaluate(model: Model, opts: Opts) -> Result<(BTreeMap<String, Row>, Value)> 
     for name in DELETION_LENSES {
         let s = score_of(name).expect("lens computed");
         for &q in &points {
-            jobs.push((name.into(), q, rows_of(&ledger, &train, &top(s.row(q), opts.removed))));
+            jobs.push((
+                name.into(),
+                q,
+                rows_of(&ledger, &train, &top(s.row(q), opts.removed)),
+            ));
         }
     }
     let mut rrng = ChaCha8Rng::seed_from_u64(23);
@@ -289,9 +378,23 @@ fn evaluate(model: Model, opts: Opts) -> Result<(BTreeMap<String, Row>, Value)> 
     let t = Instant::now();
     let drops: Vec<(f64, f64)> = jobs
         .par_iter()
-        .map(|(_, q, removed)| deletion_drop(model, &train, &recipe, &eval.batch_x(&[*q]), pred[*q], bases[*q], removed))
+        .map(|(_, q, removed)| {
+            deletion_drop(
+                model,
+                &train,
+                &recipe,
+                &eval.batch_x(&[*q]),
+                pred[*q],
+                bases[*q],
+                removed,
+            )
+        })
         .collect::<Result<_>>()?;
-    println!("  {} deletion retrains in {:.1} s", jobs.len(), t.elapsed().as_secs_f64());
+    println!(
+        "  {} deletion retrains in {:.1} s",
+        jobs.len(),
+        t.elapsed().as_secs_f64()
+    );
     let mut by_lens: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
     for ((name, _, _), (m, p)) in jobs.iter().zip(drops) {
         let e = by_lens.entry(name.clone()).or_default();
@@ -310,12 +413,17 @@ fn evaluate(model: Model, opts: Opts) -> Result<(BTreeMap<String, Row>, Value)> 
 }
 
 fn print_table(model: Model, rows: &BTreeMap<String, Row>) {
-    println!("\n| {} lens | agreement@10 | mislabel AUC | flipped in top 5/10/20% | deletion margin drop | deletion prob drop | query s (top-10, all points) |", model.name());
+    println!(
+        "\n| {} lens | agreement@10 | mislabel AUC | flipped in top 5/10/20% | deletion margin drop | deletion prob drop | query s (top-10, all points) |",
+        model.name()
+    );
     println!("|---|---|---|---|---|---|---|");
     let f = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.3}"));
     let pm = |v: Option<(f64, f64)>| v.map_or("–".into(), |(m, s)| format!("{m:.3} ± {s:.3}"));
     for (name, r) in rows {
-        let recall = r.recall.map_or("–".into(), |r| format!("{:.2} / {:.2} / {:.2}", r[0], r[1], r[2]));
+        let recall = r.recall.map_or("–".into(), |r| {
+            format!("{:.2} / {:.2} / {:.2}", r[0], r[1], r[2])
+        });
         println!(
             "| {name} | {} | {} | {recall} | {} | {} | {} |",
             f(r.agreement),
@@ -352,9 +460,23 @@ fn to_json(rows: &BTreeMap<String, Row>, meta: Value) -> Value {
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let opts = if quick {
-        Opts { quick, points: 20, deletion_points: 2, validation_points: 2, epochs: 3, removed: 20 }
+        Opts {
+            quick,
+            points: 20,
+            deletion_points: 2,
+            validation_points: 2,
+            epochs: 3,
+            removed: 20,
+        }
     } else {
-        Opts { quick, points: 200, deletion_points: 30, validation_points: 10, epochs: 30, removed: 20 }
+        Opts {
+            quick,
+            points: 200,
+            deletion_points: 30,
+            validation_points: 10,
+            epochs: 30,
+            removed: 20,
+        }
     };
     let (mlp_rows, mlp_meta) = evaluate(Model::Mlp, opts)?;
     print_table(Model::Mlp, &mlp_rows);
@@ -363,11 +485,20 @@ fn main() -> Result<()> {
     let mut out = to_json(&mlp_rows, mlp_meta);
     out["cnn"] = to_json(&cnn_rows, cnn_meta);
     out["quick"] = json!(quick);
-    let dir = std::path::PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("evaluation");
-    std::fs::create_dir_all(&dir).map_err(|e| refinement_ledger::Error::Io { path: dir.display().to_string(), source: e })?;
+    let dir = std::path::PathBuf::from(
+        std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()),
+    )
+    .join("evaluation");
+    std::fs::create_dir_all(&dir).map_err(|e| refinement_ledger::Error::Io {
+        path: dir.display().to_string(),
+        source: e,
+    })?;
     let path = dir.join("digits.json");
     let text = serde_json::to_string_pretty(&out).expect("json values serialise");
-    std::fs::write(&path, text).map_err(|e| refinement_ledger::Error::Io { path: path.display().to_string(), source: e })?;
+    std::fs::write(&path, text).map_err(|e| refinement_ledger::Error::Io {
+        path: path.display().to_string(),
+        source: e,
+    })?;
     println!("\nwrote {}", path.display());
     Ok(())
 }

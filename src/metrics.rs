@@ -98,11 +98,23 @@ mod tests {
 
     #[test]
     fn auc_of_perfect_inverted_and_tied_rankings() {
-        assert_eq!(roc_auc(&[4.0, 3.0, 2.0, 1.0], &[true, true, false, false]), Some(1.0));
-        assert_eq!(roc_auc(&[1.0, 2.0, 3.0, 4.0], &[true, true, false, false]), Some(0.0));
-        assert_eq!(roc_auc(&[1.0, 1.0, 1.0, 1.0], &[true, false, true, false]), Some(0.5));
+        assert_eq!(
+            roc_auc(&[4.0, 3.0, 2.0, 1.0], &[true, true, false, false]),
+            Some(1.0)
+        );
+        assert_eq!(
+            roc_auc(&[1.0, 2.0, 3.0, 4.0], &[true, true, false, false]),
+            Some(0.0)
+        );
+        assert_eq!(
+            roc_auc(&[1.0, 1.0, 1.0, 1.0], &[true, false, true, false]),
+            Some(0.5)
+        );
         // One tie between a positive and a negative: (1 + 1 + 0.5 + 1) / 4.
-        assert_eq!(roc_auc(&[3.0, 2.0, 2.0, 1.0], &[true, true, false, false]), Some(0.875));
+        assert_eq!(
+            roc_auc(&[3.0, 2.0, 2.0, 1.0], &[true, true, false, false]),
+            Some(0.875)
+        );
         assert_eq!(roc_auc(&[1.0, 2.0], &[true, true]), None);
         assert_eq!(roc_auc(&[f64::NAN, 2.0], &[true, false]), None);
     }

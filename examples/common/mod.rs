@@ -5,7 +5,9 @@
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{SeedableRng, rngs::StdRng};
 use refinement_ledger::data::{Dataset, ShuffledSampler};
-use refinement_ledger::nn::{Conv2dConfig, DenseConfig, Flatten, Init, MaxPool2d, Relu, Sequential, softmax};
+use refinement_ledger::nn::{
+    Conv2dConfig, DenseConfig, Flatten, Init, MaxPool2d, Relu, Sequential, softmax,
+};
 use refinement_ledger::optim::{Sgd, SgdConfig};
 use refinement_ledger::{Batch, Ledger, Optimizer, OptimizerHook, Query, Result};
 
@@ -33,16 +35,32 @@ impl Model {
             Model::Mlp => Sequential::new()
                 .with(DenseConfig::new(64, 32).build("fc1", &mut rng)?)
                 .with(Relu::new())
-                .with(DenseConfig::new(32, 10).with_init(Init::Xavier).build("fc2", &mut rng)?),
+                .with(
+                    DenseConfig::new(32, 10)
+                        .with_init(Init::Xavier)
+                        .build("fc2", &mut rng)?,
+                ),
             Model::Cnn => Sequential::new()
-                .with(Conv2dConfig::new(1, 8, 3).with_padding(1).build("conv1", &mut rng)?)
+                .with(
+                    Conv2dConfig::new(1, 8, 3)
+                        .with_padding(1)
+                        .build("conv1", &mut rng)?,
+                )
                 .with(Relu::new())
                 .with(MaxPool2d::new(2)?)
-                .with(Conv2dConfig::new(8, 16, 3).with_padding(1).build("conv2", &mut rng)?)
+                .with(
+                    Conv2dConfig::new(8, 16, 3)
+                        .with_padding(1)
+                        .build("conv2", &mut rng)?,
+                )
                 .with(Relu::new())
                 .with(MaxPool2d::new(2)?)
                 .with(Flatten::new())
-                .with(DenseConfig::new(64, 10).with_init(Init::Xavier).build("fc", &mut rng)?),
+                .with(
+                    DenseConfig::new(64, 10)
+                        .with_init(Init::Xavier)
+                        .build("fc", &mut rng)?,
+                ),
         })
     }
 
@@ -68,8 +86,20 @@ pub struct Recipe {
 impl Recipe {
     pub fn for_model(model: Model, epochs: u64) -> Self {
         match model {
-            Model::Mlp => Recipe { epochs, batch: 32, lr: 0.05, momentum: 0.9, seed: 11 },
-            Model::Cnn => Recipe { epochs, batch: 32, lr: 0.05, momentum: 0.9, seed: 11 },
+            Model::Mlp => Recipe {
+                epochs,
+                batch: 32,
+                lr: 0.05,
+                momentum: 0.9,
+                seed: 11,
+            },
+            Model::Cnn => Recipe {
+                epochs,
+                batch: 32,
+                lr: 0.05,
+                momentum: 0.9,
+                seed: 11,
+            },
         }
     }
 
@@ -116,7 +146,11 @@ pub fn train<O: Optimizer>(
                     h.step(&mut net.traceables_mut(), &Batch::new(&ids, &labels))?;
                 }
                 (None, Some(o)) => {
-                    let mut params: Vec<_> = net.traceables_mut().into_iter().flat_map(|l| l.params_mut()).collect();
+                    let mut params: Vec<_> = net
+                        .traceables_mut()
+                        .into_iter()
+                        .flat_map(|l| l.params_mut())
+                        .collect();
                     o.step(&mut params)?;
                 }
                 (None, None) => unreachable!("a hook or an optimizer"),
@@ -135,7 +169,13 @@ pub fn train<O: Optimizer>(
 }
 
 /// Trains traced; returns the ledger.
-pub fn train_traced(net: &mut Sequential<f32>, data: &Dataset<f32>, recipe: &Recipe, quiet: bool, label: &str) -> Result<Ledger<f32>> {
+pub fn train_traced(
+    net: &mut Sequential<f32>,
+    data: &Dataset<f32>,
+    recipe: &Recipe,
+    quiet: bool,
+    label: &str,
+) -> Result<Ledger<f32>> {
     let steps = recipe.epochs * data.len().div_ceil(recipe.batch) as u64;
     let bar = progress(steps, label, quiet);
     let mut hook = OptimizerHook::new(recipe.sgd()?, &net.traceables())?;
@@ -144,30 +184,58 @@ pub fn train_traced(net: &mut Sequential<f32>, data: &Dataset<f32>, recipe: &Rec
 }
 
 /// Trains without tracing (for deletion retraining).
-pub fn train_bare(net: &mut Sequential<f32>, data: &Dataset<f32>, recipe: &Recipe, removed: &[usize]) -> Result<()> {
+pub fn train_bare(
+    net: &mut Sequential<f32>,
+    data: &Dataset<f32>,
+    recipe: &Recipe,
+    removed: &[usize],
+) -> Result<()> {
     let mut sgd = recipe.sgd()?;
-    train::<Sgd<f32>>(net, data, recipe, removed, None, Some(&mut sgd), &ProgressBar::hidden())
+    train::<Sgd<f32>>(
+        net,
+        data,
+        recipe,
+        removed,
+        None,
+        Some(&mut sgd),
+        &ProgressBar::hidden(),
+    )
 }
 
 /// Fraction of `data` classified correctly.
 pub fn accuracy(net: &mut Sequential<f32>, data: &Dataset<f32>) -> Result<f64> {
     let pred = net.predict(data.x().view())?;
-    Ok(pred.iter().zip(data.labels()).filter(|(p, y)| p == y).count() as f64 / data.len() as f64)
+    Ok(pred
+        .iter()
+        .zip(data.labels())
+        .filter(|(p, y)| p == y)
+        .count() as f64
+        / data.len() as f64)
 }
 
 /// Predicted class probabilities `[n, classes]`.
-pub fn probabilities(net: &mut Sequential<f32>, x: &ndarray::ArrayD<f32>) -> Result<ndarray::Array2<f32>> {
+pub fn probabilities(
+    net: &mut Sequential<f32>,
+    x: &ndarray::ArrayD<f32>,
+) -> Result<ndarray::Array2<f32>> {
     Ok(softmax(net.logits(x.view())?.view()))
 }
 
 /// The representation query of rows `x`.
-pub fn representation_query(net: &mut Sequential<f32>, x: &ndarray::ArrayD<f32>) -> Result<Query<f32>> {
+pub fn representation_query(
+    net: &mut Sequential<f32>,
+    x: &ndarray::ArrayD<f32>,
+) -> Result<Query<f32>> {
     net.forward(x.view())?;
     Query::from_layers(&net.traceables())
 }
 
 /// The loss-lens query of rows `x` against `targets` (per-example gradients).
-pub fn gradient_query(net: &mut Sequential<f32>, x: &ndarray::ArrayD<f32>, targets: &[usize]) -> Result<Query<f32>> {
+pub fn gradient_query(
+    net: &mut Sequential<f32>,
+    x: &ndarray::ArrayD<f32>,
+    targets: &[usize],
+) -> Result<Query<f32>> {
     net.loss_gradients(x.view(), targets)?;
     Query::with_gradients(&net.traceables())
 }
@@ -179,7 +247,9 @@ pub fn text_art(pixels: &[f32]) -> Vec<String> {
         .chunks(8)
         .map(|row| {
             row.iter()
-                .map(|&v| RAMP[((v.clamp(0.0, 1.0) * (RAMP.len() - 1) as f32).round()) as usize] as char)
+                .map(|&v| {
+                    RAMP[((v.clamp(0.0, 1.0) * (RAMP.len() - 1) as f32).round()) as usize] as char
+                })
                 .flat_map(|c| [c, c])
                 .collect()
         })

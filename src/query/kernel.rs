@@ -103,7 +103,41 @@ pub(crate) struct Materialized {
 /// Target bytes of one chunk's contribution block.
 const CHUNK_BYTES: usize = 16 << 20;
 
-/// Contributions of sources `[0, n_src)` of layer `l`, summed over `segments`.
+/// Every source's dense accounts of layer `l` summed over `segments`:
+/// `(sources, [n, fan_out·aug_in])`, sources ascending.
+pub(crate) fn combined_dense<F: Float>(
+    segments: &[&Segment<F>],
+    l: usize,
+) -> (Vec<u32>, Array2<f64>) {
+    let acc0 = &segments[0].layers[l];
+    let size = acc0.fan_out * acc0.aug_in;
+    let mut sources: Vec<u32> = segments
+        .iter()
+        .flat_map(|s| s.layers[l].dense_source.iter().copied())
+        .collect();
+    sources.sort_unstable();
+    sources.dedup();
+    let mut out = Array2::<f64>::zeros((sources.len(), size));
+    for seg in segments {
+        let acc = &seg.layers[l];
+        for (k, &src) in acc.dense_source.iter().enumerate() {
+            let row = sources
+                .binary_search(&src)
+                .expect("invariant: source collected");
+            let mut dst = out.row_mut(row);
+            dst += &ndarray::ArrayView1::from(&acc.dense[k * size..(k + 1) * size]);
+        }
+    }
+    (sources, out)
+}
+
+/// `⟨c_s, t⟩` and `‖c_s‖²` for every source of layer `l` over all `segments`,
+/// and `Σ_s c_s`.
+///
+/// The dot products take the fast path ([`dots`]). Norms of sources held only
+/// as dense accounts use `‖G Ãᵀ‖² = ⟨GᵀG, ÃᵀÃ⟩` when `aug_in² < fan_out·n_q·P`
+/// (convolutions); every other source's contribution is materialised, a chunk
+/// of sources at a time.
 pub(crate) fn materialize<F: Float>(
     segments: &[Segment<F>],
     l: usize,
@@ -111,39 +145,93 @@ pub(crate) fn materialize<F: Float>(
     input: &LayerInput<F>,
 ) -> Materialized {
     let width = input.n_q * input.positions;
-    let fan_out = input.target.ncols();
-    let per_source = (width * fan_out * 8).max(1);
-    let chunk = (CHUNK_BYTES / per_source).clamp(1, n_src.max(1));
-    let starts: Vec<usize> = (0..n_src).step_by(chunk).collect();
-    let parts: Vec<(Array2<f64>, Array2<f64>, Array2<f64>)> = starts
+    let (fan_out, aug_in) = (input.target.ncols(), input.a64.ncols());
+    let parts: Vec<_> = segments.iter().map(|s| (s, input)).collect();
+    let dot = dots(&parts, l, n_src, input.n_q);
+    let mut total_account = Array2::<f64>::zeros((fan_out, aug_in));
+    let mut has_rows = vec![false; n_src];
+    for seg in segments {
+        total_account += &seg.layers[l].total(&seg.coef);
+        for &s in &seg.layers[l].row_source {
+            has_rows[s as usize] = true;
+        }
+    }
+    let gram = aug_in * aug_in < fan_out * width;
+    let needs_material = |s: usize| has_rows[s] || !gram;
+    let mut norm2 = Array2::<f64>::zeros((n_src, input.n_q));
+
+    // Materialised sources, in contiguous chunks that hold at least one of them.
+    let chunk = (CHUNK_BYTES / (width * fan_out * 8).max(1)).clamp(1, n_src.max(1));
+    let starts: Vec<usize> = (0..n_src)
+        .step_by(chunk)
+        .filter(|&s0| (s0..(s0 + chunk).min(n_src)).any(needs_material))
+        .collect();
+    let parts: Vec<Array2<f64>> = starts
         .par_iter()
         .map(|&s0| {
             let s1 = (s0 + chunk).min(n_src);
             let c = chunk_contributions(segments, l, s0, s1, input);
-            let mut dot = Array2::zeros((s1 - s0, input.n_q));
-            let mut norm2 = Array2::zeros((s1 - s0, input.n_q));
-            let mut total = Array2::zeros((width, fan_out));
+            let mut n2 = Array2::zeros((s1 - s0, input.n_q));
             for (m, cs) in c.axis_iter(Axis(0)).enumerate() {
-                dot.row_mut(m)
-                    .assign(&input.per_query_dot(cs, input.target.view()));
-                norm2.row_mut(m).assign(&input.per_query_dot(cs, cs));
-                total += &cs;
+                if needs_material(s0 + m) {
+                    n2.row_mut(m).assign(&input.per_query_dot(cs, cs));
+                }
             }
-            (dot, norm2, total)
+            n2
         })
         .collect();
-    let mut out = Materialized {
-        dot: Array2::zeros((n_src, input.n_q)),
-        norm2: Array2::zeros((n_src, input.n_q)),
-        total: Array2::zeros((width, fan_out)),
-    };
-    for (&s0, (dot, norm2, total)) in starts.iter().zip(parts) {
-        let s1 = s0 + dot.nrows();
-        out.dot.slice_mut(s![s0..s1, ..]).assign(&dot);
-        out.norm2.slice_mut(s![s0..s1, ..]).assign(&norm2);
-        out.total += &total;
+    for (&s0, n2) in starts.iter().zip(parts) {
+        for (m, row) in n2.rows().into_iter().enumerate() {
+            if needs_material(s0 + m) {
+                norm2.row_mut(s0 + m).assign(&row);
+            }
+        }
     }
-    out
+
+    // Dense-only sources by their Gram matrices GᵀG against the queries' ÃᵀÃ.
+    if gram {
+        let refs: Vec<&Segment<F>> = segments.iter().collect();
+        let (sources, dense) = combined_dense(&refs, l);
+        let keep: Vec<usize> = (0..sources.len())
+            .filter(|&k| !has_rows[sources[k] as usize])
+            .collect();
+        if !keep.is_empty() {
+            let mut m = Array2::<f64>::zeros((input.n_q, aug_in * aug_in));
+            for q in 0..input.n_q {
+                let a = input
+                    .a64
+                    .slice(s![q * input.positions..(q + 1) * input.positions, ..]);
+                let ata = a.t().dot(&a);
+                m.row_mut(q).assign(&ndarray::ArrayView1::from(
+                    ata.as_slice().expect("invariant: standard layout"),
+                ));
+            }
+            let h_rows: Vec<Array1<f64>> = keep
+                .par_iter()
+                .map(|&k| {
+                    let g = dense
+                        .row(k)
+                        .into_shape_with_order((fan_out, aug_in))
+                        .expect("invariant: dense row");
+                    let h = g.t().dot(&g);
+                    Array1::from_iter(h.iter().copied())
+                })
+                .collect();
+            let mut h = Array2::<f64>::zeros((keep.len(), aug_in * aug_in));
+            for (i, r) in h_rows.iter().enumerate() {
+                h.row_mut(i).assign(r);
+            }
+            let n2 = h.dot(&m.t()); // [keep, n_q]
+            for (i, &k) in keep.iter().enumerate() {
+                norm2.row_mut(sources[k] as usize).assign(&n2.row(i));
+            }
+        }
+    }
+    Materialized {
+        dot,
+        norm2,
+        total: input.apply(total_account.view()),
+    }
 }
 
 /// `c_s` for sources `[s0, s1)`: `[s1 − s0, n_q·P, fan_out]`.
@@ -217,6 +305,7 @@ pub(crate) fn dots<F: Float>(
     n_q: usize,
 ) -> Array2<f64> {
     let mut out = Array2::<f64>::zeros((n_src, n_q));
+    let shared = parts.len() > 1 && parts.iter().all(|(_, i)| std::ptr::eq(*i, parts[0].1));
     for &(seg, input) in parts {
         let acc = &seg.layers[l];
         let tf = input.target.mapv(F::narrow);
@@ -248,19 +337,36 @@ pub(crate) fn dots<F: Float>(
                 out.row_mut(s).scaled_add(1.0, &row);
             }
         }
-        if acc.n_slots() > 0 {
-            let q_mats = query_matrices(input);
-            let (fan_out, aug_in) = (acc.fan_out, acc.aug_in);
-            let stack = ArrayView2::from_shape((acc.n_slots(), fan_out * aug_in), &acc.dense)
-                .expect("invariant: slots hold fan_out × aug_in values");
-            let prod = stack.dot(&q_mats.t()); // [slots, n_q]
-            for (k, row) in prod.rows().into_iter().enumerate() {
-                out.row_mut(acc.dense_source[k] as usize)
-                    .scaled_add(1.0, &row);
-            }
+        if !shared && acc.n_slots() > 0 {
+            let stack =
+                ArrayView2::from_shape((acc.n_slots(), acc.fan_out * acc.aug_in), &acc.dense)
+                    .expect("invariant: slots hold fan_out × aug_in values");
+            dense_dots(&mut out, &acc.dense_source, stack, input);
+        }
+    }
+    if shared {
+        // One input for every segment: sum the dense accounts first (query-independent).
+        let refs: Vec<&Segment<F>> = parts.iter().map(|(s, _)| *s).collect();
+        let (sources, dense) = combined_dense(&refs, l);
+        if !sources.is_empty() {
+            dense_dots(&mut out, &sources, dense.view(), parts[0].1);
         }
     }
     out
+}
+
+/// Adds `⟨G_k, Q_q⟩` of dense accounts `stack [k, fan_out·aug_in]` to `out[sources[k]]`.
+fn dense_dots<F: Float>(
+    out: &mut Array2<f64>,
+    sources: &[u32],
+    stack: ArrayView2<'_, f64>,
+    input: &LayerInput<F>,
+) {
+    let q_mats = query_matrices(input);
+    let prod = stack.dot(&q_mats.t()); // [k, n_q]
+    for (k, row) in prod.rows().into_iter().enumerate() {
+        out.row_mut(sources[k] as usize).scaled_add(1.0, &row);
+    }
 }
 
 /// `Q_q = Σ_p t_{q,p} ã_{q,p}ᵀ`, flattened: `[n_q, fan_out·aug_in]`.

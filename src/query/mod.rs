@@ -363,12 +363,25 @@ impl Explanation<'_> {
         bandwidth: f64,
     ) -> Result<ClassDistributions> {
         const OP: &str = "Explanation::class_distributions";
-        let le = self.layers.get(layer).ok_or(Error::IndexOutOfRange { op: OP, what: "layer", index: layer, len: self.layers.len() })?;
+        let le = self.layers.get(layer).ok_or(Error::IndexOutOfRange {
+            op: OP,
+            what: "layer",
+            index: layer,
+            len: self.layers.len(),
+        })?;
         if q >= le.dot.nrows() {
-            return Err(Error::IndexOutOfRange { op: OP, what: "query", index: q, len: le.dot.nrows() });
+            return Err(Error::IndexOutOfRange {
+                op: OP,
+                what: "query",
+                index: q,
+                len: le.dot.nrows(),
+            });
         }
         if !(bandwidth.is_finite() && bandwidth > 0.0) {
-            return Err(Error::InvalidConfig { what: "bandwidth", reason: format!("must be finite and > 0, found {bandwidth}") });
+            return Err(Error::InvalidConfig {
+                what: "bandwidth",
+                reason: format!("must be finite and > 0, found {bandwidth}"),
+            });
         }
         let cos = le.score(Lens::Cos);
         let grid: Vec<f64> = (0..101).map(|i| -1.0 + 2.0 * i as f64 / 100.0).collect();
@@ -378,7 +391,9 @@ impl Explanation<'_> {
         for (s, meta) in self.sources.iter().enumerate() {
             let w = le.norm[[q, s]];
             total += w;
-            let Some(c) = meta.label.filter(|&c| c < n_classes) else { continue };
+            let Some(c) = meta.label.filter(|&c| c < n_classes) else {
+                continue;
+            };
             weight[c] += w;
             let x = cos[[q, s]];
             for (g, d) in grid.iter().zip(density[c].iter_mut()) {
@@ -386,12 +401,20 @@ impl Explanation<'_> {
                 *d += w * (-0.5 * z * z).exp();
             }
         }
-        let norm = if total > 0.0 { 1.0 / (total * bandwidth * (2.0 * std::f64::consts::PI).sqrt()) } else { 0.0 };
+        let norm = if total > 0.0 {
+            1.0 / (total * bandwidth * (2.0 * std::f64::consts::PI).sqrt())
+        } else {
+            0.0
+        };
         for (row, w) in density.iter_mut().zip(weight.iter_mut()) {
             row.iter_mut().for_each(|d| *d *= norm);
             *w = if total > 0.0 { *w / total } else { 0.0 };
         }
-        Ok(ClassDistributions { grid, density, weight })
+        Ok(ClassDistributions {
+            grid,
+            density,
+            weight,
+        })
     }
 }
 

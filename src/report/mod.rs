@@ -16,7 +16,10 @@ fn plot_err(what: &'static str) -> impl Fn(String) -> Error {
 
 /// Escapes text for HTML.
 pub fn escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// The paper's ridge plot: one row per class, the `norm`-weighted density of
@@ -24,16 +27,29 @@ pub fn escape(text: &str) -> String {
 ///
 /// # Errors
 /// [`Error::Report`] if plotting fails; [`Error::Empty`] without classes.
-pub fn ridge_plot(title: &str, dist: &ClassDistributions, highlight: Option<usize>) -> Result<String> {
+pub fn ridge_plot(
+    title: &str,
+    dist: &ClassDistributions,
+    highlight: Option<usize>,
+) -> Result<String> {
     let n = dist.density.len();
     if n == 0 {
-        return Err(Error::Empty { op: "ridge_plot", what: "class distributions" });
+        return Err(Error::Empty {
+            op: "ridge_plot",
+            what: "class distributions",
+        });
     }
-    let peak = dist.density.iter().flatten().fold(0.0f64, |m, &v| m.max(v)).max(1e-12);
+    let peak = dist
+        .density
+        .iter()
+        .flatten()
+        .fold(0.0f64, |m, &v| m.max(v))
+        .max(1e-12);
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (420, 40 + 34 * n as u32)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| plot_err("ridge plot")(e.to_string()))?;
+        root.fill(&WHITE)
+            .map_err(|e| plot_err("ridge plot")(e.to_string()))?;
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 15))
             .margin(8)
@@ -48,16 +64,28 @@ pub fn ridge_plot(title: &str, dist: &ClassDistributions, highlight: Option<usiz
             .y_labels(n + 1)
             .y_label_formatter(&|y| {
                 let c = y.round() as usize;
-                if (y - y.round()).abs() < 1e-6 && c < n { format!("class {}", n - 1 - c) } else { String::new() }
+                if (y - y.round()).abs() < 1e-6 && c < n {
+                    format!("class {}", n - 1 - c)
+                } else {
+                    String::new()
+                }
             })
             .draw()
             .map_err(|e| plot_err("ridge plot")(e.to_string()))?;
         for (c, dens) in dist.density.iter().enumerate() {
             let base = (n - 1 - c) as f64;
             let hot = highlight == Some(c);
-            let colour = if hot { RGBColor(214, 69, 65) } else { RGBColor(90, 110, 140) };
-            let pts: Vec<(f64, f64)> =
-                dist.grid.iter().zip(dens).map(|(&x, &d)| (x, base + 1.6 * d / peak)).collect();
+            let colour = if hot {
+                RGBColor(214, 69, 65)
+            } else {
+                RGBColor(90, 110, 140)
+            };
+            let pts: Vec<(f64, f64)> = dist
+                .grid
+                .iter()
+                .zip(dens)
+                .map(|(&x, &d)| (x, base + 1.6 * d / peak))
+                .collect();
             chart
                 .draw_series(
                     AreaSeries::new(pts, base, colour.mix(if hot { 0.55 } else { 0.3 }))
@@ -65,7 +93,8 @@ pub fn ridge_plot(title: &str, dist: &ClassDistributions, highlight: Option<usiz
                 )
                 .map_err(|e| plot_err("ridge plot")(e.to_string()))?;
         }
-        root.present().map_err(|e| plot_err("ridge plot")(e.to_string()))?;
+        root.present()
+            .map_err(|e| plot_err("ridge plot")(e.to_string()))?;
     }
     Ok(svg)
 }
@@ -76,7 +105,10 @@ pub fn ridge_plot(title: &str, dist: &ClassDistributions, highlight: Option<usiz
 /// [`Error::Report`] if plotting fails; [`Error::Empty`] without values.
 pub fn bar_chart(title: &str, values: &[f64], highlight: Option<usize>) -> Result<String> {
     if values.is_empty() {
-        return Err(Error::Empty { op: "bar_chart", what: "values" });
+        return Err(Error::Empty {
+            op: "bar_chart",
+            what: "values",
+        });
     }
     let lo = values.iter().fold(0.0f64, |m, &v| m.min(v));
     let hi = values.iter().fold(0.0f64, |m, &v| m.max(v)).max(lo + 1e-9);
@@ -84,7 +116,8 @@ pub fn bar_chart(title: &str, values: &[f64], highlight: Option<usize>) -> Resul
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (360, 220)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| plot_err("bar chart")(e.to_string()))?;
+        root.fill(&WHITE)
+            .map_err(|e| plot_err("bar chart")(e.to_string()))?;
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 15))
             .margin(8)
@@ -102,11 +135,19 @@ pub fn bar_chart(title: &str, values: &[f64], highlight: Option<usize>) -> Resul
             .map_err(|e| plot_err("bar chart")(e.to_string()))?;
         chart
             .draw_series(values.iter().enumerate().map(|(c, &v)| {
-                let colour = if highlight == Some(c) { RGBColor(214, 69, 65) } else { RGBColor(90, 110, 140) };
-                Rectangle::new([(c as f64 - 0.38, 0.0), (c as f64 + 0.38, v)], colour.filled())
+                let colour = if highlight == Some(c) {
+                    RGBColor(214, 69, 65)
+                } else {
+                    RGBColor(90, 110, 140)
+                };
+                Rectangle::new(
+                    [(c as f64 - 0.38, 0.0), (c as f64 + 0.38, v)],
+                    colour.filled(),
+                )
             }))
             .map_err(|e| plot_err("bar chart")(e.to_string()))?;
-        root.present().map_err(|e| plot_err("bar chart")(e.to_string()))?;
+        root.present()
+            .map_err(|e| plot_err("bar chart")(e.to_string()))?;
     }
     Ok(svg)
 }
@@ -137,10 +178,17 @@ pub fn png_data_uri(pixels: &[f32], width: usize, height: usize, scale: usize) -
         let mut enc = png::Encoder::new(&mut bytes, w as u32, h as u32);
         enc.set_color(png::ColorType::Grayscale);
         enc.set_depth(png::BitDepth::Eight);
-        let mut writer = enc.write_header().map_err(|e| plot_err("png")(e.to_string()))?;
-        writer.write_image_data(&data).map_err(|e| plot_err("png")(e.to_string()))?;
+        let mut writer = enc
+            .write_header()
+            .map_err(|e| plot_err("png")(e.to_string()))?;
+        writer
+            .write_image_data(&data)
+            .map_err(|e| plot_err("png")(e.to_string()))?;
     }
-    Ok(format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes)))
+    Ok(format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    ))
 }
 
 /// One captioned image in a grid.
@@ -172,7 +220,10 @@ pub struct HtmlReport {
 impl HtmlReport {
     /// An empty page titled `title`.
     pub fn new(title: &str) -> Self {
-        Self { title: title.to_string(), body: String::new() }
+        Self {
+            title: title.to_string(),
+            body: String::new(),
+        }
     }
 
     /// A section heading.
@@ -208,7 +259,11 @@ impl HtmlReport {
 
     /// A captioned grid of images.
     pub fn image_grid(&mut self, caption: &str, thumbs: &[Thumb]) {
-        let _ = writeln!(self.body, "<figure><figcaption>{}</figcaption><div class=\"grid\">", escape(caption));
+        let _ = writeln!(
+            self.body,
+            "<figure><figcaption>{}</figcaption><div class=\"grid\">",
+            escape(caption)
+        );
         for t in thumbs {
             let _ = writeln!(
                 self.body,
@@ -244,8 +299,14 @@ impl HtmlReport {
     /// [`Error::Io`] when the folder or file cannot be written.
     pub fn write(&self, path: &Path) -> Result<()> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.display().to_string(), source: e })?;
+            std::fs::create_dir_all(dir).map_err(|e| Error::Io {
+                path: dir.display().to_string(),
+                source: e,
+            })?;
         }
-        std::fs::write(path, self.to_html()).map_err(|e| Error::Io { path: path.display().to_string(), source: e })
+        std::fs::write(path, self.to_html()).map_err(|e| Error::Io {
+            path: path.display().to_string(),
+            source: e,
+        })
     }
 }
