@@ -19,8 +19,14 @@ use refinement_ledger::{
     Batch, Credit, HookConfig, Influence, LayerSel, Ledger, Lens, OptimizerHook, Result, SourceId,
 };
 
-/// The ridge lens's `c`, chosen on held-out validation points by `examples/evaluate.rs`.
-const RIDGE_C: f64 = 1e-3;
+/// The ridge lens's `c` per model, chosen on held-out validation points by
+/// `examples/evaluate.rs` (MLP 1.0, CNN 0.3).
+fn ridge_c(model: Model) -> f64 {
+    match model {
+        Model::Mlp => 1.0,
+        Model::Cnn => 0.3,
+    }
+}
 /// Test digits explained (indices into the test split).
 const EXPLAINED: [usize; 4] = [0, 37, 101, 222];
 
@@ -106,7 +112,7 @@ fn explain_model(
     let tops = ledger.top_k_influences(&query, Lens::Influence, 5)?;
     let attribution = ledger.class_attribution(&query, None)?;
     let gq = gradient_query(net, picked.x(), &pred)?;
-    let ridge = RidgeLens::fit(ledger, RIDGE_C)?.scores(ledger, &gq)?;
+    let ridge = RidgeLens::fit(ledger, ridge_c(model))?.scores(ledger, &gq)?;
     let cos_last = ledger.scores(
         &query,
         Lens::Cos,

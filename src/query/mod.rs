@@ -43,19 +43,27 @@ pub enum Lens {
     Dot,
     /// `‖c‖`.
     Norm,
-    /// `⟨c, r⟩ / (‖c‖ ‖r‖)`: representativeness; use it at the last layer for
-    /// "which training examples does this look like?".
+    /// `⟨c, r⟩ / (‖c‖ ‖r‖)`: representativeness — "which training examples does
+    /// this look like?" without gradients; use it at the last layer (digits:
+    /// agreement@10 0.86 MLP / 0.88 CNN; earlier layers much lower).
     Cos,
-    /// `⟨c, r⟩ / ‖r‖`: the paper's ranking of influential examples.
+    /// `⟨c, r⟩ / ‖r‖`: the paper's ranking of influential examples. Weak on its
+    /// own (digits: agreement@10 0.55; deletion drop far below the ridge lens).
     Influence,
-    /// `⟨c, r⟩ / ‖r‖²`: the paper's share of the refinement (sums to 1 with the residual).
+    /// `⟨c, r⟩ / ‖r‖²`: the paper's share of the refinement (sums to 1 with the
+    /// residual); summed per class it is the class attribution. As a self-score it
+    /// ranks mislabelled examples in reverse (digits: AUC 0.17 MLP).
     Share,
     /// `−⟨G, ∇_W ℓ(x)⟩` with the gradient at the query's own parameters: the
     /// exact TracIn sum over every step. Needs a query built with
-    /// [`Query::with_gradients`].
+    /// [`Query::with_gradients`]. With a segment per epoch
+    /// ([`Ledger::loss_scores_by_segment`], or the midpoint variant) it answers
+    /// "which examples does this look like?" best (digits: agreement@10 0.97–0.98)
+    /// and its self-score finds mislabelled examples (ROC AUC 0.995 MLP, 0.998 CNN).
     Loss,
     /// `c_s[ŷ] − c_s[runner-up]` at the last traced layer, which must output the
-    /// logits: how much a source's updates widened the query's winning margin.
+    /// logits: how much a source's updates widened the query's winning margin
+    /// (digits: deletion drop 1.8 / 2.4, below the ridge lens's 4.1 / 3.6).
     Margin,
 }
 
@@ -570,9 +578,15 @@ impl<F: Float> Ledger<F> {
     /// See the crate-level example.
     pub fn explain(&self, query: &Query<F>) -> Result<Explanation<'_>> {
         self.check_query(query, "Ledger::explain")?;
+        Ok(self.explain_layers(query, &(0..self.layers.len()).collect::<Vec<_>>()))
+    }
+
+    /// [`explain`](Self::explain) restricted to the layers `selected`.
+    fn explain_layers(&self, query: &Query<F>, selected: &[usize]) -> Explanation<'_> {
         let n_src = self.sources.len();
-        let layers = (0..self.layers.len())
-            .map(|l| {
+        let layers = selected
+            .iter()
+            .map(|&l| {
                 let (input, r) = self.representation_input(query, l);
                 let m = materialize(&self.segments, l, n_src, &input);
                 let mut residual = Array2::zeros(self.initial[l].raw_dim());
@@ -597,10 +611,10 @@ impl<F: Float> Ledger<F> {
                 }
             })
             .collect();
-        Ok(Explanation {
+        Explanation {
             layers,
             sources: &self.sources,
-        })
+        }
     }
 
     /// Scores `[n_queries, n_sources]` under `lens` for the chosen layers.
@@ -627,7 +641,14 @@ impl<F: Float> Ledger<F> {
                     .as_standard_layout()
                     .into_owned())
             }
-            Lens::Norm | Lens::Cos => self.explain(query)?.scores(lens, layers),
+            Lens::Norm | Lens::Cos => {
+                let sel = if selected.len() == 1 {
+                    LayerSel::Layer(0)
+                } else {
+                    LayerSel::All
+                };
+                self.explain_layers(query, &selected).scores(lens, sel)
+            }
             _ => {
                 let per_layer: Vec<LayerExplanation> = selected
                     .iter()

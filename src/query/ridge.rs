@@ -25,12 +25,25 @@ use crate::{Error, Float, LayerSel, Ledger, Lens, Query, Result};
 /// A factored ridge system for one ledger, reused across queries.
 ///
 /// # Example
-/// ```no_run
-/// # fn demo(ledger: &refinement_ledger::Ledger<f32>, query: &refinement_ledger::Query<f32>) -> refinement_ledger::Result<()> {
-/// use refinement_ledger::query::RidgeLens;
-/// let ridge = RidgeLens::fit(ledger, 1e-3)?;   // K = L Lᵀ, λ = 1e-3 · trace(K) / N
-/// let alpha = ridge.scores(ledger, query)?;     // query built with Query::with_gradients
-/// # Ok(()) }
+/// ```
+/// use ndarray::array;
+/// use rand::{SeedableRng, rngs::StdRng};
+/// use refinement_ledger::nn::{DenseConfig, Sequential};
+/// use refinement_ledger::{Batch, ExampleId, OptimizerHook, Query, optim::SgdConfig, query::RidgeLens};
+/// let mut rng = StdRng::seed_from_u64(0);
+/// let mut net = Sequential::<f64>::new().with(DenseConfig::new(2, 2).build("fc", &mut rng)?);
+/// let mut hook = OptimizerHook::new(SgdConfig::new(0.1).build()?, &net.traceables())?;
+/// let x = array![[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]].into_dyn();
+/// for _ in 0..10 {
+///     net.train_batch(x.view(), &[0, 1, 1])?;
+///     hook.step(&mut net.traceables_mut(), &Batch::new(&[ExampleId(0), ExampleId(1), ExampleId(2)], &[0, 1, 1]))?;
+/// }
+/// let ledger = hook.finish();
+/// let ridge = RidgeLens::fit(&ledger, 0.1)?;          // K = L Lᵀ, λ = 0.1 · trace(K) / N
+/// net.loss_gradients(array![[0.9, 0.1]].into_dyn().view(), &[0])?;
+/// let alpha = ridge.scores(&ledger, &Query::with_gradients(&net.traceables())?)?;
+/// assert_eq!(alpha.shape(), &[1, 3]);
+/// # Ok::<(), refinement_ledger::Error>(())
 /// ```
 #[derive(Clone, Debug)]
 pub struct RidgeLens {
