@@ -23,7 +23,7 @@ use ndarray::{Array2, ArrayView3, Axis, s};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{check_finite, shape_str};
-use crate::ledger::{Accounts, Segment, read_params};
+use crate::ledger::{Rows, Segment, read_params};
 use crate::{
     Error, ExampleId, Float, Ledger, LinearRule, Optimizer, ParamMut, Result, SourceId, Traceable,
 };
@@ -303,38 +303,21 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
                 what: "current segment",
             });
         }
-        let n_layers = self.ledger.layers.len();
-        let mut next = Segment {
-            end: self.ledger.segments[seg].end.clone(),
-            coef: Vec::with_capacity(self.pending.len()),
-            layers: self
-                .ledger
-                .layers
-                .iter()
-                .map(|m| Accounts::new(m.shape.aug_in(), m.shape.fan_out))
-                .collect(),
-            n_steps: 0,
-        };
+        // Pending groups are a contiguous suffix of the groups; the new segment
+        // weights them from zero on, their rows stay where they are.
+        let first = self.pending.front().map_or(self.ledger.n_groups, |p| p.group);
+        debug_assert!(self.pending.iter().zip(first..).all(|(p, g)| p.group == g));
+        let mut next = Segment::new(self.ledger.segments[seg].end.clone(), first, &self.ledger.layers);
+        next.coef = vec![0.0; (self.ledger.n_groups - first) as usize];
         let old = &mut self.ledger.segments[seg];
-        for p in &mut self.pending {
-            let group = next.coef.len() as u32;
-            next.coef.push(0.0);
-            for l in 0..n_layers {
-                let (r0, r1) = p.rows[l];
-                let start = next.layers[l].n_rows();
-                for j in r0..r1 {
-                    next.layers[l].copy_row_from(&old.layers[l], j, group);
-                }
-                p.rows[l] = (start, next.layers[l].n_rows());
-            }
-            let k = old.coef[p.group as usize];
+        for p in &self.pending {
+            let k = old.coef_of(p.group);
             for (l, s, g) in &p.dense {
-                old.layers[*l].add_dense(*s, g.mapv(F::widen).view(), k);
+                old.layers[*l].add(*s, g.mapv(F::widen).view(), k);
             }
-            p.group = group;
         }
         for acc in &mut old.layers {
-            acc.compact(&old.coef);
+            acc.sort();
         }
         self.ledger.segments.push(next);
         Ok(())
@@ -353,21 +336,16 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
         self.ledger
     }
 
-    /// Books pending dense terms with their coefficient so far, and compacts the open segment.
+    /// Books pending dense terms with their coefficient so far, and compacts the ledger.
     fn flush(pending: &VecDeque<Pending<F>>, ledger: &mut Ledger<F>) {
-        let seg = ledger
-            .segments
-            .last_mut()
-            .expect("invariant: at least one segment");
+        let seg = ledger.segments.last_mut().expect("invariant: at least one segment");
         for p in pending {
-            let k = seg.coef[p.group as usize];
+            let k = seg.coef_of(p.group);
             for (l, s, g) in &p.dense {
-                seg.layers[*l].add_dense(*s, g.mapv(F::widen).view(), k);
+                seg.layers[*l].add(*s, g.mapv(F::widen).view(), k);
             }
         }
-        for acc in &mut seg.layers {
-            acc.compact(&seg.coef);
-        }
+        ledger.compact();
     }
 
     fn check_batch(&self, batch: &Batch<'_>) -> Result<()> {
@@ -483,7 +461,7 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             .last_mut()
             .expect("invariant: at least one segment");
         for (l, (b, a)) in before.iter().zip(after).enumerate() {
-            segment.layers[l].add_dense(s, (a - b).view(), 1.0);
+            segment.layers[l].add(s, (a - b).view(), 1.0);
         }
         Ok(())
     }
@@ -515,8 +493,10 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
         };
         let (mu, lr, entry) = (rule.momentum, rule.lr, rule.entry_weight());
         let seg_idx = self.ledger.segments.len() - 1;
+        let group = self.ledger.n_groups;
+        self.ledger.n_groups += 1;
         let segment = &mut self.ledger.segments[seg_idx];
-        let group = segment.coef.len() as u32;
+        debug_assert_eq!(segment.first_group as usize + segment.coef.len(), group as usize);
         segment.coef.push(0.0);
         let mut new = Pending {
             group,
@@ -527,10 +507,11 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
         for (l, layer) in layers.iter().enumerate() {
             let a = layer.input_patches()?;
             let d = layer.output_deltas()?;
+            let rows = &mut self.ledger.rows[l];
+            let start = rows.len();
+            let g_hat = credit_rows(rows, &mut new.dense, l, &sources, group, a, d);
+            new.rows.push((start, rows.len()));
             let acc = &mut segment.layers[l];
-            let start = acc.n_rows();
-            let g_hat = credit_rows(acc, &mut new.dense, l, &sources, group, a, d);
-            new.rows.push((start, acc.n_rows()));
             // What this step credits, as the optimizer applies it (f64, DESIGN §2.3).
             let dg = before[l].mapv(|w| w * rule.weight_decay);
             let (example_part, decay_part) = if mu == 0.0 {
@@ -550,7 +531,7 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
                 }
             };
             if let Some(s) = decay {
-                acc.add_dense(s, decay_part.view(), -lr);
+                acc.add(s, decay_part.view(), -lr);
             }
             let credited = (&example_part + &decay_part) * (-lr);
             let actual = &after[l] - &before[l];
@@ -558,9 +539,9 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
         }
         // Coefficients of every group whose shares are in the buffer.
         if mu == 0.0 {
-            segment.coef[group as usize] = -lr;
+            *segment.coef_mut(group) = -lr;
             for (l, s, g) in new.dense.drain(..) {
-                segment.layers[l].add_dense(s, g.mapv(F::widen).view(), -lr);
+                segment.layers[l].add(s, g.mapv(F::widen).view(), -lr);
             }
             return Ok(());
         }
@@ -574,7 +555,7 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             } else {
                 p.buf
             };
-            segment.coef[p.group as usize] -= lr * inc;
+            *segment.coef_mut(p.group) -= lr * inc;
         }
         // Fold groups whose weight left in the buffer is negligible.
         while self
@@ -583,19 +564,18 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             .is_some_and(|p| p.buf < self.config.fold_tolerance)
         {
             let p = self.pending.pop_front().expect("invariant: front exists");
-            let k = segment.coef[p.group as usize];
+            let k = segment.coef_of(p.group);
             for (l, &(r0, r1)) in p.rows.iter().enumerate() {
                 // The tail left in the buffer is no longer credited: take it out of the shadow.
                 if r1 > r0 {
-                    let unit: Vec<f64> = vec![1.0; segment.coef.len()];
-                    let g = segment.layers[l].rows_sum(r0, r1, &unit);
+                    let g = self.ledger.rows[l].sum(r0, r1, |_| 1.0);
                     self.shadow[l].scaled_add(-p.buf, &g);
                 }
             }
             for (l, s, g) in p.dense {
                 let g64 = g.mapv(F::widen);
                 self.shadow[l].scaled_add(-p.buf, &g64);
-                segment.layers[l].add_dense(s, g64.view(), k);
+                segment.layers[l].add(s, g64.view(), k);
             }
         }
         Ok(())
@@ -605,7 +585,7 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
 /// Books one layer's per-example shares of a step into `acc` (factored rows) or
 /// `dense` (per-example `δᵀã`, when smaller), and returns their sum `ĝ` in `f64`.
 fn credit_rows<F: Float>(
-    acc: &mut Accounts<F>,
+    acc: &mut Rows<F>,
     dense: &mut Vec<(usize, u32, Array2<F>)>,
     layer: usize,
     sources: &[Option<u32>],
@@ -639,7 +619,7 @@ fn credit_rows<F: Float>(
         let (ai, di) = (a.index_axis(Axis(0), i), d.index_axis(Axis(0), i));
         if factored {
             for p in 0..positions {
-                acc.push_row(s, group, ai.row(p), di.row(p));
+                acc.push(s, group, ai.row(p), di.row(p));
             }
         } else {
             let mut a_aug = Array2::<F>::ones((positions, aug_in));

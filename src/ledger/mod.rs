@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::shape_str;
 use crate::{Error, ExampleId, Float, LayerId, Result, SourceId, Traceable, TracedShape};
-pub(crate) use accounts::{Accounts, augmented};
+pub(crate) use accounts::{DenseAccounts, Rows, augmented};
 
 /// A traced layer as the ledger knows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -43,17 +43,45 @@ pub struct SourceMeta {
     pub members: Vec<ExampleId>,
 }
 
-/// One segment of training: its accounts and the parameters at its end.
+/// One segment of training: its coefficients, dense accounts and residuals,
+/// and the parameters at its end.
 #[derive(Clone, Debug)]
-pub(crate) struct Segment<F> {
+pub(crate) struct Segment {
     /// `[W | b]` per layer at the segment's end.
     pub(crate) end: Vec<Array2<f64>>,
-    /// Applied coefficient of each step group (shared by all layers).
+    /// The first step group this segment weights.
+    pub(crate) first_group: u32,
+    /// Coefficient of groups `first_group..` in this segment (shared by all layers).
     pub(crate) coef: Vec<f64>,
-    /// Accounts per layer.
-    pub(crate) layers: Vec<Accounts<F>>,
+    /// Dense accounts and residual per layer.
+    pub(crate) layers: Vec<DenseAccounts>,
     /// Optimizer steps recorded in this segment.
     pub(crate) n_steps: u64,
+}
+
+impl Segment {
+    pub(crate) fn new(end: Vec<Array2<f64>>, first_group: u32, layers: &[LayerMeta]) -> Self {
+        Self {
+            end,
+            first_group,
+            coef: Vec::new(),
+            layers: layers.iter().map(|m| DenseAccounts::new(m.shape.aug_in(), m.shape.fan_out)).collect(),
+            n_steps: 0,
+        }
+    }
+
+    /// The coefficient of group `g` in this segment (0 outside its range).
+    pub(crate) fn coef_of(&self, g: u32) -> f64 {
+        g.checked_sub(self.first_group)
+            .and_then(|i| self.coef.get(i as usize))
+            .copied()
+            .unwrap_or(0.0)
+    }
+
+    /// The coefficient entry of group `g`, which must be in range.
+    pub(crate) fn coef_mut(&mut self, g: u32) -> &mut f64 {
+        &mut self.coef[(g - self.first_group) as usize]
+    }
 }
 
 /// The exact record of who refined each traced layer.
@@ -68,7 +96,11 @@ pub struct Ledger<F: Float = f32> {
     pub(crate) initial: Vec<Array2<f64>>,
     pub(crate) sources: Vec<SourceMeta>,
     pub(crate) index: HashMap<SourceId, u32>,
-    pub(crate) segments: Vec<Segment<F>>,
+    /// Factored rows per layer, over the whole run.
+    pub(crate) rows: Vec<Rows<F>>,
+    /// Step groups allocated so far.
+    pub(crate) n_groups: u32,
+    pub(crate) segments: Vec<Segment>,
 }
 
 impl<F: Float> Ledger<F> {
@@ -95,20 +127,14 @@ impl<F: Float> Ledger<F> {
             metas.push(LayerMeta { id, shape });
             initial.push(params);
         }
-        let segment = Segment {
-            end: initial.clone(),
-            coef: Vec::new(),
-            layers: metas
-                .iter()
-                .map(|m| Accounts::new(m.shape.aug_in(), m.shape.fan_out))
-                .collect(),
-            n_steps: 0,
-        };
+        let segment = Segment::new(initial.clone(), 0, &metas);
         Ok(Self {
+            rows: metas.iter().map(|m| Rows::new(m.shape.aug_in(), m.shape.fan_out)).collect(),
             layers: metas,
             initial,
             sources: Vec::new(),
             index: HashMap::new(),
+            n_groups: 0,
             segments: vec![segment],
         })
     }
@@ -221,9 +247,16 @@ impl<F: Float> Ledger<F> {
     pub fn account(&self, layer: usize, source: SourceId) -> Result<Array2<f64>> {
         self.check_layer(layer, "Ledger::account")?;
         let s = self.source_index(source)? as u32;
+        let coef = self.coef_table(&self.segments.iter().collect::<Vec<_>>());
+        let rows = &self.rows[layer];
         let mut acc = Array2::zeros(self.initial[layer].raw_dim());
+        for j in (0..rows.len()).filter(|&j| rows.source[j] == s) {
+            acc += &rows.sum(j, j + 1, |g| coef[g as usize]);
+        }
         for seg in &self.segments {
-            acc += &seg.layers[layer].account_of(s, &seg.coef);
+            if let Some(d) = seg.layers[layer].get(s) {
+                acc += &d;
+            }
         }
         Ok(acc)
     }
@@ -249,8 +282,10 @@ impl<F: Float> Ledger<F> {
                 let mut sum = self.initial[l].clone();
                 let mut prev_end = &self.initial[l];
                 let mut change_norm2 = 0.0;
+                let rows = &self.rows[l];
                 for seg in &self.segments {
-                    sum += &seg.layers[l].total(&seg.coef);
+                    sum += &rows.sum(0, rows.len(), |g| seg.coef_of(g));
+                    sum += &seg.layers[l].total();
                     sum += &seg.layers[l].residual;
                     change_norm2 += (&seg.end[l] - prev_end).mapv(|v| v * v).sum();
                     prev_end = &seg.end[l];
@@ -285,12 +320,9 @@ impl<F: Float> Ledger<F> {
         (0..self.layers.len())
             .map(|l| {
                 let params = self.initial[l].len() * 8 * (1 + self.segments.len());
-                params
-                    + self
-                        .segments
-                        .iter()
-                        .map(|s| s.layers[l].bytes())
-                        .sum::<usize>()
+                let coef = self.segments.iter().map(|s| s.coef.len() * 8).sum::<usize>();
+                let dense = self.segments.iter().map(|s| s.layers[l].bytes()).sum::<usize>();
+                params + coef + self.rows[l].bytes() + dense
             })
             .collect()
     }
@@ -470,6 +502,63 @@ pub fn load_params<F: Float>(
 }
 
 impl<F: Float> Ledger<F> {
+    /// Per global step group, the sum of its coefficients over `segments`.
+    pub(crate) fn coef_table(&self, segments: &[&Segment]) -> Vec<f64> {
+        let mut t = vec![0.0; self.n_groups as usize];
+        for seg in segments {
+            for (i, &c) in seg.coef.iter().enumerate() {
+                t[seg.first_group as usize + i] += c;
+            }
+        }
+        t
+    }
+
+    /// Finishes the storage for queries: densifies the sources whose rows outweigh
+    /// the dense accounts they would need, drops rows of zero weight, and sorts
+    /// rows and slots by source.
+    pub(crate) fn compact(&mut self) {
+        let all: Vec<&Segment> = self.segments.iter().collect();
+        let total = self.coef_table(&all);
+        for l in 0..self.layers.len() {
+            let rows = &self.rows[l];
+            let dense_bytes = rows.aug_in * rows.fan_out * 8;
+            let mut n_rows = vec![0usize; self.sources.len()];
+            let mut touched: Vec<std::collections::BTreeSet<usize>> = vec![Default::default(); self.sources.len()];
+            for j in 0..rows.len() {
+                let s = rows.source[j] as usize;
+                n_rows[s] += 1;
+                for (k, seg) in self.segments.iter().enumerate() {
+                    if seg.coef_of(rows.group[j]) != 0.0 {
+                        touched[s].insert(k);
+                    }
+                }
+            }
+            let densify: Vec<bool> =
+                (0..self.sources.len()).map(|s| n_rows[s] * rows.row_bytes() > touched[s].len() * dense_bytes).collect();
+            for j in 0..rows.len() {
+                let s = rows.source[j];
+                if !densify[s as usize] {
+                    continue;
+                }
+                for seg in self.segments.iter_mut() {
+                    let k = seg.coef_of(rows.group[j]);
+                    if k != 0.0 {
+                        let g = rows.sum(j, j + 1, |_| k);
+                        seg.layers[l].add(s, g.view(), 1.0);
+                    }
+                }
+            }
+            let rows = &mut self.rows[l];
+            let keep: Vec<bool> = (0..rows.len())
+                .map(|j| !densify[rows.source[j] as usize] && total[rows.group[j] as usize] != 0.0)
+                .collect();
+            rows.retain_sorted(|j| keep[j]);
+            for seg in self.segments.iter_mut() {
+                seg.layers[l].sort();
+            }
+        }
+    }
+
     /// Every source's whole account of layer `layer` (summed over segments) as
     /// one row: `[n_sources, fan_out · aug_in]`, `f64`. Memory: that many numbers.
     ///
@@ -482,21 +571,21 @@ impl<F: Float> Ledger<F> {
         for seg in &self.segments {
             let acc = &seg.layers[layer];
             for k in 0..acc.n_slots() {
-                let mut row = m.row_mut(acc.dense_source[k] as usize);
-                row += &ndarray::ArrayView1::from(
-                    &acc.dense[k * fan_out * aug_in..(k + 1) * fan_out * aug_in],
-                );
+                let mut row = m.row_mut(acc.source[k] as usize);
+                row += &ndarray::ArrayView1::from(&acc.dense[k * fan_out * aug_in..(k + 1) * fan_out * aug_in]);
             }
-            for j in 0..acc.n_rows() {
-                let k = seg.coef[acc.row_group[j] as usize];
-                let (a, d) = acc.rows(j, j + 1);
-                let mut row = m.row_mut(acc.row_source[j] as usize);
-                let row = row.as_slice_mut().expect("invariant: standard layout");
-                for (o, &dv) in d.row(0).iter().enumerate() {
-                    let dk = dv.widen() * k;
-                    for (i, &av) in a.row(0).iter().enumerate() {
-                        row[o * aug_in + i] += dk * av.widen();
-                    }
+        }
+        let coef = self.coef_table(&self.segments.iter().collect::<Vec<_>>());
+        let rows = &self.rows[layer];
+        for j in 0..rows.len() {
+            let k = coef[rows.group[j] as usize];
+            let (a, d) = rows.view(j, j + 1);
+            let mut row = m.row_mut(rows.source[j] as usize);
+            let row = row.as_slice_mut().expect("invariant: standard layout");
+            for (o, &dv) in d.row(0).iter().enumerate() {
+                let dk = dv.widen() * k;
+                for (i, &av) in a.row(0).iter().enumerate() {
+                    row[o * aug_in + i] += dk * av.widen();
                 }
             }
         }

@@ -20,7 +20,7 @@ use ndarray::{Array1, Array2, Array3, ArrayView2, Axis, s};
 use rayon::prelude::*;
 
 use crate::Float;
-use crate::ledger::{Accounts, Segment};
+use crate::ledger::{DenseAccounts, Rows, Segment};
 
 /// One layer's query: patches and targets, flattened over `(query, position)`.
 pub(crate) struct LayerInput<F> {
@@ -105,22 +105,19 @@ const CHUNK_BYTES: usize = 16 << 20;
 
 /// Every source's dense accounts of layer `l` summed over `segments`:
 /// `(sources, [n, fan_out·aug_in])`, sources ascending.
-pub(crate) fn combined_dense<F: Float>(
-    segments: &[&Segment<F>],
-    l: usize,
-) -> (Vec<u32>, Array2<f64>) {
+pub(crate) fn combined_dense(segments: &[&Segment], l: usize) -> (Vec<u32>, Array2<f64>) {
     let acc0 = &segments[0].layers[l];
     let size = acc0.fan_out * acc0.aug_in;
     let mut sources: Vec<u32> = segments
         .iter()
-        .flat_map(|s| s.layers[l].dense_source.iter().copied())
+        .flat_map(|s| s.layers[l].source.iter().copied())
         .collect();
     sources.sort_unstable();
     sources.dedup();
     let mut out = Array2::<f64>::zeros((sources.len(), size));
     for seg in segments {
         let acc = &seg.layers[l];
-        for (k, &src) in acc.dense_source.iter().enumerate() {
+        for (k, &src) in acc.source.iter().enumerate() {
             let row = sources
                 .binary_search(&src)
                 .expect("invariant: source collected");
@@ -131,28 +128,55 @@ pub(crate) fn combined_dense<F: Float>(
     (sources, out)
 }
 
-/// `⟨c_s, t⟩` and `‖c_s‖²` for every source of layer `l` over all `segments`,
-/// and `Σ_s c_s`.
+/// One layer of a ledger as a query reads it: its rows, the segments taken
+/// into account, and each step group's coefficient summed over those segments.
+pub(crate) struct LayerLedger<'a, F> {
+    pub(crate) l: usize,
+    pub(crate) rows: &'a Rows<F>,
+    pub(crate) segments: Vec<&'a Segment>,
+    pub(crate) coef: Vec<f64>,
+}
+
+impl<'a, F: Float> LayerLedger<'a, F> {
+    pub(crate) fn new(l: usize, rows: &'a Rows<F>, segments: Vec<&'a Segment>, n_groups: u32) -> Self {
+        let mut coef = vec![0.0; n_groups as usize];
+        for seg in &segments {
+            for (i, &c) in seg.coef.iter().enumerate() {
+                coef[seg.first_group as usize + i] += c;
+            }
+        }
+        Self { l, rows, segments, coef }
+    }
+
+    fn dense(&self, k: usize) -> &'a DenseAccounts {
+        &self.segments[k].layers[self.l]
+    }
+}
+
+/// Slot range of sources `[s0, s1)` in sorted dense accounts.
+fn slot_range(acc: &DenseAccounts, s0: u32, s1: u32) -> (usize, usize) {
+    debug_assert!(acc.sorted);
+    (acc.source.partition_point(|&s| s < s0), acc.source.partition_point(|&s| s < s1))
+}
+
+/// `⟨c_s, t⟩` and `‖c_s‖²` for every source over the layer's segments, and `Σ_s c_s`.
 ///
 /// The dot products take the fast path ([`dots`]). Norms of sources held only
 /// as dense accounts use `‖G Ãᵀ‖² = ⟨GᵀG, ÃᵀÃ⟩` when `aug_in² < fan_out·n_q·P`
 /// (convolutions); every other source's contribution is materialised, a chunk
 /// of sources at a time.
-pub(crate) fn materialize<F: Float>(
-    segments: &[Segment<F>],
-    l: usize,
-    n_src: usize,
-    input: &LayerInput<F>,
-) -> Materialized {
+pub(crate) fn materialize<F: Float>(layer: &LayerLedger<'_, F>, n_src: usize, input: &LayerInput<F>) -> Materialized {
     let width = input.n_q * input.positions;
     let (fan_out, aug_in) = (input.target.ncols(), input.a64.ncols());
-    let parts: Vec<_> = segments.iter().map(|s| (s, input)).collect();
-    let dot = dots(&parts, l, n_src, input.n_q);
-    let mut total_account = Array2::<f64>::zeros((fan_out, aug_in));
+    let dot = dots(layer, &[input], n_src, input.n_q);
+    let rows = layer.rows;
+    let mut total_account = rows.sum(0, rows.len(), |g| layer.coef[g as usize]);
+    for seg in &layer.segments {
+        total_account += &seg.layers[layer.l].total();
+    }
     let mut has_rows = vec![false; n_src];
-    for seg in segments {
-        total_account += &seg.layers[l].total(&seg.coef);
-        for &s in &seg.layers[l].row_source {
+    for (&s, &g) in rows.source.iter().zip(&rows.group) {
+        if layer.coef[g as usize] != 0.0 {
             has_rows[s as usize] = true;
         }
     }
@@ -162,15 +186,13 @@ pub(crate) fn materialize<F: Float>(
 
     // Materialised sources, in contiguous chunks that hold at least one of them.
     let chunk = (CHUNK_BYTES / (width * fan_out * 8).max(1)).clamp(1, n_src.max(1));
-    let starts: Vec<usize> = (0..n_src)
-        .step_by(chunk)
-        .filter(|&s0| (s0..(s0 + chunk).min(n_src)).any(needs_material))
-        .collect();
+    let starts: Vec<usize> =
+        (0..n_src).step_by(chunk).filter(|&s0| (s0..(s0 + chunk).min(n_src)).any(needs_material)).collect();
     let parts: Vec<Array2<f64>> = starts
         .par_iter()
         .map(|&s0| {
             let s1 = (s0 + chunk).min(n_src);
-            let c = chunk_contributions(segments, l, s0, s1, input);
+            let c = chunk_contributions(layer, s0, s1, input);
             let mut n2 = Array2::zeros((s1 - s0, input.n_q));
             for (m, cs) in c.axis_iter(Axis(0)).enumerate() {
                 if needs_material(s0 + m) {
@@ -190,31 +212,20 @@ pub(crate) fn materialize<F: Float>(
 
     // Dense-only sources by their Gram matrices GᵀG against the queries' ÃᵀÃ.
     if gram {
-        let refs: Vec<&Segment<F>> = segments.iter().collect();
-        let (sources, dense) = combined_dense(&refs, l);
-        let keep: Vec<usize> = (0..sources.len())
-            .filter(|&k| !has_rows[sources[k] as usize])
-            .collect();
+        let (sources, dense) = combined_dense(&layer.segments, layer.l);
+        let keep: Vec<usize> = (0..sources.len()).filter(|&k| !has_rows[sources[k] as usize]).collect();
         if !keep.is_empty() {
             let mut m = Array2::<f64>::zeros((input.n_q, aug_in * aug_in));
             for q in 0..input.n_q {
-                let a = input
-                    .a64
-                    .slice(s![q * input.positions..(q + 1) * input.positions, ..]);
+                let a = input.a64.slice(s![q * input.positions..(q + 1) * input.positions, ..]);
                 let ata = a.t().dot(&a);
-                m.row_mut(q).assign(&ndarray::ArrayView1::from(
-                    ata.as_slice().expect("invariant: standard layout"),
-                ));
+                m.row_mut(q).assign(&ndarray::ArrayView1::from(ata.as_slice().expect("invariant: standard layout")));
             }
             let h_rows: Vec<Array1<f64>> = keep
                 .par_iter()
                 .map(|&k| {
-                    let g = dense
-                        .row(k)
-                        .into_shape_with_order((fan_out, aug_in))
-                        .expect("invariant: dense row");
-                    let h = g.t().dot(&g);
-                    Array1::from_iter(h.iter().copied())
+                    let g = dense.row(k).into_shape_with_order((fan_out, aug_in)).expect("invariant: dense row");
+                    Array1::from_iter(g.t().dot(&g).iter().copied())
                 })
                 .collect();
             let mut h = Array2::<f64>::zeros((keep.len(), aug_in * aug_in));
@@ -227,17 +238,12 @@ pub(crate) fn materialize<F: Float>(
             }
         }
     }
-    Materialized {
-        dot,
-        norm2,
-        total: input.apply(total_account.view()),
-    }
+    Materialized { dot, norm2, total: input.apply(total_account.view()) }
 }
 
 /// `c_s` for sources `[s0, s1)`: `[s1 − s0, n_q·P, fan_out]`.
 pub(crate) fn chunk_contributions<F: Float>(
-    segments: &[Segment<F>],
-    l: usize,
+    layer: &LayerLedger<'_, F>,
     s0: usize,
     s1: usize,
     input: &LayerInput<F>,
@@ -245,35 +251,31 @@ pub(crate) fn chunk_contributions<F: Float>(
     let width = input.n_q * input.positions;
     let fan_out = input.target.ncols();
     let mut c = Array3::<f64>::zeros((s1 - s0, width, fan_out));
-    for seg in segments {
-        let acc: &Accounts<F> = &seg.layers[l];
-        let ((r0, r1), (k0, k1)) = acc.ranges(s0 as u32, s1 as u32);
-        if r1 > r0 {
-            let (a_rows, d_rows) = acc.rows(r0, r1);
-            // κ_j (ã_j · ã_{q,p}): [rows, n_q·P]
-            let mut w = a_rows.dot(&input.af.t()).mapv(F::widen);
-            for (mut row, &g) in w.rows_mut().into_iter().zip(&acc.row_group[r0..r1]) {
-                row *= seg.coef[g as usize];
-            }
-            let d64 = d_rows.mapv(F::widen);
-            let mut j = 0;
-            while j < r1 - r0 {
-                let s = acc.row_source[r0 + j];
-                let mut e = j + 1;
-                while e < r1 - r0 && acc.row_source[r0 + e] == s {
-                    e += 1;
-                }
-                let mut cs = c.index_axis_mut(Axis(0), s as usize - s0);
-                ndarray::linalg::general_mat_mul(
-                    1.0,
-                    &w.slice(s![j..e, ..]).t(),
-                    &d64.slice(s![j..e, ..]),
-                    1.0,
-                    &mut cs,
-                );
-                j = e;
-            }
+    let rows = layer.rows;
+    let (r0, r1) = rows.range(s0 as u32, s1 as u32);
+    if r1 > r0 {
+        let (a_rows, d_rows) = rows.view(r0, r1);
+        // κ_j (ã_j · ã_{q,p}): [rows, n_q·P]
+        let mut w = a_rows.dot(&input.af.t()).mapv(F::widen);
+        for (mut row, &g) in w.rows_mut().into_iter().zip(&rows.group[r0..r1]) {
+            row *= layer.coef[g as usize];
         }
+        let d64 = d_rows.mapv(F::widen);
+        let mut j = 0;
+        while j < r1 - r0 {
+            let s = rows.source[r0 + j];
+            let mut e = j + 1;
+            while e < r1 - r0 && rows.source[r0 + e] == s {
+                e += 1;
+            }
+            let mut cs = c.index_axis_mut(Axis(0), s as usize - s0);
+            ndarray::linalg::general_mat_mul(1.0, &w.slice(s![j..e, ..]).t(), &d64.slice(s![j..e, ..]), 1.0, &mut cs);
+            j = e;
+        }
+    }
+    for k in 0..layer.segments.len() {
+        let acc = layer.dense(k);
+        let (k0, k1) = slot_range(acc, s0 as u32, s1 as u32);
         if k1 > k0 {
             let aug_in = acc.aug_in;
             let stack = ArrayView2::from_shape(
@@ -282,9 +284,9 @@ pub(crate) fn chunk_contributions<F: Float>(
             )
             .expect("invariant: slots hold fan_out × aug_in values");
             let prod = stack.dot(&input.a64.t()); // [(slots)·fan_out, n_q·P]
-            for k in k0..k1 {
-                let s = acc.dense_source[k] as usize;
-                let block = prod.slice(s![(k - k0) * fan_out..(k - k0 + 1) * fan_out, ..]);
+            for slot in k0..k1 {
+                let s = acc.source[slot] as usize;
+                let block = prod.slice(s![(slot - k0) * fan_out..(slot - k0 + 1) * fan_out, ..]);
                 let mut cs = c.index_axis_mut(Axis(0), s - s0);
                 cs += &block.t();
             }
@@ -296,72 +298,83 @@ pub(crate) fn chunk_contributions<F: Float>(
 /// Rows per parallel block of [`dots`].
 const ROW_BLOCK: usize = 4096;
 
-/// `⟨c_s, t⟩` for every source of layer `l`, `[n_src, n_q]`, summing over
-/// `(segment, input)` pairs (each segment read with its own query input).
-pub(crate) fn dots<F: Float>(
-    parts: &[(&Segment<F>, &LayerInput<F>)],
-    l: usize,
-    n_src: usize,
-    n_q: usize,
-) -> Array2<f64> {
+/// `⟨c_s, t⟩` for every source, `[n_src, n_q]`. With one input, every segment of
+/// `layer` is read with it (rows weighted by the summed coefficients, dense
+/// accounts summed first); with one input per segment, segment `k` is read
+/// with `inputs[k]` (TracIn per segment).
+pub(crate) fn dots<F: Float>(layer: &LayerLedger<'_, F>, inputs: &[&LayerInput<F>], n_src: usize, n_q: usize) -> Array2<f64> {
     let mut out = Array2::<f64>::zeros((n_src, n_q));
-    let shared = parts.len() > 1 && parts.iter().all(|(_, i)| std::ptr::eq(*i, parts[0].1));
-    for &(seg, input) in parts {
-        let acc = &seg.layers[l];
-        let tf = input.target.mapv(F::narrow);
-        let blocks: Vec<usize> = (0..acc.n_rows()).step_by(ROW_BLOCK).collect();
-        let row_vals: Vec<Array2<f64>> = blocks
-            .par_iter()
-            .map(|&r0| {
-                let r1 = (r0 + ROW_BLOCK).min(acc.n_rows());
-                let (a_rows, d_rows) = acc.rows(r0, r1);
-                let aa = a_rows.dot(&input.af.t()); // [rows, n_q·P]
-                let dt = d_rows.dot(&tf.t()); // [rows, n_q·P]
-                let mut vals = Array2::<f64>::zeros((r1 - r0, n_q));
-                for j in 0..r1 - r0 {
-                    let k = seg.coef[acc.row_group[r0 + j] as usize];
-                    for q in 0..n_q {
-                        let mut v = 0.0;
-                        for p in q * input.positions..(q + 1) * input.positions {
-                            v += aa[[j, p]].widen() * dt[[j, p]].widen();
-                        }
-                        vals[[j, q]] = k * v;
-                    }
-                }
-                vals
-            })
-            .collect();
-        for (&r0, vals) in blocks.iter().zip(&row_vals) {
-            for (j, row) in vals.rows().into_iter().enumerate() {
-                let s = acc.row_source[r0 + j] as usize;
-                out.row_mut(s).scaled_add(1.0, &row);
+    let rows = layer.rows;
+    if inputs.len() == 1 {
+        row_dots(rows, None, &layer.coef, inputs[0], &mut out);
+        if !layer.segments.is_empty() {
+            let (sources, dense) = combined_dense(&layer.segments, layer.l);
+            if !sources.is_empty() {
+                dense_dots(&mut out, &sources, dense.view(), inputs[0]);
             }
         }
-        if !shared && acc.n_slots() > 0 {
-            let stack =
-                ArrayView2::from_shape((acc.n_slots(), acc.fan_out * acc.aug_in), &acc.dense)
-                    .expect("invariant: slots hold fan_out × aug_in values");
-            dense_dots(&mut out, &acc.dense_source, stack, input);
-        }
+        return out;
     }
-    if shared {
-        // One input for every segment: sum the dense accounts first (query-independent).
-        let refs: Vec<&Segment<F>> = parts.iter().map(|(s, _)| *s).collect();
-        let (sources, dense) = combined_dense(&refs, l);
-        if !sources.is_empty() {
-            dense_dots(&mut out, &sources, dense.view(), parts[0].1);
+    debug_assert_eq!(inputs.len(), layer.segments.len());
+    for (k, input) in inputs.iter().enumerate() {
+        let seg = layer.segments[k];
+        let idx: Vec<usize> = (0..rows.len()).filter(|&j| seg.coef_of(rows.group[j]) != 0.0).collect();
+        let coef: Vec<f64> = (0..layer.coef.len() as u32).map(|g| seg.coef_of(g)).collect();
+        row_dots(rows, Some(&idx), &coef, input, &mut out);
+        let acc = layer.dense(k);
+        if acc.n_slots() > 0 {
+            dense_dots(&mut out, &acc.source, acc.stack(), input);
         }
     }
     out
 }
 
+/// Adds `κ_j Σ_p (ã_j·ã_{q,p})(d_j·t_{q,p})` of the rows `idx` (all rows when `None`) to `out[source_j]`.
+fn row_dots<F: Float>(rows: &Rows<F>, idx: Option<&[usize]>, coef: &[f64], input: &LayerInput<F>, out: &mut Array2<f64>) {
+    let n = idx.map_or(rows.len(), <[usize]>::len);
+    let n_q = input.n_q;
+    let tf = input.target.mapv(F::narrow);
+    let row_of = |i: usize| idx.map_or(i, |idx| idx[i]);
+    let blocks: Vec<usize> = (0..n).step_by(ROW_BLOCK).collect();
+    let vals: Vec<Array2<f64>> = blocks
+        .par_iter()
+        .map(|&b0| {
+            let b1 = (b0 + ROW_BLOCK).min(n);
+            let (a_rows, d_rows) = match idx {
+                None => {
+                    let (a, d) = rows.view(b0, b1);
+                    (a.to_owned(), d.to_owned())
+                }
+                Some(idx) => {
+                    let (a, d) = rows.view(0, rows.len());
+                    (a.select(Axis(0), &idx[b0..b1]), d.select(Axis(0), &idx[b0..b1]))
+                }
+            };
+            let aa = a_rows.dot(&input.af.t()); // [rows, n_q·P]
+            let dt = d_rows.dot(&tf.t()); // [rows, n_q·P]
+            let mut v = Array2::<f64>::zeros((b1 - b0, n_q));
+            for i in 0..b1 - b0 {
+                let k = coef[rows.group[row_of(b0 + i)] as usize];
+                for q in 0..n_q {
+                    let mut acc = 0.0;
+                    for p in q * input.positions..(q + 1) * input.positions {
+                        acc += aa[[i, p]].widen() * dt[[i, p]].widen();
+                    }
+                    v[[i, q]] = k * acc;
+                }
+            }
+            v
+        })
+        .collect();
+    for (&b0, v) in blocks.iter().zip(&vals) {
+        for (i, row) in v.rows().into_iter().enumerate() {
+            out.row_mut(rows.source[row_of(b0 + i)] as usize).scaled_add(1.0, &row);
+        }
+    }
+}
+
 /// Adds `⟨G_k, Q_q⟩` of dense accounts `stack [k, fan_out·aug_in]` to `out[sources[k]]`.
-fn dense_dots<F: Float>(
-    out: &mut Array2<f64>,
-    sources: &[u32],
-    stack: ArrayView2<'_, f64>,
-    input: &LayerInput<F>,
-) {
+fn dense_dots<F: Float>(out: &mut Array2<f64>, sources: &[u32], stack: ArrayView2<'_, f64>, input: &LayerInput<F>) {
     let q_mats = query_matrices(input);
     let prod = stack.dot(&q_mats.t()); // [k, n_q]
     for (k, row) in prod.rows().into_iter().enumerate() {
@@ -375,11 +388,7 @@ pub(crate) fn query_matrices<F: Float>(input: &LayerInput<F>) -> Array2<f64> {
     let mut q = Array2::zeros((input.n_q, fan_out * aug_in));
     for qi in 0..input.n_q {
         let rows = qi * input.positions..(qi + 1) * input.positions;
-        let m = input
-            .target
-            .slice(s![rows.clone(), ..])
-            .t()
-            .dot(&input.a64.slice(s![rows, ..]));
+        let m = input.target.slice(s![rows.clone(), ..]).t().dot(&input.a64.slice(s![rows, ..]));
         q.row_mut(qi).assign(&Array1::from_iter(m.iter().copied()));
     }
     q

@@ -541,6 +541,15 @@ pub struct ClassAttribution {
 }
 
 impl<F: Float> Ledger<F> {
+    /// Layer `l` as the kernels read it, over all segments or one.
+    fn layer_ledger(&self, l: usize, segment: Option<usize>) -> kernel::LayerLedger<'_, F> {
+        let segs = match segment {
+            None => self.segments.iter().collect(),
+            Some(k) => vec![&self.segments[k]],
+        };
+        kernel::LayerLedger::new(l, &self.rows[l], segs, self.n_groups)
+    }
+
     fn check_query(&self, query: &Query<F>, op: &'static str) -> Result<()> {
         query.check(&self.layers, op)?;
         if self.segments.iter().all(|s| s.n_steps == 0) {
@@ -588,7 +597,7 @@ impl<F: Float> Ledger<F> {
             .iter()
             .map(|&l| {
                 let (input, r) = self.representation_input(query, l);
-                let m = materialize(&self.segments, l, n_src, &input);
+                let m = materialize(&self.layer_ledger(l, None), n_src, &input);
                 let mut residual = Array2::zeros(self.initial[l].raw_dim());
                 for seg in &self.segments {
                     residual += &seg.layers[l].residual;
@@ -635,8 +644,7 @@ impl<F: Float> Ledger<F> {
             Lens::Loss => self.loss_scores_impl(std::slice::from_ref(query), &selected, OP),
             Lens::Margin => {
                 let (l, input) = self.margin_input(query)?;
-                let parts: Vec<_> = self.segments.iter().map(|s| (s, &input)).collect();
-                Ok(dots(&parts, l, self.sources.len(), query.n)
+                Ok(dots(&self.layer_ledger(l, None), &[&input], self.sources.len(), query.n)
                     .t()
                     .as_standard_layout()
                     .into_owned())
@@ -654,8 +662,7 @@ impl<F: Float> Ledger<F> {
                     .iter()
                     .map(|&l| {
                         let (input, r) = self.representation_input(query, l);
-                        let parts: Vec<_> = self.segments.iter().map(|s| (s, &input)).collect();
-                        let dot = dots(&parts, l, self.sources.len(), query.n);
+                        let dot = dots(&self.layer_ledger(l, None), &[&input], self.sources.len(), query.n);
                         LayerExplanation {
                             layer: self.layers[l].id.clone(),
                             dot: dot.t().as_standard_layout().into_owned(),
@@ -812,12 +819,8 @@ impl<F: Float> Ledger<F> {
                     ))
                 })
                 .collect::<Result<_>>()?;
-            let parts: Vec<_> = if inputs.len() == 1 {
-                self.segments.iter().map(|s| (s, &inputs[0])).collect()
-            } else {
-                self.segments.iter().zip(&inputs).collect()
-            };
-            total -= &dots(&parts, l, self.sources.len(), n_q);
+            let refs: Vec<&LayerInput<F>> = inputs.iter().collect();
+            total -= &dots(&self.layer_ledger(l, None), &refs, self.sources.len(), n_q);
         }
         Ok(total.t().as_standard_layout().into_owned())
     }
@@ -863,7 +866,7 @@ impl<F: Float> Ledger<F> {
     ) -> Result<Vec<ClassAttribution>> {
         const OP: &str = "Ledger::class_attribution";
         self.check_query(query, OP)?;
-        let segs: Vec<&crate::ledger::Segment<F>> = match segment {
+        let segs: Vec<&crate::ledger::Segment> = match segment {
             None => self.segments.iter().collect(),
             Some(k) => vec![self.segments.get(k).ok_or(Error::IndexOutOfRange {
                 op: OP,
@@ -881,8 +884,8 @@ impl<F: Float> Ledger<F> {
         let mut out = Vec::with_capacity(self.layers.len() + 1);
         for l in 0..self.layers.len() {
             let (input, r) = self.representation_input(query, l);
-            let parts: Vec<_> = segs.iter().map(|&s| (s, &input)).collect();
-            let dot = dots(&parts, l, self.sources.len(), query.n); // [n_src, n_q]
+            let ll = kernel::LayerLedger::new(l, &self.rows[l], segs.clone(), self.n_groups);
+            let dot = dots(&ll, &[&input], self.sources.len(), query.n); // [n_src, n_q]
             let r2 = input.per_query_dot(r.view(), r.view());
             let inv = r2.mapv(|v| if v == 0.0 { 0.0 } else { 1.0 / v });
             let mut per_class = Array2::zeros((query.n, n_classes));
@@ -957,12 +960,13 @@ impl<F: Float> Ledger<F> {
         let mut t2 = Array2::<f64>::zeros((n_l, query.n));
         if lens == Lens::Margin {
             let (l, input) = self.margin_input(query)?;
+            let ll = self.layer_ledger(l, None);
             return Ok(idx
                 .iter()
                 .enumerate()
                 .map(|(q, &s)| {
                     let one = input.single(q);
-                    let c = kernel::chunk_contributions(&self.segments, l, s, s + 1, &one);
+                    let c = kernel::chunk_contributions(&ll, s, s + 1, &one);
                     one.per_query_dot(c.index_axis(Axis(0), 0), one.target.view())[0]
                 })
                 .collect());
@@ -980,9 +984,10 @@ impl<F: Float> Ledger<F> {
             } else {
                 self.representation_input(query, l).0
             };
+            let ll = self.layer_ledger(l, None);
             for (q, &s) in idx.iter().enumerate() {
                 let one = input.single(q);
-                let c = kernel::chunk_contributions(&self.segments, l, s, s + 1, &one);
+                let c = kernel::chunk_contributions(&ll, s, s + 1, &one);
                 let c = c.index_axis(Axis(0), 0);
                 dot[[l, q]] = one.per_query_dot(c, one.target.view())[0];
                 norm2[[l, q]] = one.per_query_dot(c, c)[0];
