@@ -105,6 +105,12 @@ pub enum Error {
         /// The number of valid indices.
         len: usize,
     },
+    /// A saved ledger is truncated, corrupted, foreign or of another version.
+    #[error("corrupt ledger: {reason}")]
+    CorruptLedger {
+        /// What is wrong, with the values found.
+        reason: String,
+    },
     /// A data file does not parse.
     #[error("corrupt data in {what}: {reason}")]
     CorruptData {

@@ -20,9 +20,22 @@ pub trait Float:
     fn widen(self) -> f64;
     /// Narrows from `f64` (rounds to nearest for `f32`).
     fn narrow(x: f64) -> Self;
+    /// The safetensors dtype name (`"F32"`, `"F64"`).
+    const DTYPE: &'static str;
+    /// Appends the little-endian bytes.
+    fn write_le(self, out: &mut Vec<u8>);
+    /// Reads from `size_of::<Self>()` little-endian bytes.
+    fn read_le(bytes: &[u8]) -> Self;
 }
 
 impl Float for f32 {
+    const DTYPE: &'static str = "F32";
+    fn write_le(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+    fn read_le(bytes: &[u8]) -> Self {
+        f32::from_le_bytes(bytes.try_into().expect("invariant: 4 bytes"))
+    }
     fn widen(self) -> f64 {
         f64::from(self)
     }
@@ -32,6 +45,13 @@ impl Float for f32 {
 }
 
 impl Float for f64 {
+    const DTYPE: &'static str = "F64";
+    fn write_le(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+    fn read_le(bytes: &[u8]) -> Self {
+        f64::from_le_bytes(bytes.try_into().expect("invariant: 8 bytes"))
+    }
     fn widen(self) -> f64 {
         self
     }

@@ -209,6 +209,29 @@ impl DenseAccounts {
         self.dense.len() * 8 + self.source.len() * 4 + self.residual.len() * 8
     }
 
+    /// Dense accounts from stored parts; `None` unless sources are strictly ascending
+    /// and the sizes agree.
+    pub(crate) fn from_parts(
+        aug_in: usize,
+        fan_out: usize,
+        source: Vec<u32>,
+        dense: Vec<f64>,
+        residual: Array2<f64>,
+    ) -> Option<Self> {
+        let ok = source.windows(2).all(|w| w[0] < w[1])
+            && dense.len() == source.len() * aug_in * fan_out
+            && residual.dim() == (fan_out, aug_in);
+        ok.then(|| Self {
+            aug_in,
+            fan_out,
+            slot_of: source.iter().enumerate().map(|(k, &s)| (s, k)).collect(),
+            source,
+            dense,
+            residual,
+            sorted: true,
+        })
+    }
+
     /// Sorts slots by source.
     pub(crate) fn sort(&mut self) {
         if self.sorted {

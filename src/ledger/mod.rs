@@ -13,6 +13,9 @@
 //! ```
 
 pub(crate) mod accounts;
+mod persist;
+
+pub use persist::{FORMAT, VERSION};
 
 use std::collections::HashMap;
 

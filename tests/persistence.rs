@@ -1,0 +1,86 @@
+//! Saving then loading a ledger gives identical query results; a truncated or
+//! corrupted file is an error, never a wrong answer (DESIGN §4.6).
+
+mod common;
+
+use common::{Run, images, cnn, gradient_query, query, train};
+use refinement_ledger::optim::SgdConfig;
+use refinement_ledger::{Error, LayerSel, Ledger, Lens, OptimizerHook};
+
+fn trained() -> (Ledger<f32>, refinement_ledger::nn::Sequential<f32>, ndarray::ArrayD<f32>) {
+    let (x, y) = images::<f32>(5, 4, 1);
+    let mut net = cnn::<f32>(4, 2);
+    let sgd = SgdConfig::new(0.05).with_momentum(0.9).with_weight_decay(1e-3).build::<f32>().unwrap();
+    let mut hook = OptimizerHook::new(sgd, &net.traceables()).unwrap();
+    train(&mut net, &mut hook, &x, &y, Run { batch: 4, epochs: 3, segment_per_epoch: true, seed: 3 });
+    let (test, _) = images::<f32>(1, 4, 9);
+    (hook.finish(), net, test)
+}
+
+#[test]
+fn save_then_load_gives_identical_queries() {
+    let (ledger, mut net, test) = trained();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.safetensors");
+    ledger.save(&path).unwrap();
+    let loaded = Ledger::<f32>::load(&path).unwrap();
+    assert_eq!(loaded.sources(), ledger.sources());
+    assert_eq!(loaded.layers(), ledger.layers());
+    assert_eq!(loaded.steps_per_segment(), ledger.steps_per_segment());
+    assert_eq!(loaded.bytes_per_layer(), ledger.bytes_per_layer());
+    let q = query(&mut net, &test);
+    for lens in [Lens::Dot, Lens::Norm, Lens::Cos, Lens::Influence, Lens::Share, Lens::Margin] {
+        let a = ledger.scores(&q, lens, LayerSel::All).unwrap();
+        let b = loaded.scores(&q, lens, LayerSel::All).unwrap();
+        assert_eq!(a, b, "{lens:?}");
+    }
+    let g = gradient_query(&mut net, &test);
+    assert_eq!(
+        ledger.scores(&g, Lens::Loss, LayerSel::All).unwrap(),
+        loaded.scores(&g, Lens::Loss, LayerSel::All).unwrap()
+    );
+    assert_eq!(ledger.parameter_balance(), loaded.parameter_balance());
+    // The loaded ledger saves and loads again to the same answers.
+    let again = Ledger::<f32>::from_bytes(&loaded.to_bytes().unwrap()).unwrap();
+    let g2 = gradient_query(&mut net, &test);
+    assert!(again.scores(&g2, Lens::Loss, LayerSel::All).unwrap() == ledger.scores(&g2, Lens::Loss, LayerSel::All).unwrap());
+    // No temporary file is left behind.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+}
+
+#[test]
+fn loading_with_the_other_float_type_or_a_foreign_file_is_an_error() {
+    let (ledger, _, _) = trained();
+    let bytes = ledger.to_bytes().unwrap();
+    let e = Ledger::<f64>::from_bytes(&bytes).unwrap_err();
+    assert!(e.to_string().contains("float type F32, expected F64"), "{e}");
+    let e = Ledger::<f32>::from_bytes(b"not a ledger at all").unwrap_err();
+    assert!(matches!(e, Error::CorruptLedger { .. }));
+    let e = Ledger::<f32>::load(std::path::Path::new("/nonexistent/ledger.safetensors")).unwrap_err();
+    assert!(matches!(e, Error::Io { .. }) && e.to_string().contains("/nonexistent"));
+}
+
+#[test]
+fn every_truncation_and_single_bit_flip_is_an_error() {
+    let (ledger, _, _) = trained();
+    let bytes = ledger.to_bytes().unwrap();
+    let n = bytes.len();
+    // Truncations at many offsets, including every byte of the header region.
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize + 8;
+    let mut offsets: Vec<usize> = (0..header_len.min(n)).collect();
+    offsets.extend((header_len..n).step_by((n / 500).max(1)));
+    offsets.push(n - 1);
+    for cut in offsets {
+        assert!(Ledger::<f32>::from_bytes(&bytes[..cut]).is_err(), "truncated at {cut} of {n} loaded");
+    }
+    // Single bit flips across header and data.
+    let mut flips: Vec<usize> = (0..header_len).step_by(3).collect();
+    flips.extend((header_len..n).step_by((n / 2000).max(1)));
+    for pos in flips {
+        for bit in [0u8, 3, 7] {
+            let mut b = bytes.clone();
+            b[pos] ^= 1 << bit;
+            assert!(Ledger::<f32>::from_bytes(&b).is_err(), "bit {bit} of byte {pos} flipped and the file loaded");
+        }
+    }
+}
