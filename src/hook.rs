@@ -305,9 +305,16 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
         }
         // Pending groups are a contiguous suffix of the groups; the new segment
         // weights them from zero on, their rows stay where they are.
-        let first = self.pending.front().map_or(self.ledger.n_groups, |p| p.group);
+        let first = self
+            .pending
+            .front()
+            .map_or(self.ledger.n_groups, |p| p.group);
         debug_assert!(self.pending.iter().zip(first..).all(|(p, g)| p.group == g));
-        let mut next = Segment::new(self.ledger.segments[seg].end.clone(), first, &self.ledger.layers);
+        let mut next = Segment::new(
+            self.ledger.segments[seg].end.clone(),
+            first,
+            &self.ledger.layers,
+        );
         next.coef = vec![0.0; (self.ledger.n_groups - first) as usize];
         let old = &mut self.ledger.segments[seg];
         for p in &self.pending {
@@ -338,7 +345,10 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
 
     /// Books pending dense terms with their coefficient so far, and compacts the ledger.
     fn flush(pending: &VecDeque<Pending<F>>, ledger: &mut Ledger<F>) {
-        let seg = ledger.segments.last_mut().expect("invariant: at least one segment");
+        let seg = ledger
+            .segments
+            .last_mut()
+            .expect("invariant: at least one segment");
         for p in pending {
             let k = seg.coef_of(p.group);
             for (l, s, g) in &p.dense {
@@ -496,7 +506,10 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
         let group = self.ledger.n_groups;
         self.ledger.n_groups += 1;
         let segment = &mut self.ledger.segments[seg_idx];
-        debug_assert_eq!(segment.first_group as usize + segment.coef.len(), group as usize);
+        debug_assert_eq!(
+            segment.first_group as usize + segment.coef.len(),
+            group as usize
+        );
         segment.coef.push(0.0);
         let mut new = Pending {
             group,

@@ -67,7 +67,10 @@ fn digits_example_trains_explains_and_writes_a_well_formed_report() {
     // One ridge plot per traced layer for each of the 4 explained digits.
     for layer in ["fc1", "fc2", "conv1", "conv2", "fc"] {
         let title = format!("{layer} (predicted ");
-        let ridge_titles = html.lines().filter(|l| l.trim_start().starts_with(&title)).count();
+        let ridge_titles = html
+            .lines()
+            .filter(|l| l.trim_start().starts_with(&title))
+            .count();
         assert_eq!(ridge_titles, 4, "ridge plots of {layer}");
     }
     assert!(html.contains("data:image/png;base64,"));

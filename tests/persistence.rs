@@ -3,16 +3,35 @@
 
 mod common;
 
-use common::{Run, images, cnn, gradient_query, query, train};
+use common::{Run, cnn, gradient_query, images, query, train};
 use refinement_ledger::optim::SgdConfig;
 use refinement_ledger::{Error, LayerSel, Ledger, Lens, OptimizerHook};
 
-fn trained() -> (Ledger<f32>, refinement_ledger::nn::Sequential<f32>, ndarray::ArrayD<f32>) {
+fn trained() -> (
+    Ledger<f32>,
+    refinement_ledger::nn::Sequential<f32>,
+    ndarray::ArrayD<f32>,
+) {
     let (x, y) = images::<f32>(5, 4, 1);
     let mut net = cnn::<f32>(4, 2);
-    let sgd = SgdConfig::new(0.05).with_momentum(0.9).with_weight_decay(1e-3).build::<f32>().unwrap();
+    let sgd = SgdConfig::new(0.05)
+        .with_momentum(0.9)
+        .with_weight_decay(1e-3)
+        .build::<f32>()
+        .unwrap();
     let mut hook = OptimizerHook::new(sgd, &net.traceables()).unwrap();
-    train(&mut net, &mut hook, &x, &y, Run { batch: 4, epochs: 3, segment_per_epoch: true, seed: 3 });
+    train(
+        &mut net,
+        &mut hook,
+        &x,
+        &y,
+        Run {
+            batch: 4,
+            epochs: 3,
+            segment_per_epoch: true,
+            seed: 3,
+        },
+    );
     let (test, _) = images::<f32>(1, 4, 9);
     (hook.finish(), net, test)
 }
@@ -29,7 +48,14 @@ fn save_then_load_gives_identical_queries() {
     assert_eq!(loaded.steps_per_segment(), ledger.steps_per_segment());
     assert_eq!(loaded.bytes_per_layer(), ledger.bytes_per_layer());
     let q = query(&mut net, &test);
-    for lens in [Lens::Dot, Lens::Norm, Lens::Cos, Lens::Influence, Lens::Share, Lens::Margin] {
+    for lens in [
+        Lens::Dot,
+        Lens::Norm,
+        Lens::Cos,
+        Lens::Influence,
+        Lens::Share,
+        Lens::Margin,
+    ] {
         let a = ledger.scores(&q, lens, LayerSel::All).unwrap();
         let b = loaded.scores(&q, lens, LayerSel::All).unwrap();
         assert_eq!(a, b, "{lens:?}");
@@ -43,7 +69,10 @@ fn save_then_load_gives_identical_queries() {
     // The loaded ledger saves and loads again to the same answers.
     let again = Ledger::<f32>::from_bytes(&loaded.to_bytes().unwrap()).unwrap();
     let g2 = gradient_query(&mut net, &test);
-    assert!(again.scores(&g2, Lens::Loss, LayerSel::All).unwrap() == ledger.scores(&g2, Lens::Loss, LayerSel::All).unwrap());
+    assert!(
+        again.scores(&g2, Lens::Loss, LayerSel::All).unwrap()
+            == ledger.scores(&g2, Lens::Loss, LayerSel::All).unwrap()
+    );
     // No temporary file is left behind.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }
@@ -53,10 +82,14 @@ fn loading_with_the_other_float_type_or_a_foreign_file_is_an_error() {
     let (ledger, _, _) = trained();
     let bytes = ledger.to_bytes().unwrap();
     let e = Ledger::<f64>::from_bytes(&bytes).unwrap_err();
-    assert!(e.to_string().contains("float type F32, expected F64"), "{e}");
+    assert!(
+        e.to_string().contains("float type F32, expected F64"),
+        "{e}"
+    );
     let e = Ledger::<f32>::from_bytes(b"not a ledger at all").unwrap_err();
     assert!(matches!(e, Error::CorruptLedger { .. }));
-    let e = Ledger::<f32>::load(std::path::Path::new("/nonexistent/ledger.safetensors")).unwrap_err();
+    let e =
+        Ledger::<f32>::load(std::path::Path::new("/nonexistent/ledger.safetensors")).unwrap_err();
     assert!(matches!(e, Error::Io { .. }) && e.to_string().contains("/nonexistent"));
 }
 
@@ -71,7 +104,10 @@ fn every_truncation_and_single_bit_flip_is_an_error() {
     offsets.extend((header_len..n).step_by((n / 500).max(1)));
     offsets.push(n - 1);
     for cut in offsets {
-        assert!(Ledger::<f32>::from_bytes(&bytes[..cut]).is_err(), "truncated at {cut} of {n} loaded");
+        assert!(
+            Ledger::<f32>::from_bytes(&bytes[..cut]).is_err(),
+            "truncated at {cut} of {n} loaded"
+        );
     }
     // Single bit flips across header and data.
     let mut flips: Vec<usize> = (0..header_len).step_by(3).collect();
@@ -80,7 +116,60 @@ fn every_truncation_and_single_bit_flip_is_an_error() {
         for bit in [0u8, 3, 7] {
             let mut b = bytes.clone();
             b[pos] ^= 1 << bit;
-            assert!(Ledger::<f32>::from_bytes(&b).is_err(), "bit {bit} of byte {pos} flipped and the file loaded");
+            assert!(
+                Ledger::<f32>::from_bytes(&b).is_err(),
+                "bit {bit} of byte {pos} flipped and the file loaded"
+            );
         }
     }
+}
+
+#[test]
+fn python_reads_a_saved_ledger_with_safetensors_and_numpy() {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import safetensors, numpy"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        println!("SKIPPED: python3 with the safetensors and numpy packages is not available");
+        return;
+    }
+    let (ledger, _, _) = trained();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.safetensors");
+    ledger.save(&path).unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/inspect_ledger.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("format refinement-ledger version 1, float type F32"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "3 layers, {} sources, 3 segments",
+            ledger.sources().len()
+        )),
+        "{text}"
+    );
+    // Python sees the same numbers: the initial parameters' sum, to the last digit.
+    let sum: f64 = ledger.initial_params(0).unwrap().sum();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("layer.0.initial "))
+        .expect("tensor listed");
+    let py: f64 = line.rsplit("sum=").next().unwrap().parse().unwrap();
+    assert!(
+        (py - sum).abs() <= 1e-12 * sum.abs().max(1.0),
+        "{line}: rust {sum}"
+    );
+    assert!(text.contains("layer.2.rows.a float32"), "{text}");
 }

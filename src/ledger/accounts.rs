@@ -38,7 +38,15 @@ pub(crate) struct Rows<F> {
 
 impl<F: Float> Rows<F> {
     pub(crate) fn new(aug_in: usize, fan_out: usize) -> Self {
-        Self { aug_in, fan_out, a: Vec::new(), d: Vec::new(), source: Vec::new(), group: Vec::new(), sorted: true }
+        Self {
+            aug_in,
+            fan_out,
+            a: Vec::new(),
+            d: Vec::new(),
+            source: Vec::new(),
+            group: Vec::new(),
+            sorted: true,
+        }
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -46,7 +54,13 @@ impl<F: Float> Rows<F> {
     }
 
     /// Appends one row; `patch` has `fan_in` values (the bias column is added here).
-    pub(crate) fn push(&mut self, source: u32, group: u32, patch: ArrayView1<'_, F>, delta: ArrayView1<'_, F>) {
+    pub(crate) fn push(
+        &mut self,
+        source: u32,
+        group: u32,
+        patch: ArrayView1<'_, F>,
+        delta: ArrayView1<'_, F>,
+    ) {
         debug_assert!(patch.len() + 1 == self.aug_in || patch.len() == self.aug_in);
         debug_assert_eq!(delta.len(), self.fan_out);
         self.a.extend(patch.iter().copied());
@@ -63,10 +77,16 @@ impl<F: Float> Rows<F> {
 
     /// Rows `[start, end)` as `(patches, deltas)` views.
     pub(crate) fn view(&self, start: usize, end: usize) -> (ArrayView2<'_, F>, ArrayView2<'_, F>) {
-        let a = ArrayView2::from_shape((end - start, self.aug_in), &self.a[start * self.aug_in..end * self.aug_in])
-            .expect("invariant: rows hold aug_in values");
-        let d = ArrayView2::from_shape((end - start, self.fan_out), &self.d[start * self.fan_out..end * self.fan_out])
-            .expect("invariant: rows hold fan_out values");
+        let a = ArrayView2::from_shape(
+            (end - start, self.aug_in),
+            &self.a[start * self.aug_in..end * self.aug_in],
+        )
+        .expect("invariant: rows hold aug_in values");
+        let d = ArrayView2::from_shape(
+            (end - start, self.fan_out),
+            &self.d[start * self.fan_out..end * self.fan_out],
+        )
+        .expect("invariant: rows hold fan_out values");
         (a, d)
     }
 
@@ -84,12 +104,16 @@ impl<F: Float> Rows<F> {
     /// Row range of sources `[s0, s1)` (rows sorted by source).
     pub(crate) fn range(&self, s0: u32, s1: u32) -> (usize, usize) {
         debug_assert!(self.sorted);
-        (self.source.partition_point(|&s| s < s0), self.source.partition_point(|&s| s < s1))
+        (
+            self.source.partition_point(|&s| s < s0),
+            self.source.partition_point(|&s| s < s1),
+        )
     }
 
     /// Bytes held.
     pub(crate) fn bytes(&self) -> usize {
-        (self.a.len() + self.d.len()) * std::mem::size_of::<F>() + (self.source.len() + self.group.len()) * 4
+        (self.a.len() + self.d.len()) * std::mem::size_of::<F>()
+            + (self.source.len() + self.group.len()) * 4
     }
 
     /// Bytes of one row.
@@ -169,8 +193,11 @@ impl DenseAccounts {
                 slot
             }
         };
-        ArrayViewMut2::from_shape((self.fan_out, self.aug_in), &mut self.dense[slot * size..(slot + 1) * size])
-            .expect("invariant: slot holds fan_out × aug_in values")
+        ArrayViewMut2::from_shape(
+            (self.fan_out, self.aug_in),
+            &mut self.dense[slot * size..(slot + 1) * size],
+        )
+        .expect("invariant: slot holds fan_out × aug_in values")
     }
 
     /// Adds `scale · m` to the dense account of `source`.
@@ -181,13 +208,17 @@ impl DenseAccounts {
     /// The dense account in `slot`.
     pub(crate) fn slot(&self, slot: usize) -> ArrayView2<'_, f64> {
         let size = self.size();
-        ArrayView2::from_shape((self.fan_out, self.aug_in), &self.dense[slot * size..(slot + 1) * size])
-            .expect("invariant: slot holds fan_out × aug_in values")
+        ArrayView2::from_shape(
+            (self.fan_out, self.aug_in),
+            &self.dense[slot * size..(slot + 1) * size],
+        )
+        .expect("invariant: slot holds fan_out × aug_in values")
     }
 
     /// All slots as `[n_slots, fan_out · aug_in]`.
     pub(crate) fn stack(&self) -> ArrayView2<'_, f64> {
-        ArrayView2::from_shape((self.n_slots(), self.size()), &self.dense).expect("invariant: slots hold fan_out × aug_in values")
+        ArrayView2::from_shape((self.n_slots(), self.size()), &self.dense)
+            .expect("invariant: slots hold fan_out × aug_in values")
     }
 
     /// The dense account of `source`, if it has one.
@@ -246,7 +277,12 @@ impl DenseAccounts {
         }
         self.source = order.iter().map(|&k| self.source[k]).collect();
         self.dense = dense;
-        self.slot_of = self.source.iter().enumerate().map(|(k, &s)| (s, k)).collect();
+        self.slot_of = self
+            .source
+            .iter()
+            .enumerate()
+            .map(|(k, &s)| (s, k))
+            .collect();
         self.sorted = true;
     }
 }

@@ -68,7 +68,10 @@ impl Segment {
             end,
             first_group,
             coef: Vec::new(),
-            layers: layers.iter().map(|m| DenseAccounts::new(m.shape.aug_in(), m.shape.fan_out)).collect(),
+            layers: layers
+                .iter()
+                .map(|m| DenseAccounts::new(m.shape.aug_in(), m.shape.fan_out))
+                .collect(),
             n_steps: 0,
         }
     }
@@ -132,7 +135,10 @@ impl<F: Float> Ledger<F> {
         }
         let segment = Segment::new(initial.clone(), 0, &metas);
         Ok(Self {
-            rows: metas.iter().map(|m| Rows::new(m.shape.aug_in(), m.shape.fan_out)).collect(),
+            rows: metas
+                .iter()
+                .map(|m| Rows::new(m.shape.aug_in(), m.shape.fan_out))
+                .collect(),
             layers: metas,
             initial,
             sources: Vec::new(),
@@ -323,8 +329,16 @@ impl<F: Float> Ledger<F> {
         (0..self.layers.len())
             .map(|l| {
                 let params = self.initial[l].len() * 8 * (1 + self.segments.len());
-                let coef = self.segments.iter().map(|s| s.coef.len() * 8).sum::<usize>();
-                let dense = self.segments.iter().map(|s| s.layers[l].bytes()).sum::<usize>();
+                let coef = self
+                    .segments
+                    .iter()
+                    .map(|s| s.coef.len() * 8)
+                    .sum::<usize>();
+                let dense = self
+                    .segments
+                    .iter()
+                    .map(|s| s.layers[l].bytes())
+                    .sum::<usize>();
                 params + coef + self.rows[l].bytes() + dense
             })
             .collect()
@@ -526,7 +540,8 @@ impl<F: Float> Ledger<F> {
             let rows = &self.rows[l];
             let dense_bytes = rows.aug_in * rows.fan_out * 8;
             let mut n_rows = vec![0usize; self.sources.len()];
-            let mut touched: Vec<std::collections::BTreeSet<usize>> = vec![Default::default(); self.sources.len()];
+            let mut touched: Vec<std::collections::BTreeSet<usize>> =
+                vec![Default::default(); self.sources.len()];
             for j in 0..rows.len() {
                 let s = rows.source[j] as usize;
                 n_rows[s] += 1;
@@ -536,8 +551,9 @@ impl<F: Float> Ledger<F> {
                     }
                 }
             }
-            let densify: Vec<bool> =
-                (0..self.sources.len()).map(|s| n_rows[s] * rows.row_bytes() > touched[s].len() * dense_bytes).collect();
+            let densify: Vec<bool> = (0..self.sources.len())
+                .map(|s| n_rows[s] * rows.row_bytes() > touched[s].len() * dense_bytes)
+                .collect();
             for j in 0..rows.len() {
                 let s = rows.source[j];
                 if !densify[s as usize] {
@@ -575,7 +591,9 @@ impl<F: Float> Ledger<F> {
             let acc = &seg.layers[layer];
             for k in 0..acc.n_slots() {
                 let mut row = m.row_mut(acc.source[k] as usize);
-                row += &ndarray::ArrayView1::from(&acc.dense[k * fan_out * aug_in..(k + 1) * fan_out * aug_in]);
+                row += &ndarray::ArrayView1::from(
+                    &acc.dense[k * fan_out * aug_in..(k + 1) * fan_out * aug_in],
+                );
             }
         }
         let coef = self.coef_table(&self.segments.iter().collect::<Vec<_>>());

@@ -53,7 +53,9 @@ struct SegmentHeader {
 }
 
 fn corrupt(reason: impl Into<String>) -> Error {
-    Error::CorruptLedger { reason: reason.into() }
+    Error::CorruptLedger {
+        reason: reason.into(),
+    }
 }
 
 /// An owned tensor to serialise.
@@ -83,12 +85,24 @@ fn floats<T: Float>(values: impl IntoIterator<Item = T>, shape: Vec<usize>) -> T
     for v in values {
         v.write_le(&mut bytes);
     }
-    let dtype = if T::DTYPE == "F32" { Dtype::F32 } else { Dtype::F64 };
-    Tensor { dtype, shape, bytes }
+    let dtype = if T::DTYPE == "F32" {
+        Dtype::F32
+    } else {
+        Dtype::F64
+    };
+    Tensor {
+        dtype,
+        shape,
+        bytes,
+    }
 }
 
 fn u32s(values: &[u32]) -> Tensor {
-    Tensor { dtype: Dtype::U32, shape: vec![values.len()], bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect() }
+    Tensor {
+        dtype: Dtype::U32,
+        shape: vec![values.len()],
+        bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
 }
 
 fn matrix(m: &Array2<f64>) -> Tensor {
@@ -104,21 +118,39 @@ impl<F: Float> Ledger<F> {
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
         for (l, rows) in self.rows.iter().enumerate() {
             tensors.push((format!("layer.{l}.initial"), matrix(&self.initial[l])));
-            tensors.push((format!("layer.{l}.rows.a"), floats(rows.a.iter().copied(), vec![rows.len(), rows.aug_in])));
-            tensors.push((format!("layer.{l}.rows.d"), floats(rows.d.iter().copied(), vec![rows.len(), rows.fan_out])));
+            tensors.push((
+                format!("layer.{l}.rows.a"),
+                floats(rows.a.iter().copied(), vec![rows.len(), rows.aug_in]),
+            ));
+            tensors.push((
+                format!("layer.{l}.rows.d"),
+                floats(rows.d.iter().copied(), vec![rows.len(), rows.fan_out]),
+            ));
             tensors.push((format!("layer.{l}.rows.source"), u32s(&rows.source)));
             tensors.push((format!("layer.{l}.rows.group"), u32s(&rows.group)));
         }
         for (k, seg) in self.segments.iter().enumerate() {
-            tensors.push((format!("segment.{k}.coef"), floats(seg.coef.iter().copied(), vec![seg.coef.len()])));
+            tensors.push((
+                format!("segment.{k}.coef"),
+                floats(seg.coef.iter().copied(), vec![seg.coef.len()]),
+            ));
             for (l, acc) in seg.layers.iter().enumerate() {
                 tensors.push((format!("segment.{k}.layer.{l}.end"), matrix(&seg.end[l])));
                 tensors.push((
                     format!("segment.{k}.layer.{l}.dense"),
-                    floats(acc.dense.iter().copied(), vec![acc.n_slots(), acc.fan_out, acc.aug_in]),
+                    floats(
+                        acc.dense.iter().copied(),
+                        vec![acc.n_slots(), acc.fan_out, acc.aug_in],
+                    ),
                 ));
-                tensors.push((format!("segment.{k}.layer.{l}.dense_source"), u32s(&acc.source)));
-                tensors.push((format!("segment.{k}.layer.{l}.residual"), matrix(&acc.residual)));
+                tensors.push((
+                    format!("segment.{k}.layer.{l}.dense_source"),
+                    u32s(&acc.source),
+                ));
+                tensors.push((
+                    format!("segment.{k}.layer.{l}.residual"),
+                    matrix(&acc.residual),
+                ));
             }
         }
         let header = Header {
@@ -126,7 +158,14 @@ impl<F: Float> Ledger<F> {
             layers: self.layers.clone(),
             sources: self.sources.clone(),
             n_groups: self.n_groups,
-            segments: self.segments.iter().map(|s| SegmentHeader { first_group: s.first_group, n_steps: s.n_steps }).collect(),
+            segments: self
+                .segments
+                .iter()
+                .map(|s| SegmentHeader {
+                    first_group: s.first_group,
+                    n_steps: s.n_steps,
+                })
+                .collect(),
         };
         let json = serde_json::to_string(&header).map_err(|e| corrupt(format!("header: {e}")))?;
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
@@ -152,14 +191,24 @@ impl<F: Float> Ledger<F> {
     /// # Errors
     /// [`Error::Io`] when the file cannot be written.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let io = |e: std::io::Error, p: &Path| Error::Io { path: p.display().to_string(), source: e };
+        let io = |e: std::io::Error, p: &Path| Error::Io {
+            path: p.display().to_string(),
+            source: e,
+        };
         let bytes = self.to_bytes()?;
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         let name = path.file_name().ok_or_else(|| Error::Io {
             path: path.display().to_string(),
             source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
         })?;
-        let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+        let tmp = dir.join(format!(
+            ".{}.tmp-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
         let mut f = std::fs::File::create(&tmp).map_err(|e| io(e, &tmp))?;
         f.write_all(&bytes).map_err(|e| io(e, &tmp))?;
         f.sync_all().map_err(|e| io(e, &tmp))?;
@@ -175,7 +224,10 @@ impl<F: Float> Ledger<F> {
     /// [`Error::Io`] when the file cannot be opened; [`Error::CorruptLedger`]
     /// for a truncated, corrupted or foreign file, or one saved with the other float type.
     pub fn load(path: &Path) -> Result<Self> {
-        let io = |e: std::io::Error| Error::Io { path: path.display().to_string(), source: e };
+        let io = |e: std::io::Error| Error::Io {
+            path: path.display().to_string(),
+            source: e,
+        };
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the map is read-only and lives only for this call, during which
         // every value is copied out and checked (checksum, shapes, finiteness).
@@ -191,15 +243,28 @@ impl<F: Float> Ledger<F> {
     /// # Errors
     /// [`Error::CorruptLedger`] for anything that is not a valid ledger of float type `F`.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| corrupt(format!("header: {e}")))?;
+        let (_, meta) =
+            SafeTensors::read_metadata(bytes).map_err(|e| corrupt(format!("header: {e}")))?;
         let st = SafeTensors::deserialize(bytes).map_err(|e| corrupt(format!("tensors: {e}")))?;
-        let info = meta.metadata().as_ref().ok_or_else(|| corrupt("no metadata"))?;
-        let get = |k: &str| info.get(k).ok_or_else(|| corrupt(format!("metadata key {k:?} missing")));
+        let info = meta
+            .metadata()
+            .as_ref()
+            .ok_or_else(|| corrupt("no metadata"))?;
+        let get = |k: &str| {
+            info.get(k)
+                .ok_or_else(|| corrupt(format!("metadata key {k:?} missing")))
+        };
         if get("format")? != FORMAT {
-            return Err(corrupt(format!("format {:?}, expected {FORMAT:?}", get("format")?)));
+            return Err(corrupt(format!(
+                "format {:?}, expected {FORMAT:?}",
+                get("format")?
+            )));
         }
         if get("version")? != &VERSION.to_string() {
-            return Err(corrupt(format!("version {:?}, this build reads version {VERSION}", get("version")?)));
+            return Err(corrupt(format!(
+                "version {:?}, this build reads version {VERSION}",
+                get("version")?
+            )));
         }
         let json = get("ledger")?;
         let mut names: Vec<&str> = st.names();
@@ -211,11 +276,19 @@ impl<F: Float> Ledger<F> {
         }
         let want = format!("{:08x}", crc.finalize());
         if get("crc32")? != &want {
-            return Err(corrupt(format!("checksum {} does not match the data ({want})", get("crc32")?)));
+            return Err(corrupt(format!(
+                "checksum {} does not match the data ({want})",
+                get("crc32")?
+            )));
         }
-        let header: Header = serde_json::from_str(json).map_err(|e| corrupt(format!("ledger header: {e}")))?;
+        let header: Header =
+            serde_json::from_str(json).map_err(|e| corrupt(format!("ledger header: {e}")))?;
         if header.dtype != F::DTYPE {
-            return Err(corrupt(format!("float type {}, expected {}", header.dtype, F::DTYPE)));
+            return Err(corrupt(format!(
+                "float type {}, expected {}",
+                header.dtype,
+                F::DTYPE
+            )));
         }
         Reader { st: &st }.ledger(header)
     }
@@ -227,7 +300,10 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn tensor(&self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<TensorView<'_>> {
-        let t = self.st.tensor(name).map_err(|_| corrupt(format!("tensor {name} missing")))?;
+        let t = self
+            .st
+            .tensor(name)
+            .map_err(|_| corrupt(format!("tensor {name} missing")))?;
         if t.dtype() != dtype || t.shape() != shape {
             return Err(corrupt(format!(
                 "tensor {name}: expected {dtype:?} {shape:?}, found {:?} {:?}",
@@ -240,7 +316,10 @@ impl Reader<'_> {
 
     /// A tensor whose first dimension is free, the rest fixed.
     fn leading(&self, name: &str, dtype: Dtype, rest: &[usize]) -> Result<(usize, TensorView<'_>)> {
-        let t = self.st.tensor(name).map_err(|_| corrupt(format!("tensor {name} missing")))?;
+        let t = self
+            .st
+            .tensor(name)
+            .map_err(|_| corrupt(format!("tensor {name} missing")))?;
         let n = t.shape().first().copied().unwrap_or(0);
         let mut shape = vec![n];
         shape.extend_from_slice(rest);
@@ -248,20 +327,37 @@ impl Reader<'_> {
     }
 
     fn floats<T: Float>(&self, t: &TensorView<'_>, name: &str) -> Result<Vec<T>> {
-        let v: Vec<T> = t.data().chunks_exact(std::mem::size_of::<T>()).map(T::read_le).collect();
-        if v.iter().all(|x| x.is_finite()) { Ok(v) } else { Err(corrupt(format!("tensor {name}: non-finite value"))) }
+        let v: Vec<T> = t
+            .data()
+            .chunks_exact(std::mem::size_of::<T>())
+            .map(T::read_le)
+            .collect();
+        if v.iter().all(|x| x.is_finite()) {
+            Ok(v)
+        } else {
+            Err(corrupt(format!("tensor {name}: non-finite value")))
+        }
     }
 
     fn matrix(&self, name: &str, shape: (usize, usize)) -> Result<Array2<f64>> {
         let t = self.tensor(name, Dtype::F64, &[shape.0, shape.1])?;
-        Ok(Array2::from_shape_vec(shape, self.floats::<f64>(&t, name)?)?)
+        Ok(Array2::from_shape_vec(
+            shape,
+            self.floats::<f64>(&t, name)?,
+        )?)
     }
 
     fn u32s(&self, name: &str, n: usize, below: u32, what: &str) -> Result<Vec<u32>> {
         let t = self.tensor(name, Dtype::U32, &[n])?;
-        let v: Vec<u32> = t.data().chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("invariant: 4 bytes"))).collect();
+        let v: Vec<u32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("invariant: 4 bytes")))
+            .collect();
         if let Some(bad) = v.iter().find(|&&x| x >= below) {
-            return Err(corrupt(format!("tensor {name}: {what} {bad} out of range 0..{below}")));
+            return Err(corrupt(format!(
+                "tensor {name}: {what} {bad} out of range 0..{below}"
+            )));
         }
         Ok(v)
     }
@@ -274,13 +370,23 @@ impl Reader<'_> {
                 return Err(corrupt(format!("source {} listed twice", s.id)));
             }
         }
-        let dt = if F::DTYPE == "F32" { Dtype::F32 } else { Dtype::F64 };
+        let dt = if F::DTYPE == "F32" {
+            Dtype::F32
+        } else {
+            Dtype::F64
+        };
         let mut initial = Vec::new();
         let mut rows = Vec::new();
         for (l, m) in header.layers.iter().enumerate() {
             let (fo, ai) = (m.shape.fan_out, m.shape.aug_in());
-            if fo == 0 || m.shape.fan_in == 0 || m.shape.weight_shape.iter().product::<usize>() != fo * m.shape.fan_in {
-                return Err(corrupt(format!("layer {l}: inconsistent shape {:?}", m.shape)));
+            if fo == 0
+                || m.shape.fan_in == 0
+                || m.shape.weight_shape.iter().product::<usize>() != fo * m.shape.fan_in
+            {
+                return Err(corrupt(format!(
+                    "layer {l}: inconsistent shape {:?}",
+                    m.shape
+                )));
             }
             initial.push(self.matrix(&format!("layer.{l}.initial"), (fo, ai))?);
             let (n, a) = self.leading(&format!("layer.{l}.rows.a"), dt, &[ai])?;
@@ -289,7 +395,12 @@ impl Reader<'_> {
             r.a = self.floats(&a, "rows.a")?;
             r.d = self.floats(&d, "rows.d")?;
             r.source = self.u32s(&format!("layer.{l}.rows.source"), n, n_src, "source")?;
-            r.group = self.u32s(&format!("layer.{l}.rows.group"), n, header.n_groups, "group")?;
+            r.group = self.u32s(
+                &format!("layer.{l}.rows.group"),
+                n,
+                header.n_groups,
+                "group",
+            )?;
             if !r.source.windows(2).all(|w| w[0] <= w[1]) {
                 return Err(corrupt(format!("layer {l}: rows not sorted by source")));
             }
@@ -300,30 +411,63 @@ impl Reader<'_> {
         for (k, sh) in header.segments.iter().enumerate() {
             let (len, c) = self.leading(&format!("segment.{k}.coef"), Dtype::F64, &[])?;
             if sh.first_group as u64 + len as u64 > header.n_groups as u64 {
-                return Err(corrupt(format!("segment {k}: groups {}..{} beyond {}", sh.first_group, sh.first_group as usize + len, header.n_groups)));
+                return Err(corrupt(format!(
+                    "segment {k}: groups {}..{} beyond {}",
+                    sh.first_group,
+                    sh.first_group as usize + len,
+                    header.n_groups
+                )));
             }
             let mut seg = Segment::new(Vec::new(), sh.first_group, &header.layers);
             seg.coef = self.floats(&c, "coef")?;
             seg.n_steps = sh.n_steps;
             for (l, m) in header.layers.iter().enumerate() {
                 let (fo, ai) = (m.shape.fan_out, m.shape.aug_in());
-                seg.end.push(self.matrix(&format!("segment.{k}.layer.{l}.end"), (fo, ai))?);
+                seg.end
+                    .push(self.matrix(&format!("segment.{k}.layer.{l}.end"), (fo, ai))?);
                 let name = format!("segment.{k}.layer.{l}.dense");
                 let (slots, dense) = self.leading(&name, Dtype::F64, &[fo, ai])?;
-                let source = self.u32s(&format!("segment.{k}.layer.{l}.dense_source"), slots, n_src, "source")?;
+                let source = self.u32s(
+                    &format!("segment.{k}.layer.{l}.dense_source"),
+                    slots,
+                    n_src,
+                    "source",
+                )?;
                 let residual = self.matrix(&format!("segment.{k}.layer.{l}.residual"), (fo, ai))?;
-                seg.layers[l] = DenseAccounts::from_parts(ai, fo, source, self.floats(&dense, &name)?, residual)
-                    .ok_or_else(|| corrupt(format!("segment {k} layer {l}: dense sources not strictly ascending")))?;
+                seg.layers[l] = DenseAccounts::from_parts(
+                    ai,
+                    fo,
+                    source,
+                    self.floats(&dense, &name)?,
+                    residual,
+                )
+                .ok_or_else(|| {
+                    corrupt(format!(
+                        "segment {k} layer {l}: dense sources not strictly ascending"
+                    ))
+                })?;
             }
             segments.push(seg);
         }
         if segments.is_empty() || header.layers.is_empty() {
             return Err(corrupt("no layers or no segments"));
         }
-        let expected = 5 * header.layers.len() + header.segments.len() * (1 + 4 * header.layers.len());
+        let expected =
+            5 * header.layers.len() + header.segments.len() * (1 + 4 * header.layers.len());
         if self.st.len() != expected {
-            return Err(corrupt(format!("{} tensors, expected {expected}", self.st.len())));
+            return Err(corrupt(format!(
+                "{} tensors, expected {expected}",
+                self.st.len()
+            )));
         }
-        Ok(Ledger { layers: header.layers, initial, sources: header.sources, index, rows, n_groups: header.n_groups, segments })
+        Ok(Ledger {
+            layers: header.layers,
+            initial,
+            sources: header.sources,
+            index,
+            rows,
+            n_groups: header.n_groups,
+            segments,
+        })
     }
 }

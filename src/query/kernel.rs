@@ -138,14 +138,24 @@ pub(crate) struct LayerLedger<'a, F> {
 }
 
 impl<'a, F: Float> LayerLedger<'a, F> {
-    pub(crate) fn new(l: usize, rows: &'a Rows<F>, segments: Vec<&'a Segment>, n_groups: u32) -> Self {
+    pub(crate) fn new(
+        l: usize,
+        rows: &'a Rows<F>,
+        segments: Vec<&'a Segment>,
+        n_groups: u32,
+    ) -> Self {
         let mut coef = vec![0.0; n_groups as usize];
         for seg in &segments {
             for (i, &c) in seg.coef.iter().enumerate() {
                 coef[seg.first_group as usize + i] += c;
             }
         }
-        Self { l, rows, segments, coef }
+        Self {
+            l,
+            rows,
+            segments,
+            coef,
+        }
     }
 
     fn dense(&self, k: usize) -> &'a DenseAccounts {
@@ -156,7 +166,10 @@ impl<'a, F: Float> LayerLedger<'a, F> {
 /// Slot range of sources `[s0, s1)` in sorted dense accounts.
 fn slot_range(acc: &DenseAccounts, s0: u32, s1: u32) -> (usize, usize) {
     debug_assert!(acc.sorted);
-    (acc.source.partition_point(|&s| s < s0), acc.source.partition_point(|&s| s < s1))
+    (
+        acc.source.partition_point(|&s| s < s0),
+        acc.source.partition_point(|&s| s < s1),
+    )
 }
 
 /// `⟨c_s, t⟩` and `‖c_s‖²` for every source over the layer's segments, and `Σ_s c_s`.
@@ -165,7 +178,11 @@ fn slot_range(acc: &DenseAccounts, s0: u32, s1: u32) -> (usize, usize) {
 /// as dense accounts use `‖G Ãᵀ‖² = ⟨GᵀG, ÃᵀÃ⟩` when `aug_in² < fan_out·n_q·P`
 /// (convolutions); every other source's contribution is materialised, a chunk
 /// of sources at a time.
-pub(crate) fn materialize<F: Float>(layer: &LayerLedger<'_, F>, n_src: usize, input: &LayerInput<F>) -> Materialized {
+pub(crate) fn materialize<F: Float>(
+    layer: &LayerLedger<'_, F>,
+    n_src: usize,
+    input: &LayerInput<F>,
+) -> Materialized {
     let width = input.n_q * input.positions;
     let (fan_out, aug_in) = (input.target.ncols(), input.a64.ncols());
     let dot = dots(layer, &[input], n_src, input.n_q);
@@ -186,8 +203,10 @@ pub(crate) fn materialize<F: Float>(layer: &LayerLedger<'_, F>, n_src: usize, in
 
     // Materialised sources, in contiguous chunks that hold at least one of them.
     let chunk = (CHUNK_BYTES / (width * fan_out * 8).max(1)).clamp(1, n_src.max(1));
-    let starts: Vec<usize> =
-        (0..n_src).step_by(chunk).filter(|&s0| (s0..(s0 + chunk).min(n_src)).any(needs_material)).collect();
+    let starts: Vec<usize> = (0..n_src)
+        .step_by(chunk)
+        .filter(|&s0| (s0..(s0 + chunk).min(n_src)).any(needs_material))
+        .collect();
     let parts: Vec<Array2<f64>> = starts
         .par_iter()
         .map(|&s0| {
@@ -213,18 +232,27 @@ pub(crate) fn materialize<F: Float>(layer: &LayerLedger<'_, F>, n_src: usize, in
     // Dense-only sources by their Gram matrices GᵀG against the queries' ÃᵀÃ.
     if gram {
         let (sources, dense) = combined_dense(&layer.segments, layer.l);
-        let keep: Vec<usize> = (0..sources.len()).filter(|&k| !has_rows[sources[k] as usize]).collect();
+        let keep: Vec<usize> = (0..sources.len())
+            .filter(|&k| !has_rows[sources[k] as usize])
+            .collect();
         if !keep.is_empty() {
             let mut m = Array2::<f64>::zeros((input.n_q, aug_in * aug_in));
             for q in 0..input.n_q {
-                let a = input.a64.slice(s![q * input.positions..(q + 1) * input.positions, ..]);
+                let a = input
+                    .a64
+                    .slice(s![q * input.positions..(q + 1) * input.positions, ..]);
                 let ata = a.t().dot(&a);
-                m.row_mut(q).assign(&ndarray::ArrayView1::from(ata.as_slice().expect("invariant: standard layout")));
+                m.row_mut(q).assign(&ndarray::ArrayView1::from(
+                    ata.as_slice().expect("invariant: standard layout"),
+                ));
             }
             let h_rows: Vec<Array1<f64>> = keep
                 .par_iter()
                 .map(|&k| {
-                    let g = dense.row(k).into_shape_with_order((fan_out, aug_in)).expect("invariant: dense row");
+                    let g = dense
+                        .row(k)
+                        .into_shape_with_order((fan_out, aug_in))
+                        .expect("invariant: dense row");
                     Array1::from_iter(g.t().dot(&g).iter().copied())
                 })
                 .collect();
@@ -238,7 +266,11 @@ pub(crate) fn materialize<F: Float>(layer: &LayerLedger<'_, F>, n_src: usize, in
             }
         }
     }
-    Materialized { dot, norm2, total: input.apply(total_account.view()) }
+    Materialized {
+        dot,
+        norm2,
+        total: input.apply(total_account.view()),
+    }
 }
 
 /// `c_s` for sources `[s0, s1)`: `[s1 − s0, n_q·P, fan_out]`.
@@ -269,7 +301,13 @@ pub(crate) fn chunk_contributions<F: Float>(
                 e += 1;
             }
             let mut cs = c.index_axis_mut(Axis(0), s as usize - s0);
-            ndarray::linalg::general_mat_mul(1.0, &w.slice(s![j..e, ..]).t(), &d64.slice(s![j..e, ..]), 1.0, &mut cs);
+            ndarray::linalg::general_mat_mul(
+                1.0,
+                &w.slice(s![j..e, ..]).t(),
+                &d64.slice(s![j..e, ..]),
+                1.0,
+                &mut cs,
+            );
             j = e;
         }
     }
@@ -302,7 +340,12 @@ const ROW_BLOCK: usize = 4096;
 /// `layer` is read with it (rows weighted by the summed coefficients, dense
 /// accounts summed first); with one input per segment, segment `k` is read
 /// with `inputs[k]` (TracIn per segment).
-pub(crate) fn dots<F: Float>(layer: &LayerLedger<'_, F>, inputs: &[&LayerInput<F>], n_src: usize, n_q: usize) -> Array2<f64> {
+pub(crate) fn dots<F: Float>(
+    layer: &LayerLedger<'_, F>,
+    inputs: &[&LayerInput<F>],
+    n_src: usize,
+    n_q: usize,
+) -> Array2<f64> {
     let mut out = Array2::<f64>::zeros((n_src, n_q));
     let rows = layer.rows;
     if inputs.len() == 1 {
@@ -318,8 +361,12 @@ pub(crate) fn dots<F: Float>(layer: &LayerLedger<'_, F>, inputs: &[&LayerInput<F
     debug_assert_eq!(inputs.len(), layer.segments.len());
     for (k, input) in inputs.iter().enumerate() {
         let seg = layer.segments[k];
-        let idx: Vec<usize> = (0..rows.len()).filter(|&j| seg.coef_of(rows.group[j]) != 0.0).collect();
-        let coef: Vec<f64> = (0..layer.coef.len() as u32).map(|g| seg.coef_of(g)).collect();
+        let idx: Vec<usize> = (0..rows.len())
+            .filter(|&j| seg.coef_of(rows.group[j]) != 0.0)
+            .collect();
+        let coef: Vec<f64> = (0..layer.coef.len() as u32)
+            .map(|g| seg.coef_of(g))
+            .collect();
         row_dots(rows, Some(&idx), &coef, input, &mut out);
         let acc = layer.dense(k);
         if acc.n_slots() > 0 {
@@ -330,7 +377,13 @@ pub(crate) fn dots<F: Float>(layer: &LayerLedger<'_, F>, inputs: &[&LayerInput<F
 }
 
 /// Adds `κ_j Σ_p (ã_j·ã_{q,p})(d_j·t_{q,p})` of the rows `idx` (all rows when `None`) to `out[source_j]`.
-fn row_dots<F: Float>(rows: &Rows<F>, idx: Option<&[usize]>, coef: &[f64], input: &LayerInput<F>, out: &mut Array2<f64>) {
+fn row_dots<F: Float>(
+    rows: &Rows<F>,
+    idx: Option<&[usize]>,
+    coef: &[f64],
+    input: &LayerInput<F>,
+    out: &mut Array2<f64>,
+) {
     let n = idx.map_or(rows.len(), <[usize]>::len);
     let n_q = input.n_q;
     let tf = input.target.mapv(F::narrow);
@@ -347,7 +400,10 @@ fn row_dots<F: Float>(rows: &Rows<F>, idx: Option<&[usize]>, coef: &[f64], input
                 }
                 Some(idx) => {
                     let (a, d) = rows.view(0, rows.len());
-                    (a.select(Axis(0), &idx[b0..b1]), d.select(Axis(0), &idx[b0..b1]))
+                    (
+                        a.select(Axis(0), &idx[b0..b1]),
+                        d.select(Axis(0), &idx[b0..b1]),
+                    )
                 }
             };
             let aa = a_rows.dot(&input.af.t()); // [rows, n_q·P]
@@ -368,13 +424,19 @@ fn row_dots<F: Float>(rows: &Rows<F>, idx: Option<&[usize]>, coef: &[f64], input
         .collect();
     for (&b0, v) in blocks.iter().zip(&vals) {
         for (i, row) in v.rows().into_iter().enumerate() {
-            out.row_mut(rows.source[row_of(b0 + i)] as usize).scaled_add(1.0, &row);
+            out.row_mut(rows.source[row_of(b0 + i)] as usize)
+                .scaled_add(1.0, &row);
         }
     }
 }
 
 /// Adds `⟨G_k, Q_q⟩` of dense accounts `stack [k, fan_out·aug_in]` to `out[sources[k]]`.
-fn dense_dots<F: Float>(out: &mut Array2<f64>, sources: &[u32], stack: ArrayView2<'_, f64>, input: &LayerInput<F>) {
+fn dense_dots<F: Float>(
+    out: &mut Array2<f64>,
+    sources: &[u32],
+    stack: ArrayView2<'_, f64>,
+    input: &LayerInput<F>,
+) {
     let q_mats = query_matrices(input);
     let prod = stack.dot(&q_mats.t()); // [k, n_q]
     for (k, row) in prod.rows().into_iter().enumerate() {
@@ -388,7 +450,11 @@ pub(crate) fn query_matrices<F: Float>(input: &LayerInput<F>) -> Array2<f64> {
     let mut q = Array2::zeros((input.n_q, fan_out * aug_in));
     for qi in 0..input.n_q {
         let rows = qi * input.positions..(qi + 1) * input.positions;
-        let m = input.target.slice(s![rows.clone(), ..]).t().dot(&input.a64.slice(s![rows, ..]));
+        let m = input
+            .target
+            .slice(s![rows.clone(), ..])
+            .t()
+            .dot(&input.a64.slice(s![rows, ..]));
         q.row_mut(qi).assign(&Array1::from_iter(m.iter().copied()));
     }
     q

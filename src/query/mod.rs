@@ -644,10 +644,15 @@ impl<F: Float> Ledger<F> {
             Lens::Loss => self.loss_scores_impl(std::slice::from_ref(query), &selected, OP),
             Lens::Margin => {
                 let (l, input) = self.margin_input(query)?;
-                Ok(dots(&self.layer_ledger(l, None), &[&input], self.sources.len(), query.n)
-                    .t()
-                    .as_standard_layout()
-                    .into_owned())
+                Ok(dots(
+                    &self.layer_ledger(l, None),
+                    &[&input],
+                    self.sources.len(),
+                    query.n,
+                )
+                .t()
+                .as_standard_layout()
+                .into_owned())
             }
             Lens::Norm | Lens::Cos => {
                 let sel = if selected.len() == 1 {
@@ -662,7 +667,12 @@ impl<F: Float> Ledger<F> {
                     .iter()
                     .map(|&l| {
                         let (input, r) = self.representation_input(query, l);
-                        let dot = dots(&self.layer_ledger(l, None), &[&input], self.sources.len(), query.n);
+                        let dot = dots(
+                            &self.layer_ledger(l, None),
+                            &[&input],
+                            self.sources.len(),
+                            query.n,
+                        );
                         LayerExplanation {
                             layer: self.layers[l].id.clone(),
                             dot: dot.t().as_standard_layout().into_owned(),
