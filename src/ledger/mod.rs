@@ -13,6 +13,7 @@
 //! ```
 
 pub(crate) mod accounts;
+mod merge;
 mod persist;
 
 pub use persist::{FORMAT, VERSION};

@@ -1,0 +1,106 @@
+//! Ledgers of the shards of a data-parallel run merge into the ledger of the
+//! combined run (DESIGN §3).
+
+mod common;
+
+use common::{assert_allclose, blobs, mlp, query, rows};
+use refinement_ledger::nn::Sequential;
+use refinement_ledger::optim::SgdConfig;
+use refinement_ledger::{Batch, ExampleId, LayerSel, Ledger, Lens, OptimizerHook};
+
+/// Trains two identical replicas on the same global batches, each hook crediting
+/// only its shard (the other shard's rows are ghosts); and a third, combined run.
+fn sharded_run(
+    momentum: f64,
+    decay: f64,
+    segments: bool,
+) -> (Ledger<f64>, Ledger<f64>, Ledger<f64>, Sequential<f64>) {
+    let (x, y) = blobs::<f64>(6, 3, 4, 3);
+    let cfg = SgdConfig::new(0.05)
+        .with_momentum(momentum)
+        .with_weight_decay(decay);
+    let mut nets: Vec<Sequential<f64>> = (0..3).map(|_| mlp(4, 3, 8)).collect();
+    let mut hooks: Vec<_> = nets
+        .iter()
+        .map(|n| OptimizerHook::new(cfg.build::<f64>().unwrap(), &n.traceables()).unwrap())
+        .collect();
+    let n = y.len();
+    for epoch in 0..3 {
+        for b in 0..3 {
+            let idx: Vec<usize> = (0..6).map(|k| (b * 6 + k + epoch) % n).collect();
+            let yb: Vec<usize> = idx.iter().map(|&i| y[i]).collect();
+            let ids: Vec<ExampleId> = idx.iter().map(|&i| ExampleId(i as u64)).collect();
+            let shard: Vec<bool> = idx.iter().map(|&i| i % 2 == 0).collect();
+            let not: Vec<bool> = shard.iter().map(|s| !s).collect();
+            for (r, (net, hook)) in nets.iter_mut().zip(hooks.iter_mut()).enumerate() {
+                net.train_batch(rows(&x, &idx).view(), &yb).unwrap();
+                let batch = Batch::new(&ids, &yb);
+                let batch = match r {
+                    0 => batch.with_ghosts(&not),   // shard A credits the even examples
+                    1 => batch.with_ghosts(&shard), // shard B the odd ones
+                    _ => batch,
+                };
+                hook.step(&mut net.traceables_mut(), &batch).unwrap();
+            }
+        }
+        if segments && epoch < 2 {
+            hooks.iter_mut().for_each(|h| h.close_segment().unwrap());
+        }
+    }
+    let mut ledgers: Vec<Ledger<f64>> = hooks.into_iter().map(|h| h.finish()).collect();
+    let c = ledgers.pop().unwrap();
+    let b = ledgers.pop().unwrap();
+    let a = ledgers.pop().unwrap();
+    (a, b, c, nets.pop().unwrap())
+}
+
+#[test]
+fn merged_shards_equal_the_combined_run() {
+    for (momentum, decay, segments) in [(0.0, 0.0, false), (0.9, 1e-3, false), (0.9, 1e-3, true)] {
+        let (a, b, c, mut net) = sharded_run(momentum, decay, segments);
+        let merged = a.merge(&b).unwrap();
+        assert_eq!(merged.sources().len(), c.sources().len());
+        for l in 0..c.layers().len() {
+            for s in c.sources() {
+                let want = c.account(l, s.id).unwrap().into_dyn();
+                let got = merged.account(l, s.id).unwrap().into_dyn();
+                assert_allclose(&got, &want, 1e-9, 1e-14, &format!("{} layer {l}", s.id));
+            }
+            assert_allclose(
+                &merged.residual(l).unwrap().into_dyn(),
+                &c.residual(l).unwrap().into_dyn(),
+                0.0,
+                1e-12,
+                "residual",
+            );
+        }
+        assert!(merged.parameter_balance().iter().all(|&e| e < 1e-9));
+        let (test, _) = blobs::<f64>(2, 3, 4, 30);
+        let q = query(&mut net, &test);
+        let (m, w) = (
+            merged.scores(&q, Lens::Influence, LayerSel::All).unwrap(),
+            c.scores(&q, Lens::Influence, LayerSel::All).unwrap(),
+        );
+        // Columns follow each ledger's own source order.
+        for (j, s) in c.sources().iter().enumerate() {
+            let k = merged.source_index(s.id).unwrap();
+            for qi in 0..q.len() {
+                assert!((m[[qi, k]] - w[[qi, j]]).abs() <= 1e-9 * w[[qi, j]].abs().max(1e-9));
+            }
+        }
+    }
+}
+
+#[test]
+fn merging_ledgers_of_different_runs_is_an_error() {
+    let (a, _, _, _) = sharded_run(0.9, 0.0, false);
+    let (b, _, _, _) = sharded_run(0.5, 0.0, false);
+    let e = a.merge(&b).unwrap_err();
+    assert!(
+        e.to_string().contains("coefficients differ")
+            || e.to_string().contains("different parameters"),
+        "{e}"
+    );
+    let e = a.merge(&a).unwrap_err();
+    assert!(e.to_string().contains("in both shards"), "{e}");
+}
