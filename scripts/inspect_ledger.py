@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 path = sys.argv[1]
 with safe_open(path, framework="np") as f:
     meta = f.metadata()
-header = json.loads(meta["ledger"])
+header = json.loads(meta["payload"])
 print(f"format {meta['format']} version {meta['version']}, float type {header['dtype']}")
 print(f"{len(header['layers'])} layers, {len(header['sources'])} sources, {len(header['segments'])} segments")
 for name, t in sorted(load_file(path).items()):

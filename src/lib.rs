@@ -77,6 +77,7 @@ pub mod optim;
 pub mod query;
 #[cfg(feature = "report")]
 pub mod report;
+mod storage;
 mod trace;
 
 pub use error::{Error, Result};

@@ -13,24 +13,25 @@
 //! | `segment.{k}.layer.{l}.dense_source` | U32 | `[n_slots]` |
 //! | `segment.{k}.layer.{l}.residual` | F64 | `[fan_out, aug_in]` |
 //!
-//! Header metadata: `format` = `refinement-ledger`, `version` = `1`, `ledger` = a
+//! Header metadata: `format` = `refinement-ledger`, `version` = `1`, `payload` = a
 //! JSON document (float type, layers, sources, segments' first group and step
-//! count, number of groups), and `crc32` = the CRC-32 of the `ledger` JSON and
+//! count, number of groups), and `crc32` = the CRC-32 of the `payload` JSON and
 //! every tensor's bytes in name order (safetensors has no checksum of its own).
 //!
 //! Loading reads the file through a memory map and copies it into the ledger's
 //! own arrays after checking it; queries then run on the in-memory ledger.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
-use ndarray::Array2;
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::Dtype;
 use serde::{Deserialize, Serialize};
 
 use super::{DenseAccounts, LayerMeta, Ledger, Rows, Segment, SourceMeta};
-use crate::{Error, Float, Result};
+use crate::storage::{
+    Reader, Tensor, corrupt, decode, dtype, encode, floats, matrix, u32s, with_mapped, write_atomic,
+};
+use crate::{Float, Result};
 
 /// The file format's name, in the header.
 pub const FORMAT: &str = "refinement-ledger";
@@ -50,63 +51,6 @@ struct Header {
 struct SegmentHeader {
     first_group: u32,
     n_steps: u64,
-}
-
-fn corrupt(reason: impl Into<String>) -> Error {
-    Error::CorruptLedger {
-        reason: reason.into(),
-    }
-}
-
-/// An owned tensor to serialise.
-struct Tensor {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    bytes: Vec<u8>,
-}
-
-impl safetensors::View for &Tensor {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.bytes)
-    }
-    fn data_len(&self) -> usize {
-        self.bytes.len()
-    }
-}
-
-fn floats<T: Float>(values: impl IntoIterator<Item = T>, shape: Vec<usize>) -> Tensor {
-    let mut bytes = Vec::new();
-    for v in values {
-        v.write_le(&mut bytes);
-    }
-    let dtype = if T::DTYPE == "F32" {
-        Dtype::F32
-    } else {
-        Dtype::F64
-    };
-    Tensor {
-        dtype,
-        shape,
-        bytes,
-    }
-}
-
-fn u32s(values: &[u32]) -> Tensor {
-    Tensor {
-        dtype: Dtype::U32,
-        shape: vec![values.len()],
-        bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-    }
-}
-
-fn matrix(m: &Array2<f64>) -> Tensor {
-    floats(m.iter().copied(), m.shape().to_vec())
 }
 
 impl<F: Float> Ledger<F> {
@@ -168,20 +112,7 @@ impl<F: Float> Ledger<F> {
                 .collect(),
         };
         let json = serde_json::to_string(&header).map_err(|e| corrupt(format!("header: {e}")))?;
-        tensors.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(json.as_bytes());
-        for (_, t) in &tensors {
-            crc.update(&t.bytes);
-        }
-        let meta = HashMap::from([
-            ("format".to_string(), FORMAT.to_string()),
-            ("version".to_string(), VERSION.to_string()),
-            ("ledger".to_string(), json),
-            ("crc32".to_string(), format!("{:08x}", crc.finalize())),
-        ]);
-        safetensors::serialize(tensors.iter().map(|(n, t)| (n.clone(), t)), Some(meta))
-            .map_err(|e| corrupt(format!("serialise: {e}")))
+        encode(tensors, FORMAT, VERSION, json)
     }
 
     /// Saves the ledger to `path` atomically (a temporary file in the same
@@ -191,29 +122,7 @@ impl<F: Float> Ledger<F> {
     /// # Errors
     /// [`Error::Io`] when the file cannot be written.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let io = |e: std::io::Error, p: &Path| Error::Io {
-            path: p.display().to_string(),
-            source: e,
-        };
-        let bytes = self.to_bytes()?;
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let name = path.file_name().ok_or_else(|| Error::Io {
-            path: path.display().to_string(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
-        })?;
-        let tmp = dir.join(format!(
-            ".{}.tmp-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        let mut f = std::fs::File::create(&tmp).map_err(|e| io(e, &tmp))?;
-        f.write_all(&bytes).map_err(|e| io(e, &tmp))?;
-        f.sync_all().map_err(|e| io(e, &tmp))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(|e| io(e, path))
+        write_atomic(path, &self.to_bytes()?)
     }
 
     /// Loads a ledger saved by [`save`](Self::save), reading the file through a
@@ -224,18 +133,7 @@ impl<F: Float> Ledger<F> {
     /// [`Error::Io`] when the file cannot be opened; [`Error::CorruptLedger`]
     /// for a truncated, corrupted or foreign file, or one saved with the other float type.
     pub fn load(path: &Path) -> Result<Self> {
-        let io = |e: std::io::Error| Error::Io {
-            path: path.display().to_string(),
-            source: e,
-        };
-        let file = std::fs::File::open(path).map_err(io)?;
-        // SAFETY: the map is read-only and lives only for this call, during which
-        // every value is copied out and checked (checksum, shapes, finiteness).
-        // A file truncated or rewritten concurrently by another process is
-        // outside this crate's control, as with any mapped file.
-        #[allow(unsafe_code)]
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        Self::from_bytes(&map)
+        with_mapped(path, Self::from_bytes)
     }
 
     /// Parses the bytes of a safetensors ledger (see [`load`](Self::load)).
@@ -243,46 +141,9 @@ impl<F: Float> Ledger<F> {
     /// # Errors
     /// [`Error::CorruptLedger`] for anything that is not a valid ledger of float type `F`.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let (_, meta) =
-            SafeTensors::read_metadata(bytes).map_err(|e| corrupt(format!("header: {e}")))?;
-        let st = SafeTensors::deserialize(bytes).map_err(|e| corrupt(format!("tensors: {e}")))?;
-        let info = meta
-            .metadata()
-            .as_ref()
-            .ok_or_else(|| corrupt("no metadata"))?;
-        let get = |k: &str| {
-            info.get(k)
-                .ok_or_else(|| corrupt(format!("metadata key {k:?} missing")))
-        };
-        if get("format")? != FORMAT {
-            return Err(corrupt(format!(
-                "format {:?}, expected {FORMAT:?}",
-                get("format")?
-            )));
-        }
-        if get("version")? != &VERSION.to_string() {
-            return Err(corrupt(format!(
-                "version {:?}, this build reads version {VERSION}",
-                get("version")?
-            )));
-        }
-        let json = get("ledger")?;
-        let mut names: Vec<&str> = st.names();
-        names.sort_unstable();
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(json.as_bytes());
-        for n in &names {
-            crc.update(st.tensor(n).map_err(|e| corrupt(e.to_string()))?.data());
-        }
-        let want = format!("{:08x}", crc.finalize());
-        if get("crc32")? != &want {
-            return Err(corrupt(format!(
-                "checksum {} does not match the data ({want})",
-                get("crc32")?
-            )));
-        }
+        let (st, json) = decode(bytes, FORMAT, VERSION)?;
         let header: Header =
-            serde_json::from_str(json).map_err(|e| corrupt(format!("ledger header: {e}")))?;
+            serde_json::from_str(&json).map_err(|e| corrupt(format!("ledger header: {e}")))?;
         if header.dtype != F::DTYPE {
             return Err(corrupt(format!(
                 "float type {}, expected {}",
@@ -294,74 +155,7 @@ impl<F: Float> Ledger<F> {
     }
 }
 
-struct Reader<'a> {
-    st: &'a SafeTensors<'a>,
-}
-
 impl Reader<'_> {
-    fn tensor(&self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<TensorView<'_>> {
-        let t = self
-            .st
-            .tensor(name)
-            .map_err(|_| corrupt(format!("tensor {name} missing")))?;
-        if t.dtype() != dtype || t.shape() != shape {
-            return Err(corrupt(format!(
-                "tensor {name}: expected {dtype:?} {shape:?}, found {:?} {:?}",
-                t.dtype(),
-                t.shape()
-            )));
-        }
-        Ok(t)
-    }
-
-    /// A tensor whose first dimension is free, the rest fixed.
-    fn leading(&self, name: &str, dtype: Dtype, rest: &[usize]) -> Result<(usize, TensorView<'_>)> {
-        let t = self
-            .st
-            .tensor(name)
-            .map_err(|_| corrupt(format!("tensor {name} missing")))?;
-        let n = t.shape().first().copied().unwrap_or(0);
-        let mut shape = vec![n];
-        shape.extend_from_slice(rest);
-        Ok((n, self.tensor(name, dtype, &shape)?))
-    }
-
-    fn floats<T: Float>(&self, t: &TensorView<'_>, name: &str) -> Result<Vec<T>> {
-        let v: Vec<T> = t
-            .data()
-            .chunks_exact(std::mem::size_of::<T>())
-            .map(T::read_le)
-            .collect();
-        if v.iter().all(|x| x.is_finite()) {
-            Ok(v)
-        } else {
-            Err(corrupt(format!("tensor {name}: non-finite value")))
-        }
-    }
-
-    fn matrix(&self, name: &str, shape: (usize, usize)) -> Result<Array2<f64>> {
-        let t = self.tensor(name, Dtype::F64, &[shape.0, shape.1])?;
-        Ok(Array2::from_shape_vec(
-            shape,
-            self.floats::<f64>(&t, name)?,
-        )?)
-    }
-
-    fn u32s(&self, name: &str, n: usize, below: u32, what: &str) -> Result<Vec<u32>> {
-        let t = self.tensor(name, Dtype::U32, &[n])?;
-        let v: Vec<u32> = t
-            .data()
-            .chunks_exact(4)
-            .map(|b| u32::from_le_bytes(b.try_into().expect("invariant: 4 bytes")))
-            .collect();
-        if let Some(bad) = v.iter().find(|&&x| x >= below) {
-            return Err(corrupt(format!(
-                "tensor {name}: {what} {bad} out of range 0..{below}"
-            )));
-        }
-        Ok(v)
-    }
-
     fn ledger<F: Float>(&self, header: Header) -> Result<Ledger<F>> {
         let n_src = u32::try_from(header.sources.len()).map_err(|_| corrupt("too many sources"))?;
         let mut index = HashMap::new();
@@ -370,11 +164,7 @@ impl Reader<'_> {
                 return Err(corrupt(format!("source {} listed twice", s.id)));
             }
         }
-        let dt = if F::DTYPE == "F32" {
-            Dtype::F32
-        } else {
-            Dtype::F64
-        };
+        let dt = dtype::<F>();
         let mut initial = Vec::new();
         let mut rows = Vec::new();
         for (l, m) in header.layers.iter().enumerate() {

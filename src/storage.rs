@@ -1,0 +1,218 @@
+//! Safetensors files with a format name, a version, a JSON payload and a CRC-32:
+//! the shared plumbing of ledger and model files.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use ndarray::Array2;
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use crate::{Error, Float, Result};
+
+pub(crate) fn corrupt(reason: impl Into<String>) -> Error {
+    Error::CorruptLedger {
+        reason: reason.into(),
+    }
+}
+
+/// An owned tensor to serialise.
+pub(crate) struct Tensor {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl safetensors::View for &Tensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+pub(crate) fn floats<T: Float>(values: impl IntoIterator<Item = T>, shape: Vec<usize>) -> Tensor {
+    let mut bytes = Vec::new();
+    for v in values {
+        v.write_le(&mut bytes);
+    }
+    let dtype = if T::DTYPE == "F32" {
+        Dtype::F32
+    } else {
+        Dtype::F64
+    };
+    Tensor {
+        dtype,
+        shape,
+        bytes,
+    }
+}
+
+pub(crate) fn u32s(values: &[u32]) -> Tensor {
+    Tensor {
+        dtype: Dtype::U32,
+        shape: vec![values.len()],
+        bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
+pub(crate) fn matrix(m: &Array2<f64>) -> Tensor {
+    floats(m.iter().copied(), m.shape().to_vec())
+}
+
+
+/// Serialises `tensors` with metadata `format`, `version`, `payload` (JSON) and
+/// `crc32` over the payload and every tensor's bytes in name order.
+pub(crate) fn encode(mut tensors: Vec<(String, Tensor)>, format: &str, version: u32, payload: String) -> Result<Vec<u8>> {
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(payload.as_bytes());
+    for (_, t) in &tensors {
+        crc.update(&t.bytes);
+    }
+    let meta = HashMap::from([
+        ("format".to_string(), format.to_string()),
+        ("version".to_string(), version.to_string()),
+        ("payload".to_string(), payload),
+        ("crc32".to_string(), format!("{:08x}", crc.finalize())),
+    ]);
+    safetensors::serialize(tensors.iter().map(|(n, t)| (n.clone(), t)), Some(meta)).map_err(|e| corrupt(format!("serialise: {e}")))
+}
+
+/// Parses and checks a file written by [`encode`]; returns the tensors and the payload.
+pub(crate) fn decode<'a>(bytes: &'a [u8], format: &str, version: u32) -> Result<(SafeTensors<'a>, String)> {
+    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| corrupt(format!("header: {e}")))?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| corrupt(format!("tensors: {e}")))?;
+    let info = meta.metadata().as_ref().ok_or_else(|| corrupt("no metadata"))?;
+    let get = |k: &str| info.get(k).ok_or_else(|| corrupt(format!("metadata key {k:?} missing")));
+    if get("format")? != format {
+        return Err(corrupt(format!("format {:?}, expected {format:?}", get("format")?)));
+    }
+    if get("version")? != &version.to_string() {
+        return Err(corrupt(format!("version {:?}, this build reads version {version}", get("version")?)));
+    }
+    let payload = get("payload")?.clone();
+    let mut names: Vec<&str> = st.names();
+    names.sort_unstable();
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(payload.as_bytes());
+    for n in &names {
+        crc.update(st.tensor(n).map_err(|e| corrupt(e.to_string()))?.data());
+    }
+    let want = format!("{:08x}", crc.finalize());
+    if get("crc32")? != &want {
+        return Err(corrupt(format!("checksum {} does not match the data ({want})", get("crc32")?)));
+    }
+    Ok((st, payload))
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder, synced, then renamed.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |e: std::io::Error, p: &Path| Error::Io { path: p.display().to_string(), source: e };
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| Error::Io {
+        path: path.display().to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
+    })?;
+    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| io(e, &tmp))?;
+    f.write_all(bytes).map_err(|e| io(e, &tmp))?;
+    f.sync_all().map_err(|e| io(e, &tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(|e| io(e, path))
+}
+
+/// Maps `path` read-only and hands the bytes to `f`.
+pub(crate) fn with_mapped<T>(path: &Path, f: impl FnOnce(&[u8]) -> Result<T>) -> Result<T> {
+    let io = |e: std::io::Error| Error::Io { path: path.display().to_string(), source: e };
+    let file = std::fs::File::open(path).map_err(io)?;
+    // SAFETY: the map is read-only and lives only for this call, during which
+    // every value is copied out and checked (checksum, shapes, finiteness).
+    // A file truncated or rewritten concurrently by another process is
+    // outside this crate's control, as with any mapped file.
+    #[allow(unsafe_code)]
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+    f(&map)
+}
+
+/// The safetensors dtype of `F`.
+pub(crate) fn dtype<F: Float>() -> Dtype {
+    if F::DTYPE == "F32" { Dtype::F32 } else { Dtype::F64 }
+}
+
+pub(crate) struct Reader<'a> {
+    pub(crate) st: &'a SafeTensors<'a>,
+}
+
+impl Reader<'_> {
+    pub(crate) fn tensor(&self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<TensorView<'_>> {
+        let t = self
+            .st
+            .tensor(name)
+            .map_err(|_| corrupt(format!("tensor {name} missing")))?;
+        if t.dtype() != dtype || t.shape() != shape {
+            return Err(corrupt(format!(
+                "tensor {name}: expected {dtype:?} {shape:?}, found {:?} {:?}",
+                t.dtype(),
+                t.shape()
+            )));
+        }
+        Ok(t)
+    }
+
+    /// A tensor whose first dimension is free, the rest fixed.
+    pub(crate) fn leading(&self, name: &str, dtype: Dtype, rest: &[usize]) -> Result<(usize, TensorView<'_>)> {
+        let t = self
+            .st
+            .tensor(name)
+            .map_err(|_| corrupt(format!("tensor {name} missing")))?;
+        let n = t.shape().first().copied().unwrap_or(0);
+        let mut shape = vec![n];
+        shape.extend_from_slice(rest);
+        Ok((n, self.tensor(name, dtype, &shape)?))
+    }
+
+    pub(crate) fn floats<T: Float>(&self, t: &TensorView<'_>, name: &str) -> Result<Vec<T>> {
+        let v: Vec<T> = t
+            .data()
+            .chunks_exact(std::mem::size_of::<T>())
+            .map(T::read_le)
+            .collect();
+        if v.iter().all(|x| x.is_finite()) {
+            Ok(v)
+        } else {
+            Err(corrupt(format!("tensor {name}: non-finite value")))
+        }
+    }
+
+    pub(crate) fn matrix(&self, name: &str, shape: (usize, usize)) -> Result<Array2<f64>> {
+        let t = self.tensor(name, Dtype::F64, &[shape.0, shape.1])?;
+        Ok(Array2::from_shape_vec(
+            shape,
+            self.floats::<f64>(&t, name)?,
+        )?)
+    }
+
+    pub(crate) fn u32s(&self, name: &str, n: usize, below: u32, what: &str) -> Result<Vec<u32>> {
+        let t = self.tensor(name, Dtype::U32, &[n])?;
+        let v: Vec<u32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("invariant: 4 bytes")))
+            .collect();
+        if let Some(bad) = v.iter().find(|&&x| x >= below) {
+            return Err(corrupt(format!(
+                "tensor {name}: {what} {bad} out of range 0..{below}"
+            )));
+        }
+        Ok(v)
+    }
+
+}
