@@ -67,10 +67,14 @@ pub(crate) fn matrix(m: &Array2<f64>) -> Tensor {
     floats(m.iter().copied(), m.shape().to_vec())
 }
 
-
 /// Serialises `tensors` with metadata `format`, `version`, `payload` (JSON) and
 /// `crc32` over the payload and every tensor's bytes in name order.
-pub(crate) fn encode(mut tensors: Vec<(String, Tensor)>, format: &str, version: u32, payload: String) -> Result<Vec<u8>> {
+pub(crate) fn encode(
+    mut tensors: Vec<(String, Tensor)>,
+    format: &str,
+    version: u32,
+    payload: String,
+) -> Result<Vec<u8>> {
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let mut crc = crc32fast::Hasher::new();
     crc.update(payload.as_bytes());
@@ -83,20 +87,38 @@ pub(crate) fn encode(mut tensors: Vec<(String, Tensor)>, format: &str, version: 
         ("payload".to_string(), payload),
         ("crc32".to_string(), format!("{:08x}", crc.finalize())),
     ]);
-    safetensors::serialize(tensors.iter().map(|(n, t)| (n.clone(), t)), Some(meta)).map_err(|e| corrupt(format!("serialise: {e}")))
+    safetensors::serialize(tensors.iter().map(|(n, t)| (n.clone(), t)), Some(meta))
+        .map_err(|e| corrupt(format!("serialise: {e}")))
 }
 
 /// Parses and checks a file written by [`encode`]; returns the tensors and the payload.
-pub(crate) fn decode<'a>(bytes: &'a [u8], format: &str, version: u32) -> Result<(SafeTensors<'a>, String)> {
-    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| corrupt(format!("header: {e}")))?;
+pub(crate) fn decode<'a>(
+    bytes: &'a [u8],
+    format: &str,
+    version: u32,
+) -> Result<(SafeTensors<'a>, String)> {
+    let (_, meta) =
+        SafeTensors::read_metadata(bytes).map_err(|e| corrupt(format!("header: {e}")))?;
     let st = SafeTensors::deserialize(bytes).map_err(|e| corrupt(format!("tensors: {e}")))?;
-    let info = meta.metadata().as_ref().ok_or_else(|| corrupt("no metadata"))?;
-    let get = |k: &str| info.get(k).ok_or_else(|| corrupt(format!("metadata key {k:?} missing")));
+    let info = meta
+        .metadata()
+        .as_ref()
+        .ok_or_else(|| corrupt("no metadata"))?;
+    let get = |k: &str| {
+        info.get(k)
+            .ok_or_else(|| corrupt(format!("metadata key {k:?} missing")))
+    };
     if get("format")? != format {
-        return Err(corrupt(format!("format {:?}, expected {format:?}", get("format")?)));
+        return Err(corrupt(format!(
+            "format {:?}, expected {format:?}",
+            get("format")?
+        )));
     }
     if get("version")? != &version.to_string() {
-        return Err(corrupt(format!("version {:?}, this build reads version {version}", get("version")?)));
+        return Err(corrupt(format!(
+            "version {:?}, this build reads version {version}",
+            get("version")?
+        )));
     }
     let payload = get("payload")?.clone();
     let mut names: Vec<&str> = st.names();
@@ -108,20 +130,33 @@ pub(crate) fn decode<'a>(bytes: &'a [u8], format: &str, version: u32) -> Result<
     }
     let want = format!("{:08x}", crc.finalize());
     if get("crc32")? != &want {
-        return Err(corrupt(format!("checksum {} does not match the data ({want})", get("crc32")?)));
+        return Err(corrupt(format!(
+            "checksum {} does not match the data ({want})",
+            get("crc32")?
+        )));
     }
     Ok((st, payload))
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, synced, then renamed.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |e: std::io::Error, p: &Path| Error::Io { path: p.display().to_string(), source: e };
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let io = |e: std::io::Error, p: &Path| Error::Io {
+        path: p.display().to_string(),
+        source: e,
+    };
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| Error::Io {
         path: path.display().to_string(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
     })?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let mut f = std::fs::File::create(&tmp).map_err(|e| io(e, &tmp))?;
     f.write_all(bytes).map_err(|e| io(e, &tmp))?;
     f.sync_all().map_err(|e| io(e, &tmp))?;
@@ -131,7 +166,10 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Maps `path` read-only and hands the bytes to `f`.
 pub(crate) fn with_mapped<T>(path: &Path, f: impl FnOnce(&[u8]) -> Result<T>) -> Result<T> {
-    let io = |e: std::io::Error| Error::Io { path: path.display().to_string(), source: e };
+    let io = |e: std::io::Error| Error::Io {
+        path: path.display().to_string(),
+        source: e,
+    };
     let file = std::fs::File::open(path).map_err(io)?;
     // SAFETY: the map is read-only and lives only for this call, during which
     // every value is copied out and checked (checksum, shapes, finiteness).
@@ -144,7 +182,11 @@ pub(crate) fn with_mapped<T>(path: &Path, f: impl FnOnce(&[u8]) -> Result<T>) ->
 
 /// The safetensors dtype of `F`.
 pub(crate) fn dtype<F: Float>() -> Dtype {
-    if F::DTYPE == "F32" { Dtype::F32 } else { Dtype::F64 }
+    if F::DTYPE == "F32" {
+        Dtype::F32
+    } else {
+        Dtype::F64
+    }
 }
 
 pub(crate) struct Reader<'a> {
@@ -152,7 +194,12 @@ pub(crate) struct Reader<'a> {
 }
 
 impl Reader<'_> {
-    pub(crate) fn tensor(&self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<TensorView<'_>> {
+    pub(crate) fn tensor(
+        &self,
+        name: &str,
+        dtype: Dtype,
+        shape: &[usize],
+    ) -> Result<TensorView<'_>> {
         let t = self
             .st
             .tensor(name)
@@ -168,7 +215,12 @@ impl Reader<'_> {
     }
 
     /// A tensor whose first dimension is free, the rest fixed.
-    pub(crate) fn leading(&self, name: &str, dtype: Dtype, rest: &[usize]) -> Result<(usize, TensorView<'_>)> {
+    pub(crate) fn leading(
+        &self,
+        name: &str,
+        dtype: Dtype,
+        rest: &[usize],
+    ) -> Result<(usize, TensorView<'_>)> {
         let t = self
             .st
             .tensor(name)
@@ -214,5 +266,4 @@ impl Reader<'_> {
         }
         Ok(v)
     }
-
 }

@@ -173,3 +173,35 @@ fn python_reads_a_saved_ledger_with_safetensors_and_numpy() {
     );
     assert!(text.contains("layer.2.rows.a float32"), "{text}");
 }
+
+#[test]
+fn model_parameters_round_trip_and_reject_other_networks() {
+    let (_, net, test) = trained();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    net.save_params(&path).unwrap();
+    let mut fresh = cnn::<f32>(4, 77);
+    fresh.load_params(&path).unwrap();
+    let mut net = net;
+    assert!(fresh.logits(test.view()).unwrap() == net.logits(test.view()).unwrap());
+    let mut other = common::mlp::<f32>(36, 4, 1);
+    let before = other.traceables()[0].weight().to_owned();
+    let e = other.load_params(&path).unwrap_err();
+    assert!(
+        matches!(e, Error::LayerMismatch { .. }) && e.to_string().contains("conv1"),
+        "{e}"
+    );
+    assert_eq!(
+        other.traceables()[0].weight(),
+        before.view(),
+        "a failed load changes nothing"
+    );
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x10;
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(matches!(
+        fresh.load_params(&path).unwrap_err(),
+        Error::CorruptLedger { .. }
+    ));
+}

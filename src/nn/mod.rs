@@ -10,6 +10,7 @@ mod conv2d;
 mod dense;
 mod init;
 mod loss;
+mod params_io;
 mod pool;
 
 pub use activation::{Relu, Sigmoid, Tanh};
@@ -17,6 +18,7 @@ pub use conv2d::{Conv2d, Conv2dConfig};
 pub use dense::{Dense, DenseConfig};
 pub use init::Init;
 pub use loss::{LossOutput, Reduction, SoftmaxCrossEntropy, softmax};
+pub use params_io::{MODEL_FORMAT, MODEL_VERSION};
 pub use pool::{Flatten, MaxPool2d};
 
 use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewD, Ix2};
