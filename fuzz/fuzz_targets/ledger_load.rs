@@ -1,0 +1,17 @@
+//! Fuzzes the ledger and model loaders: any byte string must load or return an
+//! error, never panic. Seed corpus: `fuzz/corpus/ledger_load` (a valid ledger).
+//! Run on stable: `cargo fuzz run -s none ledger_load`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use refinement_ledger::Ledger;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(ledger) = Ledger::<f32>::from_bytes(data) {
+        // A file that loads must be a consistent ledger: these must not panic.
+        let _ = ledger.parameter_balance();
+        let _ = ledger.bytes_per_layer();
+        let _ = ledger.to_bytes();
+    }
+    let _ = Ledger::<f64>::from_bytes(data);
+});
