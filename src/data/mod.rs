@@ -1,7 +1,9 @@
 //! Data: the bundled digits set, datasets that carry example ids, and seeded samplers.
 
+mod idx;
 mod sampler;
 
+pub use idx::IdxSplit;
 pub use sampler::{ClassPureBatch, ClassPureSampler, ShuffledSampler};
 
 use std::io::Read;
