@@ -154,7 +154,11 @@ where
     F: crate::Float + 'a,
     I: IntoIterator<Item = &'a F>,
 {
-    if values.into_iter().all(|v| v.is_finite()) {
+    // x·0 is 0 for finite x and NaN otherwise: a branch-free scan.
+    let probe = values
+        .into_iter()
+        .fold(F::zero(), |acc, &v| acc + v * F::zero());
+    if probe.is_finite() {
         Ok(())
     } else {
         Err(Error::NonFinite {

@@ -23,7 +23,7 @@ use ndarray::{Array2, ArrayView3, Axis, s};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{check_finite, shape_str};
-use crate::ledger::{Rows, Segment, read_params};
+use crate::ledger::{Rows, Segment, augmented, read_params};
 use crate::{
     Error, ExampleId, Float, Ledger, LinearRule, Optimizer, ParamMut, Result, SourceId, Traceable,
 };
@@ -478,7 +478,7 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
 
     fn record_per_example(
         &mut self,
-        layers: &[&mut dyn Traceable<F>],
+        layers: &mut [&mut dyn Traceable<F>],
         batch: &Batch<'_>,
         rule: LinearRule,
         before: &[Array2<f64>],
@@ -517,38 +517,42 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             rows: Vec::with_capacity(layers.len()),
             dense: Vec::new(),
         };
-        for (l, layer) in layers.iter().enumerate() {
+        for (l, layer) in layers.iter_mut().enumerate() {
+            let shape = &self.ledger.layers[l].shape;
+            let grad = grad_augmented(&mut **layer, shape.fan_out, shape.fan_in);
             let a = layer.input_patches()?;
             let d = layer.output_deltas()?;
             let rows = &mut self.ledger.rows[l];
             let start = rows.len();
-            let g_hat = credit_rows(rows, &mut new.dense, l, &sources, group, a, d);
+            let g_hat = credit_rows(rows, &mut new.dense, l, &sources, group, a, d, grad);
             new.rows.push((start, rows.len()));
             let acc = &mut segment.layers[l];
-            // What this step credits, as the optimizer applies it (f64, DESIGN §2.3).
-            let dg = before[l].mapv(|w| w * rule.weight_decay);
-            let (example_part, decay_part) = if mu == 0.0 {
-                (g_hat.clone(), dg)
-            } else {
-                let shadow = &mut self.shadow[l];
-                shadow.zip_mut_with(&g_hat, |s, &g| *s = mu * *s + entry * g);
-                let dbuf = &mut self.decay_buf[l];
-                dbuf.zip_mut_with(&dg, |s, &g| *s = mu * *s + entry * g);
-                if rule.nesterov {
-                    (
-                        &g_hat + &shadow.mapv(|v| mu * v),
-                        &dg + &dbuf.mapv(|v| mu * v),
-                    )
-                } else {
-                    (shadow.clone(), dbuf.clone())
-                }
+            // What this step credits, as the optimizer applies it (f64, DESIGN §2.3),
+            // in one pass over the parameters: momentum buffers of the credited
+            // shares and of the decay, the decay account, and the residual.
+            let step = Credited {
+                lr,
+                mu,
+                entry,
+                nesterov: rule.nesterov,
+                decay: rule.weight_decay,
             };
-            if let Some(s) = decay {
-                acc.add(s, decay_part.view(), -lr);
-            }
-            let credited = (&example_part + &decay_part) * (-lr);
-            let actual = &after[l] - &before[l];
-            acc.residual += &(actual - credited);
+            let (decay_acc, residual) = match decay {
+                Some(s) => {
+                    let (d, r) = acc.dense_and_residual_mut(s);
+                    (Some(d), r)
+                }
+                None => (None, slice_mut(&mut acc.residual)),
+            };
+            step.apply(
+                slice(&g_hat),
+                slice(&before[l]),
+                slice(&after[l]),
+                slice_mut(&mut self.shadow[l]),
+                slice_mut(&mut self.decay_buf[l]),
+                decay_acc,
+                residual,
+            );
         }
         // Coefficients of every group whose shares are in the buffer.
         if mu == 0.0 {
@@ -595,8 +599,125 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
     }
 }
 
+fn slice(m: &Array2<f64>) -> &[f64] {
+    m.as_slice().expect("invariant: standard layout")
+}
+
+fn slice_mut(m: &mut Array2<f64>) -> &mut [f64] {
+    m.as_slice_mut().expect("invariant: standard layout")
+}
+
+/// One SGD-family step's crediting rule (PyTorch semantics, see [`LinearRule`]).
+struct Credited {
+    lr: f64,
+    mu: f64,
+    entry: f64,
+    nesterov: bool,
+    decay: f64,
+}
+
+impl Credited {
+    /// Per parameter: updates the momentum buffers `shadow` (credited shares) and
+    /// `dbuf` (decay), adds the decay's update to `decay_acc`, and books
+    /// `actual − credited` to `residual`.
+    #[allow(clippy::too_many_arguments)]
+    fn apply(
+        &self,
+        g_hat: &[f64],
+        before: &[f64],
+        after: &[f64],
+        shadow: &mut [f64],
+        dbuf: &mut [f64],
+        mut decay_acc: Option<&mut [f64]>,
+        residual: &mut [f64],
+    ) {
+        let Credited {
+            lr,
+            mu,
+            entry,
+            nesterov,
+            decay,
+        } = *self;
+        for i in 0..g_hat.len() {
+            let (g, dg) = (g_hat[i], decay * before[i]);
+            let (ex, dp) = if mu == 0.0 {
+                (g, dg)
+            } else {
+                shadow[i] = mu * shadow[i] + entry * g;
+                dbuf[i] = mu * dbuf[i] + entry * dg;
+                if nesterov {
+                    (g + mu * shadow[i], dg + mu * dbuf[i])
+                } else {
+                    (shadow[i], dbuf[i])
+                }
+            };
+            if let Some(d) = decay_acc.as_deref_mut() {
+                d[i] -= lr * dp;
+            }
+            residual[i] += (after[i] - before[i]) + lr * (ex + dp);
+        }
+    }
+}
+
+/// The layer's parameter gradient as `[∇W | ∇b]` in `f64`.
+fn grad_augmented<F: Float>(
+    layer: &mut dyn Traceable<F>,
+    fan_out: usize,
+    fan_in: usize,
+) -> Option<Array2<f64>> {
+    let params = layer.params_mut();
+    let w = params.first()?;
+    let b = params
+        .get(1)
+        .map(|b| b.grad.view().into_dimensionality::<ndarray::Ix1>().ok())
+        .unwrap_or(None);
+    augmented(w.grad.view(), b, fan_out, fan_in)
+}
+
+/// A fixed pseudo-random ±1 vector (a probe for [`consistent`]).
+fn probe(n: usize, seed: u64) -> Vec<f64> {
+    (0..n as u64)
+        .map(|i| {
+            let h = (i ^ seed)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                .rotate_left(29)
+                .wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            if h >> 63 == 0 { 1.0 } else { -1.0 }
+        })
+        .collect()
+}
+
+/// Whether `Σ_j d_j ã_jᵀ` over rows `[start, end)` equals `grad` up to `F`'s
+/// rounding, tested with two rank-1 probes `uᵀ · vᵀ` (cost: the rows' size plus
+/// the gradient's, instead of a matrix product).
+fn consistent<F: Float>(rows: &Rows<F>, start: usize, end: usize, grad: &Array2<f64>) -> bool {
+    let (a, d) = rows.view(start, end);
+    let tol = 64.0 * F::epsilon().widen();
+    (0..2u64).all(|seed| {
+        let u = probe(rows.fan_out, seed);
+        let v = probe(rows.aug_in, seed + 7);
+        let (mut s_rows, mut s_abs) = (0.0, 0.0);
+        for (ar, dr) in a.rows().into_iter().zip(d.rows()) {
+            let du: f64 = dr.iter().zip(&u).map(|(x, y)| x.widen() * y).sum();
+            let av: f64 = ar.iter().zip(&v).map(|(x, y)| x.widen() * y).sum();
+            s_rows += du * av;
+            s_abs += (du * av).abs();
+        }
+        let s_grad: f64 = grad
+            .rows()
+            .into_iter()
+            .zip(&u)
+            .map(|(r, uo)| uo * r.iter().zip(&v).map(|(g, vi)| g * vi).sum::<f64>())
+            .sum();
+        (s_rows - s_grad).abs() <= tol * (s_abs + s_grad.abs()) + f64::MIN_POSITIVE
+    })
+}
+
 /// Books one layer's per-example shares of a step into `acc` (factored rows) or
-/// `dense` (per-example `δᵀã`, when smaller), and returns their sum `ĝ` in `f64`.
+/// `dense` (per-example `δᵀã`, when smaller), and returns their sum `ĝ` in `f64`:
+/// the layer's own gradient `grad` when the rows account for it (checked by
+/// probes), else the exact sum of the rows.
+#[allow(clippy::too_many_arguments)]
 fn credit_rows<F: Float>(
     acc: &mut Rows<F>,
     dense: &mut Vec<(usize, u32, Array2<F>)>,
@@ -605,6 +726,7 @@ fn credit_rows<F: Float>(
     group: u32,
     a: ArrayView3<'_, F>,
     d: ArrayView3<'_, F>,
+    grad: Option<Array2<f64>>,
 ) -> Array2<f64> {
     let (_, positions, fan_in) = a.dim();
     let (aug_in, fan_out) = (acc.aug_in, acc.fan_out);
@@ -616,29 +738,28 @@ fn credit_rows<F: Float>(
         .filter_map(|(i, s)| s.map(|s| (i, s)))
         .filter(|&(i, _)| d.index_axis(Axis(0), i).iter().any(|v| *v != F::zero()))
         .collect();
-    // All credited rows, bias column appended, in f64: ĝ = Dᵀ Ã.
-    let n_rows = credited.len() * positions;
-    let mut a64 = Array2::<f64>::ones((n_rows, aug_in));
-    let mut d64 = Array2::<f64>::zeros((n_rows, fan_out));
-    for (k, &(i, _)) in credited.iter().enumerate() {
-        let rows = k * positions..(k + 1) * positions;
-        a64.slice_mut(s![rows.clone(), ..fan_in])
-            .assign(&a.index_axis(Axis(0), i).mapv(F::widen));
-        d64.slice_mut(s![rows, ..])
-            .assign(&d.index_axis(Axis(0), i).mapv(F::widen));
+    if !factored {
+        let mut g_hat = Array2::<f64>::zeros((fan_out, aug_in));
+        for &(i, s) in &credited {
+            let mut a_aug = Array2::<F>::ones((positions, aug_in));
+            a_aug
+                .slice_mut(s![.., ..fan_in])
+                .assign(&a.index_axis(Axis(0), i));
+            let g = d.index_axis(Axis(0), i).t().dot(&a_aug);
+            g_hat.zip_mut_with(&g, |h, &v| *h += v.widen());
+            dense.push((layer, s, g));
+        }
+        return g_hat;
     }
-    let g_hat = d64.t().dot(&a64);
+    let start = acc.len();
     for &(i, s) in &credited {
         let (ai, di) = (a.index_axis(Axis(0), i), d.index_axis(Axis(0), i));
-        if factored {
-            for p in 0..positions {
-                acc.push(s, group, ai.row(p), di.row(p));
-            }
-        } else {
-            let mut a_aug = Array2::<F>::ones((positions, aug_in));
-            a_aug.slice_mut(s![.., ..fan_in]).assign(&ai);
-            dense.push((layer, s, di.t().dot(&a_aug)));
+        for p in 0..positions {
+            acc.push(s, group, ai.row(p), di.row(p));
         }
     }
-    g_hat
+    match grad {
+        Some(g) if consistent(acc, start, acc.len(), &g) => g,
+        _ => acc.sum(start, acc.len(), |_| 1.0),
+    }
 }

@@ -200,6 +200,19 @@ impl DenseAccounts {
         .expect("invariant: slot holds fan_out × aug_in values")
     }
 
+    /// The dense account of `source` (created at zero if absent) and the residual, both mutably.
+    pub(crate) fn dense_and_residual_mut(&mut self, source: u32) -> (&mut [f64], &mut [f64]) {
+        let size = self.size();
+        self.dense_mut(source);
+        let slot = self.slot_of[&source];
+        (
+            &mut self.dense[slot * size..(slot + 1) * size],
+            self.residual
+                .as_slice_mut()
+                .expect("invariant: standard layout"),
+        )
+    }
+
     /// Adds `scale · m` to the dense account of `source`.
     pub(crate) fn add(&mut self, source: u32, m: ArrayView2<'_, f64>, scale: f64) {
         self.dense_mut(source).scaled_add(scale, &m);
@@ -298,12 +311,13 @@ pub(crate) fn augmented<F: Float>(
         return None;
     }
     let aug_in = fan_in + usize::from(bias.is_some());
-    let mut m = Array2::zeros((fan_out, aug_in));
+    let mut m = Array2::<f64>::zeros((fan_out, aug_in));
     let w = weight.as_standard_layout();
     let w = w.as_slice().expect("invariant: standard layout");
-    for o in 0..fan_out {
-        for i in 0..fan_in {
-            m[[o, i]] = w[o * fan_in + i].widen();
+    for (row, src) in m.rows_mut().into_iter().zip(w.chunks_exact(fan_in)) {
+        let row = row.into_slice().expect("invariant: standard layout");
+        for (dst, &v) in row.iter_mut().zip(src) {
+            *dst = v.widen();
         }
     }
     if let Some(b) = bias {

@@ -1,0 +1,202 @@
+//! Regenerates the README's Performance table: tracing overhead (training step
+//! with `OptimizerHook` ÷ bare optimizer), query time beside the machine's bound,
+//! ledger bytes, peak memory. Fashion-MNIST when installed (Debian package
+//! `dataset-fashion-mnist`), else seeded synthetic data of the same shape.
+//! Writes `target/perf/report.json`.
+//!
+//! Run: `cargo run --release --example perf_report` (`-- --quick` for a short run).
+
+use std::path::Path;
+use std::time::Instant;
+
+use ndarray::{Array2, ArrayD, IxDyn};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use refinement_ledger::data::{Dataset, IdxSplit, ShuffledSampler};
+use refinement_ledger::nn::{Conv2dConfig, DenseConfig, Flatten, MaxPool2d, Relu, Sequential};
+use refinement_ledger::optim::SgdConfig;
+use refinement_ledger::{
+    Batch, ExampleId, LayerSel, Lens, Optimizer, OptimizerHook, Query, Result,
+};
+use serde_json::json;
+
+fn data(n: usize) -> Result<(Dataset<f32>, &'static str)> {
+    let dir = Path::new("/usr/share/datasets/fashion-mnist");
+    if let Ok(d) = Dataset::<f32>::load_idx(dir, IdxSplit::Train) {
+        let idx: Vec<usize> = (0..n.min(d.len())).collect();
+        return Ok((d.subset(&idx)?, "Fashion-MNIST"));
+    }
+    let mut rng = StdRng::seed_from_u64(1);
+    let labels: Vec<usize> = (0..n).map(|i| i % 10).collect();
+    let x = ArrayD::from_shape_fn(IxDyn(&[n, 784]), |ix| {
+        let c = labels[ix[0]] as f32;
+        ((ix[1] as f32 * 0.37 + c).sin() * 0.5 + 0.5) * 0.7 + 0.3 * rng.random::<f32>()
+    });
+    Ok((
+        Dataset::new(x, labels, (0..n as u64).map(ExampleId).collect(), 10)?,
+        "synthetic (Fashion-MNIST shape)",
+    ))
+}
+
+fn mlp(seed: u64) -> Result<Sequential<f32>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    Ok(Sequential::new()
+        .with(DenseConfig::new(784, 256).build("fc1", &mut rng)?)
+        .with(Relu::new())
+        .with(DenseConfig::new(256, 10).build("fc2", &mut rng)?))
+}
+
+fn cnn(seed: u64) -> Result<Sequential<f32>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    Ok(Sequential::new()
+        .with(Conv2dConfig::new(1, 16, 3).build("conv1", &mut rng)?)
+        .with(Relu::new())
+        .with(MaxPool2d::new(2)?)
+        .with(Conv2dConfig::new(16, 32, 3).build("conv2", &mut rng)?)
+        .with(Relu::new())
+        .with(MaxPool2d::new(2)?)
+        .with(Flatten::new())
+        .with(DenseConfig::new(800, 10).build("fc", &mut rng)?))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median seconds per step, bare and traced, over `steps` steps of batch 64.
+fn step_times(
+    build: &dyn Fn(u64) -> Result<Sequential<f32>>,
+    data: &Dataset<f32>,
+    steps: usize,
+) -> Result<(f64, f64, refinement_ledger::Ledger<f32>)> {
+    let sgd = SgdConfig::new(0.01).with_momentum(0.9);
+    let sampler = ShuffledSampler::new(data.len(), 64, 3)?;
+    let batches: Vec<Vec<usize>> = (0..).flat_map(|e| sampler.epoch(e)).take(steps).collect();
+    let mut bare_net = build(7)?;
+    let mut bare = sgd.build::<f32>()?;
+    let mut traced_net = build(7)?;
+    let mut hook = OptimizerHook::new(sgd.build::<f32>()?, &traced_net.traceables())?;
+    let (mut tb, mut tt) = (Vec::new(), Vec::new());
+    for rows in &batches {
+        let x = data.batch_x(rows);
+        let y: Vec<usize> = rows.iter().map(|&i| data.labels()[i]).collect();
+        let ids: Vec<ExampleId> = rows.iter().map(|&i| data.ids()[i]).collect();
+        // Interleaved so both see the same machine state.
+        let t = Instant::now();
+        bare_net.train_batch(x.view(), &y)?;
+        let mut params: Vec<_> = bare_net
+            .traceables_mut()
+            .into_iter()
+            .flat_map(|l| l.params_mut())
+            .collect();
+        bare.step(&mut params)?;
+        tb.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        traced_net.train_batch(x.view(), &y)?;
+        hook.step(&mut traced_net.traceables_mut(), &Batch::new(&ids, &y))?;
+        tt.push(t.elapsed().as_secs_f64());
+    }
+    Ok((median(tb), median(tt), hook.finish()))
+}
+
+fn main() -> Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let n = if quick { 2_000 } else { 60_000 };
+    let (train, source) = data(n)?;
+    let steps = if quick { 30 } else { 200 };
+    println!(
+        "data: {source}, {} examples; {steps} timed steps of batch 64; {} threads",
+        train.len(),
+        rayon::current_num_threads()
+    );
+    let (mb, mt, mlp_ledger) = step_times(&mlp, &train, steps)?;
+    println!(
+        "MLP 784-256-10: bare {:.2} ms/step, traced {:.2} ms/step, overhead {:.2}x",
+        mb * 1e3,
+        mt * 1e3,
+        mt / mb
+    );
+    let images = train.reshaped(&[1, 28, 28])?;
+    let (cb, ct, _) = step_times(&cnn, &images, steps.min(60))?;
+    println!(
+        "CNN: bare {:.2} ms/step, traced {:.2} ms/step, overhead {:.2}x",
+        cb * 1e3,
+        ct * 1e3,
+        ct / cb
+    );
+    let bytes = mlp_ledger.bytes_per_layer();
+    let n_src = mlp_ledger.sources().len();
+    println!(
+        "MLP ledger after {steps} steps: {} sources, bytes per example per layer: {:?}",
+        n_src,
+        bytes.iter().map(|b| b / n_src.max(1)).collect::<Vec<_>>()
+    );
+
+    // Queries against the MLP ledger.
+    let mut net = mlp(7)?;
+    let q1 = train.subset(&[0])?;
+    net.forward(q1.x().view())?;
+    let single = Query::from_layers(&net.traceables())?;
+    let t = Instant::now();
+    let reps = 5;
+    for _ in 0..reps {
+        mlp_ledger.top_k_influences(&single, Lens::Influence, 10)?;
+    }
+    let single_s = t.elapsed().as_secs_f64() / reps as f64;
+    let total_bytes: usize = bytes.iter().sum();
+    let buf = vec![1.0f64; total_bytes / 8];
+    let t = Instant::now();
+    let mut s = 0.0;
+    for _ in 0..reps {
+        s += buf.iter().sum::<f64>();
+    }
+    let stream_s = t.elapsed().as_secs_f64() / reps as f64;
+    println!(
+        "single query (top-10, influence, all layers): {:.2} ms; streaming read of the ledger's {} MB: {:.2} ms; ratio {:.1}x (checksum {s})",
+        single_s * 1e3,
+        total_bytes / 1_000_000,
+        stream_s * 1e3,
+        single_s / stream_s
+    );
+    let idx: Vec<usize> = (0..100.min(train.len())).collect();
+    let q100 = train.subset(&idx)?;
+    net.forward(q100.x().view())?;
+    let batch = Query::from_layers(&net.traceables())?;
+    let t = Instant::now();
+    let scores = mlp_ledger.scores(&batch, Lens::Influence, LayerSel::All)?;
+    let batch_s = t.elapsed().as_secs_f64();
+    let a = Array2::<f32>::ones((scores.ncols().max(1), 1041));
+    let b = Array2::<f32>::ones((1041, 100));
+    let t = Instant::now();
+    let c = a.dot(&b);
+    let gemm_s = t.elapsed().as_secs_f64();
+    println!(
+        "100 queries (influence, all layers): {:.1} ms; a GEMM of the row-factor FLOP count: {:.1} ms; ratio {:.1}x ({})",
+        batch_s * 1e3,
+        gemm_s * 1e3,
+        batch_s / gemm_s,
+        c[[0, 0]]
+    );
+    let report = json!({
+        "data": source, "examples": train.len(), "timed_steps": steps,
+        "tracing_overhead_mlp": mt / mb, "tracing_overhead_cnn": ct / cb,
+        "step_ms": {"mlp_bare": mb * 1e3, "mlp_traced": mt * 1e3, "cnn_bare": cb * 1e3, "cnn_traced": ct * 1e3},
+        "query_single_vs_bound": single_s / stream_s, "query_batch_vs_bound": batch_s / gemm_s,
+        "ledger_bytes_per_layer": bytes,
+    });
+    let dir = Path::new("target/perf");
+    std::fs::create_dir_all(dir).map_err(|e| refinement_ledger::Error::Io {
+        path: dir.display().to_string(),
+        source: e,
+    })?;
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_string_pretty(&report).expect("json"),
+    )
+    .map_err(|e| refinement_ledger::Error::Io {
+        path: "target/perf/report.json".into(),
+        source: e,
+    })?;
+    println!("wrote target/perf/report.json");
+    Ok(())
+}
