@@ -77,7 +77,7 @@ fn thumbs(train: &Dataset<f32>, infs: &[Influence]) -> Result<Vec<Thumb>> {
         .filter_map(|inf| example_index(train, inf.source).map(|i| (i, inf)))
         .map(|(i, inf)| {
             Ok(Thumb {
-                uri: png_data_uri(&train.flat(i), 8, 8, 5)?,
+                uri: png_data_uri(&train.flat(i)?, 8, 8, 5)?,
                 caption: format!("{} {}", describe(inf), fmt_score(inf.score)),
             })
         })
@@ -133,7 +133,7 @@ fn explain_model(
         );
         print_row(
             "query",
-            &[(format!("label {label}"), Some(picked.flat(qi)))],
+            &[(format!("label {label}"), Some(picked.flat(qi)?))],
         );
         for (l, (layer, ranking)) in tops[qi].per_layer.iter().enumerate() {
             for (kind, list) in [
@@ -145,7 +145,7 @@ fn explain_model(
                     .map(|inf| {
                         (
                             format!("{} {}", describe(inf), fmt_score(inf.score)),
-                            example_index(train, inf.source).map(|i| train.flat(i)),
+                            example_index(train, inf.source).and_then(|i| train.flat(i).ok()),
                         )
                     })
                     .collect();
@@ -174,7 +174,7 @@ fn explain_model(
         report.image_grid(
             "Query",
             &[Thumb {
-                uri: png_data_uri(&picked.flat(qi), 8, 8, 8)?,
+                uri: png_data_uri(&picked.flat(qi)?, 8, 8, 8)?,
                 caption: format!("label {label}"),
             }],
         );
@@ -232,7 +232,7 @@ fn class_pure_adam(
             let labels: Vec<usize> = rows.iter().map(|&i| train.labels()[i]).collect();
             let ghosts = b.ghost_mask();
             let mask: Vec<bool> = ghosts.iter().map(|g| !g).collect();
-            net.train_batch_masked(train.batch_x(&rows).view(), &labels, Some(&mask))?;
+            net.train_batch_masked(train.batch_x(&rows)?.view(), &labels, Some(&mask))?;
             let ids: Vec<_> = rows.iter().map(|&i| train.ids()[i]).collect();
             hook.step(
                 &mut net.traceables_mut(),

@@ -234,7 +234,7 @@ fn evaluate(model: Model, opts: Opts) -> Result<(BTreeMap<String, Row>, Value)> 
         let drops: Vec<f64> = (0..valid.len())
             .into_par_iter()
             .map(|i| -> Result<f64> {
-                let xi = valid.batch_x(&[i]);
+                let xi = valid.batch_x(&[i])?;
                 let mut full = model.build(1)?;
                 train_bare(&mut full, &train, &recipe, &[])?;
                 let base = margin_and_prob(&mut full, &xi, vpred[i])?;
@@ -353,7 +353,7 @@ fn evaluate(model: Model, opts: Opts) -> Result<(BTreeMap<String, Row>, Value)> 
         .map(|&q| {
             let mut full = model.build(1)?;
             train_bare(&mut full, &train, &recipe, &[])?;
-            margin_and_prob(&mut full, &eval.batch_x(&[q]), pred[q])
+            margin_and_prob(&mut full, &eval.batch_x(&[q])?, pred[q])
         })
         .collect::<Result<_>>()?;
     let mut jobs: Vec<(String, usize, Vec<usize>)> = Vec::new();
@@ -383,7 +383,7 @@ fn evaluate(model: Model, opts: Opts) -> Result<(BTreeMap<String, Row>, Value)> 
                 model,
                 &train,
                 &recipe,
-                &eval.batch_x(&[*q]),
+                &eval.batch_x(&[*q])?,
                 pred[*q],
                 bases[*q],
                 removed,

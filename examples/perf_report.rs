@@ -78,7 +78,7 @@ fn step_times(
     let mut hook = OptimizerHook::new(sgd.build::<f32>()?, &traced_net.traceables())?;
     let (mut tb, mut tt) = (Vec::new(), Vec::new());
     for rows in &batches {
-        let x = data.batch_x(rows);
+        let x = data.batch_x(rows)?;
         let y: Vec<usize> = rows.iter().map(|&i| data.labels()[i]).collect();
         let ids: Vec<ExampleId> = rows.iter().map(|&i| data.ids()[i]).collect();
         // Interleaved so both see the same machine state.

@@ -471,3 +471,13 @@ fn ridge_lens_solves_the_regularised_gram_system() {
     }
     assert!(refinement_ledger::query::RidgeLens::fit(&ledger, 0.0).is_err());
 }
+
+#[test]
+fn ridge_lens_refuses_a_ledger_it_was_not_fitted_on() {
+    let (ledger, mut net, test) = trained_cnn(false);
+    let (other, _, _) = trained_cnn(true);
+    let ridge = refinement_ledger::query::RidgeLens::fit(&ledger, 0.1).unwrap();
+    let q = gradient_query(&mut net, &test);
+    let e = ridge.scores(&other, &q).unwrap_err();
+    assert!(e.to_string().contains("fitted on"), "{e}");
+}

@@ -137,7 +137,7 @@ pub fn train<O: Optimizer>(
     let mut bare = bare;
     for epoch in 0..recipe.epochs {
         for rows in sampler.epoch_without(epoch, removed) {
-            let x = data.batch_x(&rows);
+            let x = data.batch_x(&rows)?;
             let labels: Vec<usize> = rows.iter().map(|&i| data.labels()[i]).collect();
             let loss = net.train_batch(x.view(), &labels)?;
             match (&mut hook, &mut bare) {

@@ -263,13 +263,28 @@ impl<F: Float> Dataset<F> {
     }
 
     /// Inputs of rows `idx` as one batch.
-    pub fn batch_x(&self, idx: &[usize]) -> ArrayD<F> {
-        self.x.select(Axis(0), idx)
+    ///
+    /// # Errors
+    /// [`Error::IndexOutOfRange`] for an index past the end.
+    pub fn batch_x(&self, idx: &[usize]) -> Result<ArrayD<F>> {
+        self.check_rows(idx, "Dataset::batch_x")?;
+        Ok(self.x.select(Axis(0), idx))
+    }
+
+    fn check_rows(&self, idx: &[usize], op: &'static str) -> Result<()> {
+        match idx.iter().find(|&&i| i >= self.len()) {
+            Some(&i) => Err(Error::IndexOutOfRange { op, what: "row", index: i, len: self.len() }),
+            None => Ok(()),
+        }
     }
 
     /// One example as a flat vector (for thumbnails).
-    pub fn flat(&self, i: usize) -> Vec<F> {
-        self.x.index_axis(Axis(0), i).iter().copied().collect()
+    ///
+    /// # Errors
+    /// [`Error::IndexOutOfRange`] for an index past the end.
+    pub fn flat(&self, i: usize) -> Result<Vec<F>> {
+        self.check_rows(&[i], "Dataset::flat")?;
+        Ok(self.x.index_axis(Axis(0), i).iter().copied().collect())
     }
 
     /// The inputs as `[n, features]`.

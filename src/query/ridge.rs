@@ -20,7 +20,7 @@
 
 use ndarray::{Array1, Array2, Axis};
 
-use crate::{Error, Float, LayerSel, Ledger, Lens, Query, Result};
+use crate::{Error, Float, LayerSel, Ledger, Lens, Query, Result, SourceId};
 
 /// A factored ridge system for one ledger, reused across queries.
 ///
@@ -47,6 +47,8 @@ use crate::{Error, Float, LayerSel, Ledger, Lens, Query, Result};
 /// ```
 #[derive(Clone, Debug)]
 pub struct RidgeLens {
+    /// The ledger it was fitted on: its sources and step groups.
+    fitted_on: (Vec<SourceId>, u32),
     gram: Array2<f64>,
     chol: Array2<f64>,
     lambda: f64,
@@ -71,10 +73,11 @@ impl RidgeLens {
             let m = ledger.account_matrix(l)?;
             ndarray::linalg::general_mat_mul(1.0, &m, &m.t(), 1.0, &mut gram);
         }
-        Self::from_gram(gram, c)
+        let fitted_on = (ledger.sources().iter().map(|s| s.id).collect(), ledger.n_groups);
+        Self::from_gram(gram, c, fitted_on)
     }
 
-    fn from_gram(gram: Array2<f64>, c: f64) -> Result<Self> {
+    fn from_gram(gram: Array2<f64>, c: f64, fitted_on: (Vec<SourceId>, u32)) -> Result<Self> {
         if !(c.is_finite() && c > 0.0) {
             return Err(Error::InvalidConfig {
                 what: "ridge c",
@@ -89,6 +92,7 @@ impl RidgeLens {
         }
         let chol = cholesky(a)?;
         Ok(Self {
+            fitted_on,
             gram,
             chol,
             lambda,
@@ -101,7 +105,7 @@ impl RidgeLens {
     /// # Errors
     /// As [`fit`](Self::fit).
     pub fn with_c(&self, c: f64) -> Result<Self> {
-        Self::from_gram(self.gram.clone(), c)
+        Self::from_gram(self.gram.clone(), c, self.fitted_on.clone())
     }
 
     /// The regularisation `λ` in use.
@@ -121,12 +125,15 @@ impl RidgeLens {
     /// As [`Ledger::scores`] with [`Lens::Loss`]; [`Error::ShapeMismatch`] for a
     /// ledger that is not the one the lens was fitted on.
     pub fn scores<F: Float>(&self, ledger: &Ledger<F>, query: &Query<F>) -> Result<Array2<f64>> {
+        let same = ledger.n_groups == self.fitted_on.1
+            && ledger.sources().len() == self.fitted_on.0.len()
+            && ledger.sources().iter().zip(&self.fitted_on.0).all(|(s, id)| s.id == *id);
         let lg = ledger.scores(query, Lens::Loss, LayerSel::All)?; // [n_q, N] = (L g)ᵀ
-        if lg.ncols() != self.gram.nrows() {
+        if !same {
             return Err(Error::ShapeMismatch {
                 op: "RidgeLens::scores",
-                expected: format!("a ledger of {} sources", self.gram.nrows()),
-                got: format!("{} sources", lg.ncols()),
+                expected: format!("the ledger the lens was fitted on ({} sources, {} step groups)", self.fitted_on.0.len(), self.fitted_on.1),
+                got: format!("a ledger of {} sources, {} step groups", lg.ncols(), ledger.n_groups),
             });
         }
         let mut out = lg;
