@@ -273,7 +273,12 @@ impl<F: Float> Dataset<F> {
 
     fn check_rows(&self, idx: &[usize], op: &'static str) -> Result<()> {
         match idx.iter().find(|&&i| i >= self.len()) {
-            Some(&i) => Err(Error::IndexOutOfRange { op, what: "row", index: i, len: self.len() }),
+            Some(&i) => Err(Error::IndexOutOfRange {
+                op,
+                what: "row",
+                index: i,
+                len: self.len(),
+            }),
             None => Ok(()),
         }
     }

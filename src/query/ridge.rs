@@ -20,7 +20,7 @@
 
 use ndarray::{Array1, Array2, Axis};
 
-use crate::{Error, Float, LayerSel, Ledger, Lens, Query, Result, SourceId};
+use crate::{Error, Float, LayerSel, Ledger, Lens, Query, Result};
 
 /// A factored ridge system for one ledger, reused across queries.
 ///
@@ -47,8 +47,8 @@ use crate::{Error, Float, LayerSel, Ledger, Lens, Query, Result, SourceId};
 /// ```
 #[derive(Clone, Debug)]
 pub struct RidgeLens {
-    /// The ledger it was fitted on: its sources and step groups.
-    fitted_on: (Vec<SourceId>, u32),
+    /// A fingerprint of the ledger it was fitted on.
+    fitted_on: (usize, u32),
     gram: Array2<f64>,
     chol: Array2<f64>,
     lambda: f64,
@@ -73,11 +73,11 @@ impl RidgeLens {
             let m = ledger.account_matrix(l)?;
             ndarray::linalg::general_mat_mul(1.0, &m, &m.t(), 1.0, &mut gram);
         }
-        let fitted_on = (ledger.sources().iter().map(|s| s.id).collect(), ledger.n_groups);
+        let fitted_on = fingerprint(ledger);
         Self::from_gram(gram, c, fitted_on)
     }
 
-    fn from_gram(gram: Array2<f64>, c: f64, fitted_on: (Vec<SourceId>, u32)) -> Result<Self> {
+    fn from_gram(gram: Array2<f64>, c: f64, fitted_on: (usize, u32)) -> Result<Self> {
         if !(c.is_finite() && c > 0.0) {
             return Err(Error::InvalidConfig {
                 what: "ridge c",
@@ -105,7 +105,7 @@ impl RidgeLens {
     /// # Errors
     /// As [`fit`](Self::fit).
     pub fn with_c(&self, c: f64) -> Result<Self> {
-        Self::from_gram(self.gram.clone(), c, self.fitted_on.clone())
+        Self::from_gram(self.gram.clone(), c, self.fitted_on)
     }
 
     /// The regularisation `λ` in use.
@@ -125,15 +125,20 @@ impl RidgeLens {
     /// As [`Ledger::scores`] with [`Lens::Loss`]; [`Error::ShapeMismatch`] for a
     /// ledger that is not the one the lens was fitted on.
     pub fn scores<F: Float>(&self, ledger: &Ledger<F>, query: &Query<F>) -> Result<Array2<f64>> {
-        let same = ledger.n_groups == self.fitted_on.1
-            && ledger.sources().len() == self.fitted_on.0.len()
-            && ledger.sources().iter().zip(&self.fitted_on.0).all(|(s, id)| s.id == *id);
+        let same = fingerprint(ledger) == self.fitted_on;
         let lg = ledger.scores(query, Lens::Loss, LayerSel::All)?; // [n_q, N] = (L g)ᵀ
         if !same {
             return Err(Error::ShapeMismatch {
                 op: "RidgeLens::scores",
-                expected: format!("the ledger the lens was fitted on ({} sources, {} step groups)", self.fitted_on.0.len(), self.fitted_on.1),
-                got: format!("a ledger of {} sources, {} step groups", lg.ncols(), ledger.n_groups),
+                expected: format!(
+                    "the ledger the lens was fitted on ({} sources, fingerprint {:08x})",
+                    self.fitted_on.0, self.fitted_on.1
+                ),
+                got: format!(
+                    "a ledger of {} sources, fingerprint {:08x}",
+                    lg.ncols(),
+                    fingerprint(ledger).1
+                ),
             });
         }
         let mut out = lg;
@@ -143,6 +148,24 @@ impl RidgeLens {
         }
         Ok(out)
     }
+}
+
+/// The number of sources and a CRC-32 of the source ids, every segment's
+/// coefficients and the final parameters: a cheap identity of a ledger.
+fn fingerprint<F: Float>(ledger: &Ledger<F>) -> (usize, u32) {
+    let mut h = crc32fast::Hasher::new();
+    for s in ledger.sources() {
+        h.update(format!("{:?}", s.id).as_bytes());
+    }
+    for seg in &ledger.segments {
+        seg.coef.iter().for_each(|c| h.update(&c.to_le_bytes()));
+    }
+    for l in 0..ledger.layers().len() {
+        if let Ok(p) = ledger.final_params(l) {
+            p.iter().for_each(|v| h.update(&v.to_le_bytes()));
+        }
+    }
+    (ledger.sources().len(), h.finalize())
 }
 
 /// Lower Cholesky factor of a symmetric positive definite matrix
