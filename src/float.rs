@@ -14,7 +14,13 @@ mod sealed {
 /// Accounts that accumulate over a run are always kept in `f64`, whatever `F` is,
 /// so the ledger balances over long runs.
 pub trait Float:
-    NdFloat + num_traits::Float + Default + Serialize + DeserializeOwned + sealed::Sealed
+    NdFloat
+    + num_traits::Float
+    + Default
+    + Serialize
+    + DeserializeOwned
+    + bytemuck::Pod
+    + sealed::Sealed
 {
     /// Widens to `f64` (exact for both types).
     fn widen(self) -> f64;

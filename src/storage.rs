@@ -164,19 +164,25 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| io(e, path))
 }
 
-/// Maps `path` read-only and hands the bytes to `f`.
-pub(crate) fn with_mapped<T>(path: &Path, f: impl FnOnce(&[u8]) -> Result<T>) -> Result<T> {
+/// Maps `path` read-only.
+pub(crate) fn map_file(path: &Path) -> Result<std::sync::Arc<memmap2::Mmap>> {
     let io = |e: std::io::Error| Error::Io {
         path: path.display().to_string(),
         source: e,
     };
     let file = std::fs::File::open(path).map_err(io)?;
-    // SAFETY: the map is read-only and lives only for this call, during which
-    // every value is copied out and checked (checksum, shapes, finiteness).
-    // A file truncated or rewritten concurrently by another process is
-    // outside this crate's control, as with any mapped file.
+    // SAFETY: the map is read-only and every value is checked when loaded
+    // (checksum, shapes, finiteness). Like any mapped file, it must not be
+    // truncated or rewritten in place by another process while a ledger reads
+    // from it; `save` never does (it renames a new file over the old one).
     #[allow(unsafe_code)]
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+    Ok(std::sync::Arc::new(map))
+}
+
+/// Maps `path` read-only and hands the bytes to `f`.
+pub(crate) fn with_mapped<T>(path: &Path, f: impl FnOnce(&[u8]) -> Result<T>) -> Result<T> {
+    let map = map_file(path)?;
     f(&map)
 }
 
@@ -191,6 +197,8 @@ pub(crate) fn dtype<F: Float>() -> Dtype {
 
 pub(crate) struct Reader<'a> {
     pub(crate) st: &'a SafeTensors<'a>,
+    /// The mapped file the tensors live in, to serve them without copying.
+    pub(crate) map: Option<&'a std::sync::Arc<memmap2::Mmap>>,
 }
 
 impl Reader<'_> {
@@ -242,6 +250,23 @@ impl Reader<'_> {
         } else {
             Err(corrupt(format!("tensor {name}: non-finite value")))
         }
+    }
+
+    /// A float tensor checked for finiteness, served from the map when possible.
+    pub(crate) fn buf<T: Float>(
+        &self,
+        t: &TensorView<'_>,
+        name: &str,
+    ) -> Result<crate::ledger::Buf<T>> {
+        if let Some(b) = self
+            .map
+            .and_then(|m| crate::ledger::Buf::<T>::mapped(m, t.data()))
+        {
+            crate::error::check_finite(b.iter(), "Ledger::load", name)
+                .map_err(|_| corrupt(format!("tensor {name}: non-finite value")))?;
+            return Ok(b);
+        }
+        Ok(crate::ledger::Buf::Owned(self.floats(t, name)?))
     }
 
     pub(crate) fn matrix(&self, name: &str, shape: (usize, usize)) -> Result<Array2<f64>> {

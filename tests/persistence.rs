@@ -43,6 +43,14 @@ fn save_then_load_gives_identical_queries() {
     let path = dir.path().join("run.safetensors");
     ledger.save(&path).unwrap();
     let loaded = Ledger::<f32>::load(&path).unwrap();
+    // Factors and dense accounts are served from the mapped file, not copied.
+    let file_len = std::fs::metadata(&path).unwrap().len() as usize;
+    assert!(
+        loaded.mapped_bytes() > file_len / 2,
+        "{} of {file_len} bytes mapped",
+        loaded.mapped_bytes()
+    );
+    assert_eq!(ledger.mapped_bytes(), 0);
     assert_eq!(loaded.sources(), ledger.sources());
     assert_eq!(loaded.layers(), ledger.layers());
     assert_eq!(loaded.steps_per_segment(), ledger.steps_per_segment());

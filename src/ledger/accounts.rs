@@ -17,6 +17,7 @@ use std::collections::HashMap;
 
 use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2, s};
 
+use super::buf::Buf;
 use crate::Float;
 
 /// The factored rows of one layer.
@@ -25,9 +26,9 @@ pub(crate) struct Rows<F> {
     pub(crate) aug_in: usize,
     pub(crate) fan_out: usize,
     /// Patches `[n_rows, aug_in]`, row-major.
-    pub(crate) a: Vec<F>,
+    pub(crate) a: Buf<F>,
     /// Deltas `[n_rows, fan_out]`, row-major.
-    pub(crate) d: Vec<F>,
+    pub(crate) d: Buf<F>,
     /// Source index of each row.
     pub(crate) source: Vec<u32>,
     /// Global step group of each row.
@@ -41,8 +42,8 @@ impl<F: Float> Rows<F> {
         Self {
             aug_in,
             fan_out,
-            a: Vec::new(),
-            d: Vec::new(),
+            a: Buf::default(),
+            d: Buf::default(),
             source: Vec::new(),
             group: Vec::new(),
             sorted: true,
@@ -63,11 +64,12 @@ impl<F: Float> Rows<F> {
     ) {
         debug_assert!(patch.len() + 1 == self.aug_in || patch.len() == self.aug_in);
         debug_assert_eq!(delta.len(), self.fan_out);
-        self.a.extend(patch.iter().copied());
+        let a = self.a.to_mut();
+        a.extend(patch.iter().copied());
         if patch.len() < self.aug_in {
-            self.a.push(F::one());
+            a.push(F::one());
         }
-        self.d.extend(delta.iter().copied());
+        self.d.to_mut().extend(delta.iter().copied());
         if self.source.last().is_some_and(|&last| last > source) {
             self.sorted = false;
         }
@@ -134,8 +136,8 @@ impl<F: Float> Rows<F> {
         }
         self.source = order.iter().map(|&j| self.source[j]).collect();
         self.group = order.iter().map(|&j| self.group[j]).collect();
-        self.a = a;
-        self.d = d;
+        self.a = Buf::Owned(a);
+        self.d = Buf::Owned(d);
         self.sorted = true;
     }
 }
@@ -148,7 +150,7 @@ pub(crate) struct DenseAccounts {
     /// Source index of each slot.
     pub(crate) source: Vec<u32>,
     /// Dense accounts `[n_slots, fan_out, aug_in]`, row-major.
-    pub(crate) dense: Vec<f64>,
+    pub(crate) dense: Buf<f64>,
     slot_of: HashMap<u32, usize>,
     /// Updates not credited to any source `[fan_out, aug_in]`.
     pub(crate) residual: Array2<f64>,
@@ -162,7 +164,7 @@ impl DenseAccounts {
             aug_in,
             fan_out,
             source: Vec::new(),
-            dense: Vec::new(),
+            dense: Buf::default(),
             slot_of: HashMap::new(),
             residual: Array2::zeros((fan_out, aug_in)),
             sorted: true,
@@ -188,14 +190,15 @@ impl DenseAccounts {
                     self.sorted = false;
                 }
                 self.source.push(source);
-                self.dense.resize(self.dense.len() + size, 0.0);
+                let n = self.dense.len();
+                self.dense.to_mut().resize(n + size, 0.0);
                 self.slot_of.insert(source, slot);
                 slot
             }
         };
         ArrayViewMut2::from_shape(
             (self.fan_out, self.aug_in),
-            &mut self.dense[slot * size..(slot + 1) * size],
+            &mut self.dense.to_mut()[slot * size..(slot + 1) * size],
         )
         .expect("invariant: slot holds fan_out × aug_in values")
     }
@@ -206,7 +209,7 @@ impl DenseAccounts {
         self.dense_mut(source);
         let slot = self.slot_of[&source];
         (
-            &mut self.dense[slot * size..(slot + 1) * size],
+            &mut self.dense.to_mut()[slot * size..(slot + 1) * size],
             self.residual
                 .as_slice_mut()
                 .expect("invariant: standard layout"),
@@ -259,7 +262,7 @@ impl DenseAccounts {
         aug_in: usize,
         fan_out: usize,
         source: Vec<u32>,
-        dense: Vec<f64>,
+        dense: Buf<f64>,
         residual: Array2<f64>,
     ) -> Option<Self> {
         let ok = source.windows(2).all(|w| w[0] < w[1])
@@ -289,7 +292,7 @@ impl DenseAccounts {
             dense.extend_from_slice(&self.dense[k * size..(k + 1) * size]);
         }
         self.source = order.iter().map(|&k| self.source[k]).collect();
-        self.dense = dense;
+        self.dense = Buf::Owned(dense);
         self.slot_of = self
             .source
             .iter()

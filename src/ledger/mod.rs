@@ -13,6 +13,9 @@
 //! ```
 
 pub(crate) mod accounts;
+mod buf;
+
+pub(crate) use buf::Buf;
 mod merge;
 mod persist;
 
@@ -343,6 +346,23 @@ impl<F: Float> Ledger<F> {
                 params + coef + self.rows[l].bytes() + dense
             })
             .collect()
+    }
+
+    /// Bytes of accounts served straight from a memory-mapped file (after
+    /// [`load`](Self::load)); 0 for a ledger in memory.
+    pub fn mapped_bytes(&self) -> usize {
+        let rows: usize = self
+            .rows
+            .iter()
+            .map(|r| r.a.mapped_bytes() + r.d.mapped_bytes())
+            .sum();
+        let dense: usize = self
+            .segments
+            .iter()
+            .flat_map(|s| &s.layers)
+            .map(|a| a.dense.mapped_bytes())
+            .sum();
+        rows + dense
     }
 
     /// Checks that `layers` are the layers this ledger traced (ids and shapes, in order).

@@ -18,8 +18,10 @@
 //! count, number of groups), and `crc32` = the CRC-32 of the `payload` JSON and
 //! every tensor's bytes in name order (safetensors has no checksum of its own).
 //!
-//! Loading reads the file through a memory map and copies it into the ledger's
-//! own arrays after checking it; queries then run on the in-memory ledger.
+//! [`Ledger::load`] memory-maps the file and, after checking it, serves the
+//! factored rows and dense accounts straight from the map (no copy; the pages
+//! are read on demand and can be dropped by the OS), so a ledger larger than
+//! memory can be queried. [`Ledger::from_bytes`] copies instead.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -29,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{DenseAccounts, LayerMeta, Ledger, Rows, Segment, SourceMeta};
 use crate::storage::{
-    Reader, Tensor, corrupt, decode, dtype, encode, floats, matrix, u32s, with_mapped, write_atomic,
+    Reader, Tensor, corrupt, decode, dtype, encode, floats, map_file, matrix, u32s, write_atomic,
 };
 use crate::{Float, Result};
 
@@ -133,7 +135,8 @@ impl<F: Float> Ledger<F> {
     /// [`Error::Io`] when the file cannot be opened; [`Error::CorruptLedger`]
     /// for a truncated, corrupted or foreign file, or one saved with the other float type.
     pub fn load(path: &Path) -> Result<Self> {
-        with_mapped(path, Self::from_bytes)
+        let map = map_file(path)?;
+        Self::parse(&map, Some(&map))
     }
 
     /// Parses the bytes of a safetensors ledger (see [`load`](Self::load)).
@@ -141,6 +144,11 @@ impl<F: Float> Ledger<F> {
     /// # Errors
     /// [`Error::CorruptLedger`] for anything that is not a valid ledger of float type `F`.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        Self::parse(bytes, None)
+    }
+
+    /// Parses `bytes`, serving large tensors from `map` (which holds `bytes`) when given.
+    fn parse(bytes: &[u8], map: Option<&std::sync::Arc<memmap2::Mmap>>) -> Result<Self> {
         let (st, json) = decode(bytes, FORMAT, VERSION)?;
         let header: Header =
             serde_json::from_str(&json).map_err(|e| corrupt(format!("ledger header: {e}")))?;
@@ -151,7 +159,7 @@ impl<F: Float> Ledger<F> {
                 F::DTYPE
             )));
         }
-        Reader { st: &st }.ledger(header)
+        Reader { st: &st, map }.ledger(header)
     }
 }
 
@@ -182,8 +190,8 @@ impl Reader<'_> {
             let (n, a) = self.leading(&format!("layer.{l}.rows.a"), dt, &[ai])?;
             let d = self.tensor(&format!("layer.{l}.rows.d"), dt, &[n, fo])?;
             let mut r = Rows::new(ai, fo);
-            r.a = self.floats(&a, "rows.a")?;
-            r.d = self.floats(&d, "rows.d")?;
+            r.a = self.buf(&a, "rows.a")?;
+            r.d = self.buf(&d, "rows.d")?;
             r.source = self.u32s(&format!("layer.{l}.rows.source"), n, n_src, "source")?;
             r.group = self.u32s(
                 &format!("layer.{l}.rows.group"),
@@ -224,18 +232,13 @@ impl Reader<'_> {
                     "source",
                 )?;
                 let residual = self.matrix(&format!("segment.{k}.layer.{l}.residual"), (fo, ai))?;
-                seg.layers[l] = DenseAccounts::from_parts(
-                    ai,
-                    fo,
-                    source,
-                    self.floats(&dense, &name)?,
-                    residual,
-                )
-                .ok_or_else(|| {
-                    corrupt(format!(
-                        "segment {k} layer {l}: dense sources not strictly ascending"
-                    ))
-                })?;
+                seg.layers[l] =
+                    DenseAccounts::from_parts(ai, fo, source, self.buf(&dense, &name)?, residual)
+                        .ok_or_else(|| {
+                        corrupt(format!(
+                            "segment {k} layer {l}: dense sources not strictly ascending"
+                        ))
+                    })?;
             }
             segments.push(seg);
         }

@@ -115,7 +115,7 @@ impl<F: Float> Sequential<F> {
                     ),
                 });
             }
-            let reader = Reader { st: &st };
+            let reader = Reader { st: &st, map: None };
             let mut values: Vec<Vec<Vec<F>>> = Vec::new();
             for (id, shape) in &header.layers {
                 let name = format!("{id}.weight");
