@@ -58,6 +58,14 @@ fn cnn(seed: u64) -> Result<Sequential<f32>> {
         .with(DenseConfig::new(800, 10).build("fc", &mut rng)?))
 }
 
+/// Peak resident memory of this process (Linux `VmHWM`), if known.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -177,7 +185,13 @@ fn main() -> Result<()> {
         batch_s / gemm_s,
         c[[0, 0]]
     );
+    let peak = peak_rss_bytes();
+    println!(
+        "peak resident memory: {} MB",
+        peak.map_or("unknown".into(), |b| (b / 1_000_000).to_string())
+    );
     let report = json!({
+        "peak_rss_bytes": peak,
         "data": source, "examples": train.len(), "timed_steps": steps,
         "tracing_overhead_mlp": mt / mb, "tracing_overhead_cnn": ct / cb,
         "step_ms": {"mlp_bare": mb * 1e3, "mlp_traced": mt * 1e3, "cnn_bare": cb * 1e3, "cnn_traced": ct * 1e3},

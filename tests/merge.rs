@@ -104,3 +104,29 @@ fn merging_ledgers_of_different_runs_is_an_error() {
     let e = a.merge(&a).unwrap_err();
     assert!(e.to_string().contains("in both shards"), "{e}");
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 16, ..Default::default() })]
+
+    /// Any momentum, decay, Nesterov and segmenting: merged shards equal the combined run.
+    #[test]
+    fn merging_shards_equals_the_combined_run_for_random_settings(
+        momentum in 0.0f64..0.95,
+        decay in 0.0f64..0.01,
+        segments in proptest::prelude::any::<bool>(),
+    ) {
+        let (a, b, c, _) = sharded_run(momentum, decay, segments);
+        let merged = a.merge(&b).unwrap();
+        for l in 0..c.layers().len() {
+            for s in c.sources() {
+                let (want, got) = (c.account(l, s.id).unwrap(), merged.account(l, s.id).unwrap());
+                let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-12);
+                let err = (&got - &want).iter().fold(0.0f64, |m, v| m.max(v.abs())) / scale;
+                proptest::prop_assert!(err <= 1e-9, "{} layer {l}: relative error {err:e}", s.id);
+            }
+        }
+        for e in merged.parameter_balance() {
+            proptest::prop_assert!(e <= 1e-9);
+        }
+    }
+}
