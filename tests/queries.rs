@@ -481,3 +481,23 @@ fn ridge_lens_refuses_a_ledger_it_was_not_fitted_on() {
     let e = ridge.scores(&other, &q).unwrap_err();
     assert!(e.to_string().contains("fitted on"), "{e}");
 }
+
+#[test]
+fn top_k_for_loss_and_margin_lenses_matches_their_scores() {
+    let (ledger, mut net, test) = trained_cnn(true);
+    let g = gradient_query(&mut net, &test);
+    let loss = ledger.top_k_influences(&g, Lens::Loss, 3).unwrap();
+    let all = ledger.scores(&g, Lens::Loss, LayerSel::All).unwrap();
+    for inf in &loss {
+        assert_eq!(inf.per_layer.len(), 3);
+        let max = all.row(inf.query).fold(f64::NEG_INFINITY, |m, &v| m.max(v));
+        assert!((inf.combined.proponents[0].score - max).abs() <= 1e-12 * max.abs().max(1.0));
+    }
+    let q = query(&mut net, &test);
+    let margin = ledger.top_k_influences(&q, Lens::Margin, 3).unwrap();
+    assert!(
+        margin
+            .iter()
+            .all(|m| m.per_layer.len() == 1 && m.per_layer[0].0.0 == "fc")
+    );
+}

@@ -278,12 +278,10 @@ impl Explanation<'_> {
     /// [`Error::IndexOutOfRange`] for a bad layer; [`Error::InvalidConfig`] for
     /// [`Lens::Loss`] (use [`Ledger::scores`]).
     pub fn scores(&self, lens: Lens, layers: LayerSel) -> Result<Array2<f64>> {
-        if lens == Lens::Loss {
+        if !lens.is_representation() {
             return Err(Error::InvalidConfig {
                 what: "lens",
-                reason:
-                    "Loss is not a representation lens; use Ledger::scores with a gradient query"
-                        .into(),
+                reason: format!("{lens:?} is not a representation lens; use Ledger::scores"),
             });
         }
         match layers {
@@ -654,48 +652,47 @@ impl<F: Float> Ledger<F> {
                 .as_standard_layout()
                 .into_owned())
             }
-            Lens::Norm | Lens::Cos => {
+            _ => {
                 let sel = if selected.len() == 1 {
                     LayerSel::Layer(0)
                 } else {
                     LayerSel::All
                 };
-                self.explain_layers(query, &selected).scores(lens, sel)
+                self.representation(query, &selected, lens)
+                    .scores(lens, sel)
             }
-            _ => {
-                let per_layer: Vec<LayerExplanation> = selected
-                    .iter()
-                    .map(|&l| {
-                        let (input, r) = self.representation_input(query, l);
-                        let dot = dots(
-                            &self.layer_ledger(l, None),
-                            &[&input],
-                            self.sources.len(),
-                            query.n,
-                        );
-                        LayerExplanation {
-                            layer: self.layers[l].id.clone(),
-                            dot: dot.t().as_standard_layout().into_owned(),
-                            norm: Array2::zeros((query.n, self.sources.len())),
-                            refinement_norm: input
-                                .per_query_dot(r.view(), r.view())
-                                .mapv(f64::sqrt),
-                            residual_dot: Array1::zeros(query.n),
-                            balance_error: Array1::zeros(query.n),
-                        }
-                    })
-                    .collect();
-                let sel = if per_layer.len() == 1 {
-                    LayerSel::Layer(0)
-                } else {
-                    LayerSel::All
-                };
-                Explanation {
-                    layers: per_layer,
-                    sources: &self.sources,
+        }
+    }
+
+    /// The representation scores of `selected` layers: with norms when `lens` needs
+    /// them (`Norm`, `Cos`), else by the dot-only path.
+    fn representation(&self, query: &Query<F>, selected: &[usize], lens: Lens) -> Explanation<'_> {
+        if matches!(lens, Lens::Norm | Lens::Cos) {
+            return self.explain_layers(query, selected);
+        }
+        let layers = selected
+            .iter()
+            .map(|&l| {
+                let (input, r) = self.representation_input(query, l);
+                let dot = dots(
+                    &self.layer_ledger(l, None),
+                    &[&input],
+                    self.sources.len(),
+                    query.n,
+                );
+                LayerExplanation {
+                    layer: self.layers[l].id.clone(),
+                    dot: dot.t().as_standard_layout().into_owned(),
+                    norm: Array2::zeros((query.n, self.sources.len())),
+                    refinement_norm: input.per_query_dot(r.view(), r.view()).mapv(f64::sqrt),
+                    residual_dot: Array1::zeros(query.n),
+                    balance_error: Array1::zeros(query.n),
                 }
-                .scores(lens, sel)
-            }
+            })
+            .collect();
+        Explanation {
+            layers,
+            sources: &self.sources,
         }
     }
 
@@ -846,17 +843,45 @@ impl<F: Float> Ledger<F> {
         lens: Lens,
         k: usize,
     ) -> Result<Vec<Influences>> {
-        let per_layer: Vec<Array2<f64>> = (0..self.layers.len())
-            .map(|l| self.scores(query, lens, LayerSel::Layer(l)))
-            .collect::<Result<_>>()?;
-        let combined = self.scores(query, lens, LayerSel::All)?;
+        const OP: &str = "Ledger::top_k_influences";
+        self.check_query(query, OP)?;
+        let all: Vec<usize> = (0..self.layers.len()).collect();
+        // Each layer's scores once; the combination is derived from them.
+        let (per_layer, combined): (Vec<(usize, Array2<f64>)>, Array2<f64>) = match lens {
+            Lens::Margin => {
+                let s = self.scores(query, lens, LayerSel::All)?;
+                (vec![(self.layers.len() - 1, s.clone())], s)
+            }
+            Lens::Loss => {
+                let per: Vec<(usize, Array2<f64>)> = all
+                    .iter()
+                    .map(|&l| {
+                        Ok((
+                            l,
+                            self.loss_scores_impl(std::slice::from_ref(query), &[l], OP)?,
+                        ))
+                    })
+                    .collect::<Result<_>>()?;
+                let sum = per
+                    .iter()
+                    .fold(Array2::zeros(per[0].1.raw_dim()), |acc, (_, s)| acc + s);
+                (per, sum)
+            }
+            _ => {
+                let ex = self.representation(query, &all, lens);
+                let per = all
+                    .iter()
+                    .map(|&l| Ok((l, ex.scores(lens, LayerSel::Layer(l))?)))
+                    .collect::<Result<_>>()?;
+                (per, ex.scores(lens, LayerSel::All)?)
+            }
+        };
         Ok((0..query.n)
             .map(|q| Influences {
                 query: q,
                 per_layer: per_layer
                     .iter()
-                    .zip(&self.layers)
-                    .map(|(s, m)| (m.id.clone(), rank(s.row(q), &self.sources, k)))
+                    .map(|(l, s)| (self.layers[*l].id.clone(), rank(s.row(q), &self.sources, k)))
                     .collect(),
                 combined: rank(combined.row(q), &self.sources, k),
             })
