@@ -264,7 +264,9 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
                 self.check_factors(&**layer, batch.ids.len())?;
             }
         }
-        let before = self.read_all(layers)?;
+        // Changes made outside the hook since the last step go to the residual;
+        // the segment's end then holds the parameters before this step.
+        self.absorb_outside(layers)?;
         {
             let mut params: Vec<ParamMut<'_, F>> =
                 layers.iter_mut().flat_map(|l| l.params_mut()).collect();
@@ -272,17 +274,16 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
         }
         let after = self.read_all(layers)?;
         let seg = self.ledger.segments.len() - 1;
-        // Changes made outside the hook since the last step.
-        for (l, b) in before.iter().enumerate() {
-            let segment = &mut self.ledger.segments[seg];
-            let outside = b - &segment.end[l];
-            segment.layers[l].residual += &outside;
-        }
-        match rule {
-            None => self.record_batch(batch, &before, &after)?,
-            Some(rule) => self.record_per_example(layers, batch, rule, &before, &after)?,
-        }
+        let before = std::mem::take(&mut self.ledger.segments[seg].end);
+        let recorded = match rule {
+            None => self.record_batch(batch, &before, &after),
+            Some(rule) => self.record_per_example(layers, batch, rule, &before, &after),
+        };
         let segment = &mut self.ledger.segments[seg];
+        if let Err(e) = recorded {
+            segment.end = before;
+            return Err(e);
+        }
         segment.end = after;
         segment.n_steps += 1;
         self.step += 1;
@@ -436,6 +437,61 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             OP,
             &format!("output deltas of {}", layer.layer_id()),
         )
+    }
+
+    /// Books `W_now − W_end` of every layer to the residual and sets the segment's
+    /// end to `W_now`, in one pass without allocating.
+    fn absorb_outside(&mut self, layers: &[&mut dyn Traceable<F>]) -> Result<()> {
+        const OP: &str = "OptimizerHook::step (parameters)";
+        for layer in layers.iter() {
+            let w = layer.weight();
+            let w = w.as_standard_layout();
+            crate::error::check_finite(
+                w.iter(),
+                OP,
+                &format!("parameters of {}", layer.layer_id()),
+            )?;
+            if let Some(b) = layer.bias() {
+                crate::error::check_finite(b.iter(), OP, &format!("bias of {}", layer.layer_id()))?;
+            }
+        }
+        let seg = self
+            .ledger
+            .segments
+            .last_mut()
+            .expect("invariant: at least one segment");
+        for (l, layer) in layers.iter().enumerate() {
+            let shape = &self.ledger.layers[l].shape;
+            let (fan_in, aug_in) = (shape.fan_in, shape.aug_in());
+            let w = layer.weight();
+            let w = w.as_standard_layout();
+            let w = w.as_slice().expect("invariant: standard layout");
+            let end = seg.end[l]
+                .as_slice_mut()
+                .expect("invariant: standard layout");
+            let res = seg.layers[l]
+                .residual
+                .as_slice_mut()
+                .expect("invariant: standard layout");
+            let mut absorb = |k: usize, v: f64| {
+                let diff = v - end[k];
+                if diff != 0.0 {
+                    res[k] += diff;
+                    end[k] = v;
+                }
+            };
+            for (o, row) in w.chunks_exact(fan_in).enumerate() {
+                for (i, &v) in row.iter().enumerate() {
+                    absorb(o * aug_in + i, v.widen());
+                }
+            }
+            if let Some(b) = layer.bias() {
+                for (o, &v) in b.iter().enumerate() {
+                    absorb(o * aug_in + fan_in, v.widen());
+                }
+            }
+        }
+        Ok(())
     }
 
     fn read_all(&self, layers: &[&mut dyn Traceable<F>]) -> Result<Vec<Array2<f64>>> {

@@ -290,3 +290,53 @@ fn class_pure_batches_with_adam_give_class_level_sources() {
         assert!(ca[0].unlabeled[qi].abs() < 1e-12 && ca[0].residual[qi].abs() < 1e-9);
     }
 }
+
+#[test]
+fn changes_made_outside_the_hook_go_to_the_residual_and_the_ledger_still_balances() {
+    let (x, y) = blobs::<f64>(4, 3, 4, 2);
+    let mut net = mlp::<f64>(4, 3, 3);
+    let sgd = SgdConfig::new(0.05)
+        .with_momentum(0.9)
+        .build::<f64>()
+        .unwrap();
+    let mut hook = OptimizerHook::new(sgd, &net.traceables()).unwrap();
+    let ids: Vec<_> = (0..y.len() as u64)
+        .map(refinement_ledger::ExampleId)
+        .collect();
+    for t in 0..6 {
+        if t == 3 {
+            // Someone nudges the weights between steps.
+            let mut params: Vec<_> = net
+                .traceables()
+                .iter()
+                .map(|l| {
+                    let s = l.traced_shape();
+                    let w = l
+                        .weight()
+                        .to_owned()
+                        .into_shape_with_order((s.fan_out, s.fan_in))
+                        .unwrap();
+                    let b = l.bias().unwrap().to_owned().insert_axis(ndarray::Axis(1));
+                    ndarray::concatenate![ndarray::Axis(1), w, b]
+                })
+                .collect();
+            params[0] += 0.01;
+            refinement_ledger::load_params(&mut net.traceables_mut(), &params).unwrap();
+        }
+        net.train_batch(x.view(), &y).unwrap();
+        hook.step(
+            &mut net.traceables_mut(),
+            &refinement_ledger::Batch::new(&ids, &y),
+        )
+        .unwrap();
+    }
+    let ledger = hook.finish();
+    assert!(ledger.parameter_balance().iter().all(|&e| e < 1e-12));
+    let res = ledger.residual(0).unwrap();
+    assert!(
+        (res.mean().unwrap() - 0.01).abs() < 1e-12,
+        "the nudge is the residual: {}",
+        res.mean().unwrap()
+    );
+    assert!(ledger.residual(1).unwrap().iter().all(|v| v.abs() < 1e-12));
+}

@@ -468,8 +468,9 @@ pub(crate) fn read_params<F: Float>(
             ),
         }
     })?;
+    let values = m.as_slice().expect("invariant: standard layout");
     crate::error::check_finite(
-        w.iter().chain(b.iter().flat_map(|b| b.iter())),
+        values.iter(),
         op,
         &format!("parameters of {}", layer.layer_id()),
     )?;
