@@ -306,20 +306,7 @@ fn changes_made_outside_the_hook_go_to_the_residual_and_the_ledger_still_balance
     for t in 0..6 {
         if t == 3 {
             // Someone nudges the weights between steps.
-            let mut params: Vec<_> = net
-                .traceables()
-                .iter()
-                .map(|l| {
-                    let s = l.traced_shape();
-                    let w = l
-                        .weight()
-                        .to_owned()
-                        .into_shape_with_order((s.fan_out, s.fan_in))
-                        .unwrap();
-                    let b = l.bias().unwrap().to_owned().insert_axis(ndarray::Axis(1));
-                    ndarray::concatenate![ndarray::Axis(1), w, b]
-                })
-                .collect();
+            let mut params = common::augmented_params(&net);
             params[0] += 0.01;
             refinement_ledger::load_params(&mut net.traceables_mut(), &params).unwrap();
         }

@@ -10,23 +10,6 @@ use refinement_ledger::nn::Sequential;
 use refinement_ledger::optim::{LrSchedule, SgdConfig};
 use refinement_ledger::{Batch, ExampleId, Ledger, OptimizerHook, SourceId, load_params};
 
-/// `[W | b]` of every traced layer.
-fn params(net: &Sequential<f64>) -> Vec<Array2<f64>> {
-    net.traceables()
-        .iter()
-        .map(|l| {
-            let s = l.traced_shape();
-            let w = l
-                .weight()
-                .to_owned()
-                .into_shape_with_order((s.fan_out, s.fan_in))
-                .unwrap();
-            let b = l.bias().unwrap().to_owned().insert_axis(Axis(1));
-            concatenate![Axis(1), w, b]
-        })
-        .collect()
-}
-
 /// Per-example gradient `[∇W | ∇b]` of example row `x` with label `y` at parameters `theta`.
 fn example_grad(
     probe: &mut Sequential<f64>,
@@ -80,7 +63,7 @@ fn check_exact(setting: Setting) -> Ledger<f64> {
         .collect();
     let mut thetas = Vec::new();
     for b in &batches {
-        thetas.push(params(&net));
+        thetas.push(common::augmented_params(&net));
         let yb: Vec<usize> = b.iter().map(|&i| y[i]).collect();
         net.train_batch(rows(&x, b).view(), &yb).unwrap();
         let ids: Vec<ExampleId> = b.iter().map(|&i| ExampleId(i as u64)).collect();

@@ -204,3 +204,20 @@ pub fn assert_allclose(
         worst.3
     );
 }
+
+/// `[W | b]` of every traced layer of `net`.
+pub fn augmented_params<F: Float>(net: &Sequential<F>) -> Vec<ndarray::Array2<f64>> {
+    net.traceables()
+        .iter()
+        .map(|l| {
+            let s = l.traced_shape();
+            let w = l
+                .weight()
+                .mapv(F::widen)
+                .into_shape_with_order((s.fan_out, s.fan_in))
+                .unwrap();
+            let b = l.bias().unwrap().mapv(F::widen).insert_axis(Axis(1));
+            ndarray::concatenate![Axis(1), w, b]
+        })
+        .collect()
+}
