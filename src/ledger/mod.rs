@@ -573,8 +573,11 @@ impl<F: Float> Ledger<F> {
                     }
                 }
             }
+            // A source's rows become dense once they outweigh one dense account
+            // (DESIGN §2.4): queries then read one matrix per touched segment
+            // instead of every row at every query position.
             let densify: Vec<bool> = (0..self.sources.len())
-                .map(|s| n_rows[s] * rows.row_bytes() > touched[s].len() * dense_bytes)
+                .map(|s| !touched[s].is_empty() && n_rows[s] * rows.row_bytes() > dense_bytes)
                 .collect();
             for j in 0..rows.len() {
                 let s = rows.source[j];
