@@ -573,11 +573,21 @@ impl<F: Float> Ledger<F> {
                     }
                 }
             }
-            // A source's rows become dense once they outweigh one dense account
-            // (DESIGN §2.4): queries then read one matrix per touched segment
-            // instead of every row at every query position.
+            // Rows become dense once they outweigh the dense accounts they would
+            // need (one per segment that weights them). A layer with several rows
+            // per example and step (a convolution's positions) densifies once its
+            // rows outweigh a single dense account: each of those rows is read at
+            // every query position, so dense accounts are also the faster form.
+            let mut per_term: HashMap<(u32, u32), usize> = HashMap::new();
+            for j in 0..rows.len() {
+                *per_term.entry((rows.source[j], rows.group[j])).or_default() += 1;
+            }
+            let multi_position = per_term.values().any(|&n| n > 1);
             let densify: Vec<bool> = (0..self.sources.len())
-                .map(|s| !touched[s].is_empty() && n_rows[s] * rows.row_bytes() > dense_bytes)
+                .map(|s| {
+                    let budget = if multi_position { 1 } else { touched[s].len() };
+                    !touched[s].is_empty() && n_rows[s] * rows.row_bytes() > budget * dense_bytes
+                })
                 .collect();
             for j in 0..rows.len() {
                 let s = rows.source[j];
