@@ -3,37 +3,15 @@
 
 mod common;
 
-use common::{Run, cnn, gradient_query, images, query, train};
-use refinement_ledger::optim::SgdConfig;
-use refinement_ledger::{Error, LayerSel, Ledger, Lens, OptimizerHook};
+use common::{cnn, gradient_query, query};
+use refinement_ledger::{Error, LayerSel, Ledger, Lens};
 
 fn trained() -> (
     Ledger<f32>,
     refinement_ledger::nn::Sequential<f32>,
     ndarray::ArrayD<f32>,
 ) {
-    let (x, y) = images::<f32>(5, 4, 1);
-    let mut net = cnn::<f32>(4, 2);
-    let sgd = SgdConfig::new(0.05)
-        .with_momentum(0.9)
-        .with_weight_decay(1e-3)
-        .build::<f32>()
-        .unwrap();
-    let mut hook = OptimizerHook::new(sgd, &net.traceables()).unwrap();
-    train(
-        &mut net,
-        &mut hook,
-        &x,
-        &y,
-        Run {
-            batch: 4,
-            epochs: 3,
-            segment_per_epoch: true,
-            seed: 3,
-        },
-    );
-    let (test, _) = images::<f32>(1, 4, 9);
-    (hook.finish(), net, test)
+    common::trained_cnn::<f32>(true)
 }
 
 #[test]

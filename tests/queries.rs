@@ -11,28 +11,7 @@ use refinement_ledger::{LayerSel, Ledger, Lens, OptimizerHook, Query, load_param
 
 /// Trained CNN (conv layers hold dense accounts, the dense layer factored rows).
 fn trained_cnn(segments: bool) -> (Ledger<f64>, Sequential<f64>, ndarray::ArrayD<f64>) {
-    let (x, y) = images::<f64>(5, 4, 1);
-    let mut net = cnn::<f64>(4, 2);
-    let sgd = SgdConfig::new(0.05)
-        .with_momentum(0.9)
-        .with_weight_decay(1e-3)
-        .build::<f64>()
-        .unwrap();
-    let mut hook = OptimizerHook::new(sgd, &net.traceables()).unwrap();
-    train(
-        &mut net,
-        &mut hook,
-        &x,
-        &y,
-        Run {
-            batch: 4,
-            epochs: 3,
-            segment_per_epoch: segments,
-            seed: 3,
-        },
-    );
-    let (test, _) = images::<f64>(1, 4, 9);
-    (hook.finish(), net, test)
+    common::trained_cnn::<f64>(segments)
 }
 
 /// Direct contributions: per layer, per source, `c_s = G_s ã` as `[n_q, P·fan_out]`, and `r`.

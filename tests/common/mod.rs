@@ -221,3 +221,33 @@ pub fn augmented_params<F: Float>(net: &Sequential<F>) -> Vec<ndarray::Array2<f6
         })
         .collect()
 }
+
+/// A CNN trained on 20 small images with momentum and decay (3 epochs, batch 4),
+/// its ledger (one segment per epoch when `segments`), and 4 test images.
+/// Its conv layers hold dense accounts, its dense layer factored rows.
+pub fn trained_cnn<F: Float>(
+    segments: bool,
+) -> (refinement_ledger::Ledger<F>, Sequential<F>, ArrayD<F>) {
+    let (x, y) = images::<F>(5, 4, 1);
+    let mut net = cnn::<F>(4, 2);
+    let sgd = refinement_ledger::optim::SgdConfig::new(0.05)
+        .with_momentum(0.9)
+        .with_weight_decay(1e-3)
+        .build::<F>()
+        .unwrap();
+    let mut hook = OptimizerHook::new(sgd, &net.traceables()).unwrap();
+    train(
+        &mut net,
+        &mut hook,
+        &x,
+        &y,
+        Run {
+            batch: 4,
+            epochs: 3,
+            segment_per_epoch: segments,
+            seed: 3,
+        },
+    );
+    let (test, _) = images::<F>(1, 4, 9);
+    (hook.finish(), net, test)
+}
