@@ -24,8 +24,10 @@
 
 mod kernel;
 mod ridge;
+mod sketch;
 
 pub use ridge::RidgeLens;
+pub use sketch::{LedgerSketch, SketchConfig, SketchRidge};
 
 use ndarray::{Array1, Array2, Array3, Axis};
 use serde::{Deserialize, Serialize};

@@ -170,7 +170,7 @@ fn fingerprint<F: Float>(ledger: &Ledger<F>) -> (usize, u32) {
 
 /// Lower Cholesky factor of a symmetric positive definite matrix
 /// (row-oriented, each entry a dot product of two contiguous row prefixes).
-fn cholesky(a: Array2<f64>) -> Result<Array2<f64>> {
+pub(super) fn cholesky(a: Array2<f64>) -> Result<Array2<f64>> {
     let n = a.nrows();
     let mut l = a.as_standard_layout().into_owned();
     let v = l.as_slice_mut().expect("invariant: standard layout");
@@ -201,7 +201,7 @@ fn cholesky(a: Array2<f64>) -> Result<Array2<f64>> {
 }
 
 /// Solves `L Lᵀ x = b` by forward and back substitution.
-fn solve_cholesky(l: &Array2<f64>, mut b: Array1<f64>) -> Array1<f64> {
+pub(super) fn solve_cholesky(l: &Array2<f64>, mut b: Array1<f64>) -> Array1<f64> {
     let n = l.nrows();
     for i in 0..n {
         let row = l.row(i);

@@ -1,0 +1,178 @@
+//! The compact sketch: unbiased estimates of the linear lenses that sharpen as
+//! `k` grows, balance up to bf16 rounding, the ridge lens from a `Σk × Σk` solve,
+//! determinism, and errors.
+
+mod common;
+
+use common::{Run, blobs, gradient_query, mlp, query, train, trained_cnn};
+use ndarray::Array2;
+use refinement_ledger::optim::SgdConfig;
+use refinement_ledger::query::{LedgerSketch, RidgeLens, SketchConfig};
+use refinement_ledger::nn::Sequential;
+use refinement_ledger::{Error, LayerSel, Ledger, Lens, OptimizerHook, Query};
+
+fn trained_mlp() -> (Ledger<f64>, Sequential<f64>) {
+    let (x, y) = blobs::<f64>(30, 3, 10, 4);
+    let mut net = mlp::<f64>(10, 3, 5);
+    let sgd = SgdConfig::new(0.05).with_momentum(0.9).build().unwrap();
+    let mut hook = OptimizerHook::new(sgd, &net.traceables()).unwrap();
+    let run = Run {
+        batch: 8,
+        epochs: 3,
+        segment_per_epoch: true,
+        seed: 6,
+    };
+    train(&mut net, &mut hook, &x, &y, run);
+    (hook.finish(), net)
+}
+
+fn rel_err(approx: &Array2<f64>, exact: &Array2<f64>) -> f64 {
+    let diff = (approx - exact).mapv(|v| v * v).sum().sqrt();
+    diff / exact.mapv(|v| v * v).sum().sqrt()
+}
+
+#[test]
+fn sketch_estimates_every_linear_lens_and_sharpens_with_k() {
+    let (ledger, mut net) = trained_mlp();
+    let (test, _) = blobs::<f64>(2, 3, 10, 40);
+    let q = query(&mut net, &test);
+    let g = gradient_query(&mut net, &test);
+    for (lens, query) in [
+        (Lens::Dot, &q),
+        (Lens::Influence, &q),
+        (Lens::Share, &q),
+        (Lens::Loss, &g),
+    ] {
+        for layers in [LayerSel::All, LayerSel::Layer(0), LayerSel::Layer(1)] {
+            let exact = ledger.scores(query, lens, layers).unwrap();
+            let err = |k: usize| {
+                let sketch = LedgerSketch::build(&ledger, &SketchConfig::with_dims(k)).unwrap();
+                rel_err(&sketch.scores(query, lens, layers).unwrap(), &exact)
+            };
+            let (coarse, fine) = (err(16), err(8192));
+            println!("{lens:?} {layers:?}: relative error k=16 {coarse:.3}, k=8192 {fine:.4}");
+            // The error falls as 1/√k: 512× more dimensions, ~22× less error.
+            assert!(fine < 0.25, "{lens:?} {layers:?}: k=8192 error {fine}");
+            assert!(fine < coarse / 8.0, "{lens:?} {layers:?}: {fine} vs {coarse}");
+        }
+    }
+}
+
+#[test]
+fn sketch_serves_convolutions_and_balances() {
+    let (ledger, mut net, test) = trained_cnn::<f32>(true);
+    let q = query(&mut net, &test);
+    let sketch = LedgerSketch::build(&ledger, &SketchConfig::with_dims(8192)).unwrap();
+    let exact = ledger.scores(&q, Lens::Influence, LayerSel::All).unwrap();
+    let err = rel_err(
+        &sketch.scores(&q, Lens::Influence, LayerSel::All).unwrap(),
+        &exact,
+    );
+    assert!(err < 0.05, "CNN influence relative error {err}");
+    let balance = sketch.balance_error();
+    println!("CNN sketch balance error per layer: {balance:?}");
+    assert!(balance.iter().all(|&e| e < 1e-2), "{balance:?}");
+    // Top-k comes back in the exact ledger's shape.
+    let top = sketch.top_k_influences(&q, Lens::Influence, 3).unwrap();
+    assert_eq!(top.len(), q.len());
+    assert_eq!(top[0].per_layer.len(), ledger.layers().len());
+    assert_eq!(top[0].combined.proponents.len(), 3);
+}
+
+#[test]
+fn ratio_mode_meets_its_size() {
+    let (ledger, _) = trained_mlp();
+    let sketch = LedgerSketch::build(&ledger, &SketchConfig::with_ratio(4.0)).unwrap();
+    let n = ledger.sources().len();
+    for (l, &k) in sketch.dims().iter().enumerate() {
+        let exact = sketch.exact_bytes_per_layer()[l];
+        assert!(k >= 1);
+        assert!(
+            2 * k * n <= exact / 4 || k == 1,
+            "layer {l}: {k} dims × {n} sources vs {exact} exact bytes"
+        );
+    }
+}
+
+#[test]
+fn sketched_ridge_tracks_the_exact_ridge_lens() {
+    let (ledger, mut net) = trained_mlp();
+    let (test, _) = blobs::<f64>(2, 3, 10, 41);
+    let g = gradient_query(&mut net, &test);
+    let exact = RidgeLens::fit(&ledger, 0.1)
+        .unwrap()
+        .scores(&ledger, &g)
+        .unwrap();
+    let err = |k: usize| {
+        let sketch = LedgerSketch::build(&ledger, &SketchConfig::with_dims(k)).unwrap();
+        let ridge = sketch.ridge(0.1).unwrap();
+        assert_eq!(ridge.c(), 0.1);
+        assert!(ridge.lambda() > 0.0);
+        rel_err(&ridge.scores(&sketch, &g).unwrap(), &exact)
+    };
+    let (coarse, fine) = (err(16), err(1024));
+    println!("ridge relative error k=16 {coarse:.3}, k=1024 {fine:.4}");
+    assert!(fine < 0.2, "ridge k=1024 error {fine}");
+    assert!(fine < coarse / 2.0, "{fine} vs {coarse}");
+}
+
+#[test]
+fn sketch_is_deterministic_across_seeds_and_threads() {
+    let (ledger, mut net, test) = trained_cnn::<f32>(false);
+    let q = query(&mut net, &test);
+    let run = |threads: usize, seed: u64| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let sketch =
+                LedgerSketch::build(&ledger, &SketchConfig::with_dims(256).seed(seed)).unwrap();
+            sketch.scores(&q, Lens::Dot, LayerSel::All).unwrap()
+        })
+    };
+    assert!(run(1, 1) == run(4, 1), "1 vs 4 threads differ");
+    assert!(run(2, 1) != run(2, 2), "different seeds give the same sketch");
+}
+
+#[test]
+fn sketch_errors_say_what_was_wrong() {
+    let (ledger, mut net) = trained_mlp();
+    let (test, _) = blobs::<f64>(1, 3, 10, 42);
+    let q = query(&mut net, &test);
+    assert!(matches!(
+        LedgerSketch::build(&ledger, &SketchConfig::with_dims(0)),
+        Err(Error::InvalidConfig { .. })
+    ));
+    assert!(matches!(
+        LedgerSketch::build(&ledger, &SketchConfig::with_ratio(f64::NAN)),
+        Err(Error::InvalidConfig { .. })
+    ));
+    let sketch = LedgerSketch::build(&ledger, &SketchConfig::with_dims(32)).unwrap();
+    for lens in [Lens::Norm, Lens::Cos, Lens::Margin] {
+        let e = sketch.scores(&q, lens, LayerSel::All).unwrap_err();
+        assert!(matches!(e, Error::InvalidConfig { .. }), "{e}");
+    }
+    assert!(matches!(
+        sketch.scores(&q, Lens::Loss, LayerSel::All),
+        Err(Error::NoBackwardCache { .. })
+    ));
+    assert!(matches!(
+        sketch.scores(&q, Lens::Dot, LayerSel::Layer(5)),
+        Err(Error::IndexOutOfRange { .. })
+    ));
+    assert!(matches!(sketch.ridge(0.0), Err(Error::InvalidConfig { .. })));
+    // A query of another network.
+    let mut other = mlp::<f64>(10, 4, 1);
+    other.forward(test.view()).unwrap();
+    let bad = Query::from_layers(&other.traceables()).unwrap();
+    assert!(sketch.scores(&bad, Lens::Dot, LayerSel::All).is_err());
+    // A ridge system fitted on another sketch.
+    let g = gradient_query(&mut net, &test);
+    let ridge = sketch.ridge(0.1).unwrap();
+    let wider = LedgerSketch::build(&ledger, &SketchConfig::with_dims(64)).unwrap();
+    assert!(matches!(
+        ridge.scores(&wider, &g),
+        Err(Error::ShapeMismatch { .. })
+    ));
+}
