@@ -14,18 +14,19 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use refinement_ledger::data::{Dataset, IdxSplit, ShuffledSampler};
 use refinement_ledger::nn::{Conv2dConfig, DenseConfig, Flatten, MaxPool2d, Relu, Sequential};
 use refinement_ledger::optim::SgdConfig;
+use refinement_ledger::query::{LedgerSketch, RidgeLens, SketchConfig};
 use refinement_ledger::{
-    Batch, ExampleId, LayerSel, Lens, Optimizer, OptimizerHook, Query, Result,
+    Batch, ExampleId, LayerSel, Ledger, Lens, Optimizer, OptimizerHook, Query, Result,
 };
 use serde_json::json;
 
-fn data(n: usize) -> Result<(Dataset<f32>, &'static str)> {
+fn data(n: usize, split: IdxSplit) -> Result<(Dataset<f32>, &'static str)> {
     let dir = Path::new("/usr/share/datasets/fashion-mnist");
-    if let Ok(d) = Dataset::<f32>::load_idx(dir, IdxSplit::Train) {
+    if let Ok(d) = Dataset::<f32>::load_idx(dir, split) {
         let idx: Vec<usize> = (0..n.min(d.len())).collect();
         return Ok((d.subset(&idx)?, "Fashion-MNIST"));
     }
-    let mut rng = StdRng::seed_from_u64(1);
+    let mut rng = StdRng::seed_from_u64(1 + split as u64);
     let labels: Vec<usize> = (0..n).map(|i| i % 10).collect();
     let x = ArrayD::from_shape_fn(IxDyn(&[n, 784]), |ix| {
         let c = labels[ix[0]] as f32;
@@ -107,10 +108,167 @@ fn step_times(
     Ok((median(tb), median(tt), hook.finish()))
 }
 
+/// Mean fraction of the exact top 10 (highest scores) that the approximate top 10 recovers.
+fn top10_overlap(exact: &Array2<f64>, approx: &Array2<f64>) -> f64 {
+    let top = |row: ndarray::ArrayView1<'_, f64>| {
+        let mut idx: Vec<usize> = (0..row.len()).collect();
+        idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+        idx.truncate(10);
+        idx
+    };
+    let total: usize = exact
+        .rows()
+        .into_iter()
+        .zip(approx.rows())
+        .map(|(e, a)| {
+            let (te, ta) = (top(e), top(a));
+            te.iter().filter(|i| ta.contains(i)).count()
+        })
+        .sum();
+    total as f64 / (10 * exact.nrows()) as f64
+}
+
+/// Trains `net` with the hook for `epochs` over `data` (SGD, momentum 0.9, batch 64).
+fn train_traced(
+    net: &mut Sequential<f32>,
+    data: &Dataset<f32>,
+    epochs: u64,
+) -> Result<Ledger<f32>> {
+    let sgd = SgdConfig::new(0.01).with_momentum(0.9);
+    let mut hook = OptimizerHook::new(sgd.build::<f32>()?, &net.traceables())?;
+    let sampler = ShuffledSampler::new(data.len(), 64, 11)?;
+    for e in 0..epochs {
+        for rows in sampler.epoch(e) {
+            let x = data.batch_x(&rows)?;
+            let y: Vec<usize> = rows.iter().map(|&i| data.labels()[i]).collect();
+            let ids: Vec<ExampleId> = rows.iter().map(|&i| data.ids()[i]).collect();
+            net.train_batch(x.view(), &y)?;
+            hook.step(&mut net.traceables_mut(), &Batch::new(&ids, &y))?;
+        }
+    }
+    Ok(hook.finish())
+}
+
+/// Representation and gradient queries of `data` on the final network.
+fn queries(net: &mut Sequential<f32>, data: &Dataset<f32>) -> Result<(Query<f32>, Query<f32>)> {
+    net.forward(data.x().view())?;
+    let q = Query::from_layers(&net.traceables())?;
+    let pred = net.predict(data.x().view())?;
+    net.loss_gradients(data.x().view(), &pred)?;
+    Ok((q, Query::with_gradients(&net.traceables())?))
+}
+
+fn accuracy(net: &mut Sequential<f32>, data: &Dataset<f32>) -> Result<f64> {
+    let mut hits = 0;
+    for start in (0..data.len()).step_by(1000) {
+        let idx: Vec<usize> = (start..(start + 1000).min(data.len())).collect();
+        let pred = net.predict(data.batch_x(&idx)?.view())?;
+        hits += idx
+            .iter()
+            .zip(pred)
+            .filter(|&(&i, p)| data.labels()[i] == p)
+            .count();
+    }
+    Ok(hits as f64 / data.len() as f64)
+}
+
+/// The scenario: both models traced for `epochs` over `train`, then 100
+/// queries, exact and from the 4×-smaller sketch; the ridge lens at full N from
+/// the sketch. Returns the JSON record and the table rows.
+fn scenario(train: &Dataset<f32>, test: &Dataset<f32>, epochs: u64) -> Result<serde_json::Value> {
+    type Build = fn(u64) -> Result<Sequential<f32>>;
+    let models: [(&str, Build, bool); 2] = [("mlp", mlp, false), ("cnn", cnn, true)];
+    let mut out = serde_json::Map::new();
+    let q_idx: Vec<usize> = (0..100.min(test.len())).collect();
+    for (name, build, image) in models {
+        let (tr, te) = if image {
+            (train.reshaped(&[1, 28, 28])?, test.reshaped(&[1, 28, 28])?)
+        } else {
+            (train.clone(), test.clone())
+        };
+        let mut net = build(7)?;
+        let t = Instant::now();
+        let ledger = train_traced(&mut net, &tr, epochs)?;
+        let train_s = t.elapsed().as_secs_f64();
+        let acc = accuracy(&mut net, &te)?;
+        let (q, g) = queries(&mut net, &te.subset(&q_idx)?)?;
+        let t = Instant::now();
+        let top = ledger.top_k_influences(&q, Lens::Influence, 10)?;
+        let exact_top_s = t.elapsed().as_secs_f64();
+        let exact_inf = ledger.scores(&q, Lens::Influence, LayerSel::All)?;
+        let t = Instant::now();
+        let exact_loss = ledger.scores(&g, Lens::Loss, LayerSel::All)?;
+        let exact_loss_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let sketch = LedgerSketch::build(&ledger, &SketchConfig::with_ratio(std::env::var("RATIO").map_or(4.0, |v| v.parse().unwrap())))?;
+        let sketch_build_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let approx_inf = sketch.scores(&q, Lens::Influence, LayerSel::All)?;
+        let sketch_query_s = t.elapsed().as_secs_f64();
+        let approx_loss = sketch.scores(&g, Lens::Loss, LayerSel::All)?;
+        let exact_bytes: usize = ledger.bytes_per_layer().iter().sum();
+        let sketch_bytes: usize = sketch.bytes_per_layer().iter().sum();
+        let mut rec = json!({
+            "train_s": train_s, "test_accuracy": acc, "sources": ledger.sources().len(),
+            "ledger_bytes_per_layer": ledger.bytes_per_layer(),
+            "residual_fraction": ledger.residual_fraction(),
+            "exact_top10_100_queries_s": exact_top_s, "exact_loss_100_queries_s": exact_loss_s,
+            "first_query_top3": top[0].combined.proponents.iter().take(3).map(|i| i.source.to_string()).collect::<Vec<_>>(),
+            "sketch": {
+                "dims": sketch.dims(), "bytes_per_layer": sketch.bytes_per_layer(),
+                "ratio": exact_bytes as f64 / sketch_bytes as f64,
+                "build_s": sketch_build_s, "influence_100_queries_s": sketch_query_s,
+                "balance_error": sketch.balance_error(),
+                "top10_overlap_influence": top10_overlap(&exact_inf, &approx_inf),
+                "top10_overlap_loss": top10_overlap(&exact_loss, &approx_loss),
+            },
+        });
+        drop(ledger);
+        if name == "mlp" {
+            let t = Instant::now();
+            let ridge = sketch.ridge(1.0)?;
+            let fit_s = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let alpha = ridge.scores(&sketch, &g)?;
+            rec["sketch_ridge"] = json!({
+                "fit_s": fit_s, "100_queries_s": t.elapsed().as_secs_f64(),
+                "sources": alpha.ncols(),
+            });
+        }
+        println!("scenario {name}: {}", serde_json::to_string(&rec).expect("json"));
+        out.insert(name.into(), rec);
+    }
+    out.insert("peak_rss_bytes".into(), json!(peak_rss_bytes()));
+    Ok(out.into())
+}
+
+/// Top-10 agreement of the sketched ridge lens with the exact one on a subsample
+/// small enough for the exact `N × N` system.
+fn ridge_agreement(train: &Dataset<f32>, test: &Dataset<f32>, n: usize) -> Result<serde_json::Value> {
+    let idx: Vec<usize> = (0..n.min(train.len())).collect();
+    let sub = train.subset(&idx)?;
+    let mut net = mlp(7)?;
+    let ledger = train_traced(&mut net, &sub, 3)?;
+    let (_, g) = queries(&mut net, &test.subset(&(0..100.min(test.len())).collect::<Vec<_>>())?)?;
+    let t = Instant::now();
+    let exact = RidgeLens::fit(&ledger, 1.0)?.scores(&ledger, &g)?;
+    let exact_s = t.elapsed().as_secs_f64();
+    let sketch = LedgerSketch::build(&ledger, &SketchConfig::with_ratio(4.0))?;
+    let t = Instant::now();
+    let approx = sketch.ridge(1.0)?.scores(&sketch, &g)?;
+    let sketch_s = t.elapsed().as_secs_f64();
+    let rec = json!({
+        "sources": n, "dims": sketch.dims(), "exact_s": exact_s, "sketch_s": sketch_s,
+        "top10_overlap": top10_overlap(&exact, &approx),
+    });
+    println!("ridge, sketch vs exact: {}", serde_json::to_string(&rec).expect("json"));
+    Ok(rec)
+}
+
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let n = if quick { 2_000 } else { 60_000 };
-    let (train, source) = data(n)?;
+    let (train, source) = data(n, IdxSplit::Train)?;
     let steps = if quick { 30 } else { 200 };
     println!(
         "data: {source}, {} examples; {steps} timed steps of batch 64; {} threads",
@@ -185,6 +343,11 @@ fn main() -> Result<()> {
         batch_s / gemm_s,
         c[[0, 0]]
     );
+    let (test, _) = data(if quick { 200 } else { 10_000 }, IdxSplit::Test)?;
+    let epochs = if quick { 1 } else { 3 };
+    println!("scenario: both models traced for {epochs} epochs over {} examples, then 100 queries", train.len());
+    let scenario = scenario(&train, &test, epochs)?;
+    let ridge = ridge_agreement(&train, &test, if quick { 300 } else { 1500 })?;
     let peak = peak_rss_bytes();
     println!(
         "peak resident memory: {} MB",
@@ -197,6 +360,7 @@ fn main() -> Result<()> {
         "step_ms": {"mlp_bare": mb * 1e3, "mlp_traced": mt * 1e3, "cnn_bare": cb * 1e3, "cnn_traced": ct * 1e3},
         "query_single_vs_bound": single_s / stream_s, "query_batch_vs_bound": batch_s / gemm_s,
         "ledger_bytes_per_layer": bytes,
+        "scenario": scenario, "ridge_sketch_vs_exact": ridge,
     });
     let dir = Path::new("target/perf");
     std::fs::create_dir_all(dir).map_err(|e| refinement_ledger::Error::Io {

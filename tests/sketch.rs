@@ -83,13 +83,12 @@ fn sketch_serves_convolutions_and_balances() {
 fn ratio_mode_meets_its_size() {
     let (ledger, _) = trained_mlp();
     let sketch = LedgerSketch::build(&ledger, &SketchConfig::with_ratio(4.0)).unwrap();
-    let n = ledger.sources().len();
     for (l, &k) in sketch.dims().iter().enumerate() {
-        let exact = sketch.exact_bytes_per_layer()[l];
-        assert!(k >= 1);
+        let (exact, small) = (sketch.exact_bytes_per_layer()[l], sketch.bytes_per_layer()[l]);
+        assert!(k > 1, "layer {l}: the budget leaves one dimension");
         assert!(
-            2 * k * n <= exact / 4 || k == 1,
-            "layer {l}: {k} dims × {n} sources vs {exact} exact bytes"
+            4 * small <= exact,
+            "layer {l}: {k} dims, {small} bytes vs {exact} exact bytes"
         );
     }
 }
@@ -173,6 +172,49 @@ fn sketch_errors_say_what_was_wrong() {
     let wider = LedgerSketch::build(&ledger, &SketchConfig::with_dims(64)).unwrap();
     assert!(matches!(
         ridge.scores(&wider, &g),
+        Err(Error::ShapeMismatch { .. })
+    ));
+}
+
+#[test]
+fn reranking_a_shortlist_recovers_the_exact_top_k() {
+    let (ledger, mut net) = trained_mlp();
+    let (test, _) = blobs::<f64>(2, 3, 10, 43);
+    let q = query(&mut net, &test);
+    let g = gradient_query(&mut net, &test);
+    let sketch = LedgerSketch::build(&ledger, &SketchConfig::with_dims(16)).unwrap();
+    let n = ledger.sources().len();
+    for (lens, query) in [
+        (Lens::Dot, &q),
+        (Lens::Influence, &q),
+        (Lens::Share, &q),
+        (Lens::Loss, &g),
+    ] {
+        let exact = ledger.top_k_influences(query, lens, 5).unwrap();
+        // With the whole ledger as shortlist the answer is the exact one, even
+        // from a coarse 16-dimensional sketch.
+        let reranked = sketch.top_k_reranked(&ledger, query, lens, 5, n).unwrap();
+        for (e, r) in exact.iter().zip(&reranked) {
+            let ids = |v: &[refinement_ledger::Influence]| v.iter().map(|i| i.source).collect::<Vec<_>>();
+            assert_eq!(ids(&e.combined.proponents), ids(&r.proponents), "{lens:?}");
+            assert_eq!(ids(&e.combined.opponents), ids(&r.opponents), "{lens:?}");
+            for (a, b) in e.combined.proponents.iter().zip(&r.proponents) {
+                assert!((a.score - b.score).abs() <= 1e-9 * a.score.abs().max(1e-12), "{lens:?}");
+            }
+        }
+        // A short list returns exact scores for the sources it keeps.
+        let short = sketch.top_k_reranked(&ledger, query, lens, 5, 10).unwrap();
+        let full = ledger.scores(query, lens, LayerSel::All).unwrap();
+        for (qi, r) in short.iter().enumerate() {
+            for inf in &r.proponents {
+                let col = ledger.source_index(inf.source).unwrap();
+                assert!((full[[qi, col]] - inf.score).abs() <= 1e-9 * inf.score.abs().max(1e-12));
+            }
+        }
+    }
+    let (other, _, _) = trained_cnn::<f64>(false);
+    assert!(matches!(
+        sketch.top_k_reranked(&other, &q, Lens::Dot, 5, 10),
         Err(Error::ShapeMismatch { .. })
     ));
 }

@@ -33,9 +33,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use super::kernel::{LayerInput, LayerLedger};
+use super::kernel::{LayerInput, LayerLedger, chunk_contributions};
 use super::ridge::{cholesky, solve_cholesky};
-use super::{Explanation, Influences, LayerExplanation, rank};
+use super::{Explanation, Influences, LayerExplanation, Ranking, rank};
 use crate::ledger::{LayerMeta, SourceMeta};
 use crate::{Error, Float, LayerSel, Ledger, Lens, Query, Result};
 
@@ -63,8 +63,9 @@ impl SketchConfig {
         }
     }
 
-    /// Per layer, as many dimensions as make the sketch `ratio` times smaller
-    /// than that layer's exact accounts (at least 1, at most `fan_out · aug_in`).
+    /// Per layer, as many dimensions as make the sketch (with the parameter
+    /// change it keeps) `ratio` times smaller than that layer's exact ledger
+    /// bytes (at least 1, at most `fan_out · aug_in`).
     pub fn with_ratio(ratio: f64) -> Self {
         Self {
             dims: Dims::Ratio(ratio),
@@ -165,7 +166,9 @@ impl LedgerSketch {
                 }
                 Dims::Fixed(k) => k,
                 Dims::Ratio(r) if r.is_finite() && r > 0.0 => {
-                    ((bytes as f64 / (r * 2.0 * n.max(1) as f64)).floor() as usize).clamp(1, full)
+                    // The budget, less the parameter change every sketch keeps.
+                    let budget = (bytes as f64 / r - (full * 8) as f64).max(0.0);
+                    ((budget / (2.0 * n.max(1) as f64)).floor() as usize).clamp(1, full)
                 }
                 Dims::Ratio(r) => {
                     return Err(Error::InvalidConfig {
@@ -441,6 +444,101 @@ impl LedgerSketch {
             .collect())
     }
 
+    /// The *exact* top `k` proponents and opponents (all layers combined) of
+    /// every query, found by re-scoring the sketch's `shortlist` best and worst sources exactly from
+    /// `ledger` — typically the saved ledger memory-mapped with [`Ledger::load`],
+    /// of which only the shortlisted accounts are read. Exact whenever the true
+    /// top `k` are among the sketch's top `shortlist` (the README's Performance
+    /// section measures how often). Lenses: `Dot`, `Influence`, `Share`, `Loss`.
+    ///
+    /// # Errors
+    /// As [`scores`](Self::scores); [`Error::ShapeMismatch`] when `ledger` is
+    /// not the one the sketch was built from (other layers or sources).
+    pub fn top_k_reranked<F: Float>(
+        &self,
+        ledger: &Ledger<F>,
+        query: &Query<F>,
+        lens: Lens,
+        k: usize,
+        shortlist: usize,
+    ) -> Result<Vec<Ranking>> {
+        const OP: &str = "LedgerSketch::top_k_reranked";
+        if ledger.layers() != self.layers.as_slice() || ledger.sources() != self.sources.as_slice()
+        {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                expected: format!(
+                    "the ledger the sketch was built from ({} layers, {} sources)",
+                    self.layers.len(),
+                    self.sources.len()
+                ),
+                got: format!(
+                    "a ledger of {} layers, {} sources",
+                    ledger.layers().len(),
+                    ledger.sources().len()
+                ),
+            });
+        }
+        let approx = self.scores(query, lens, LayerSel::All)?;
+        let n_layers = self.layers.len();
+        // Each layer's query input with the lens's target.
+        let inputs: Vec<LayerInput<F>> = (0..n_layers)
+            .map(|l| {
+                if lens == Lens::Loss {
+                    let ql = &query.layers[l];
+                    let d = query.deltas(l, OP)?;
+                    let (n, p, fo) = d.dim();
+                    let target = d
+                        .mapv(|v| -v.widen())
+                        .into_shape_with_order((n * p, fo))
+                        .expect("invariant: standard layout");
+                    Ok(LayerInput::new(ql.patches.view(), ql.shape.has_bias, target))
+                } else {
+                    Ok(ledger.representation_input(query, l).0)
+                }
+            })
+            .collect::<Result<_>>()?;
+        let layers: Vec<LayerLedger<'_, F>> =
+            (0..n_layers).map(|l| ledger.layer_ledger(l, None)).collect();
+        let shortlist = shortlist.max(k).min(self.sources.len());
+        Ok((0..query.n)
+            .into_par_iter()
+            .map(|q| {
+                let row = approx.row(q);
+                // The sketch's best and worst `shortlist` sources.
+                let mut order: Vec<usize> = (0..row.len()).collect();
+                order.sort_unstable_by(|&a, &b| row[b].total_cmp(&row[a]));
+                let mut cand: Vec<usize> = order[..shortlist]
+                    .iter()
+                    .chain(&order[order.len() - shortlist..])
+                    .copied()
+                    .collect();
+                cand.sort_unstable();
+                cand.dedup();
+                let single: Vec<LayerInput<F>> = inputs.iter().map(|i| i.single(q)).collect();
+                let r2: Vec<f64> = single
+                    .iter()
+                    .map(|i| i.per_query_dot(i.target.view(), i.target.view())[0])
+                    .collect();
+                let exact: Vec<f64> = cand
+                    .iter()
+                    .map(|&s| {
+                        let dots: Vec<f64> = (0..n_layers)
+                            .map(|l| {
+                                let c = chunk_contributions(&layers[l], s, s + 1, &single[l]);
+                                let c = c.index_axis(Axis(0), 0);
+                                single[l].per_query_dot(c, single[l].target.view())[0]
+                            })
+                            .collect();
+                        combine(lens, &dots, &r2)
+                    })
+                    .collect();
+                let metas: Vec<SourceMeta> = cand.iter().map(|&s| self.sources[s].clone()).collect();
+                rank(ndarray::ArrayView1::from(&exact), &metas, k)
+            })
+            .collect())
+    }
+
     /// The ridge lens on the sketch: `S (SᵀS + λI)⁻¹ φ(g)` with `S` the sketches
     /// of all layers side by side and `λ = c · ‖S‖²_F / N` (≈ `c · trace(K) / N`
     /// of the exact lens). Factors a `Σk × Σk` system once.
@@ -567,6 +665,19 @@ impl SketchRidge {
     }
 }
 
+/// A linear lens's combined score from per-layer dots `⟨c, t_l⟩` and `‖t_l‖²`,
+/// as [`Ledger::scores`] combines layers.
+fn combine(lens: Lens, dots: &[f64], t2: &[f64]) -> f64 {
+    let div = |x: f64, y: f64| if y == 0.0 { 0.0 } else { x / y };
+    match lens {
+        Lens::Influence => div(dots.iter().sum(), t2.iter().sum::<f64>().sqrt()),
+        Lens::Share => {
+            dots.iter().zip(t2).map(|(&d, &r)| div(d, r)).sum::<f64>() / dots.len() as f64
+        }
+        _ => dots.iter().sum(),
+    }
+}
+
 /// `φ(G_s)` of every source of one layer, `[N, k]` in `bf16`.
 fn sketch_layer<F: Float>(
     layer: &LayerLedger<'_, F>,
@@ -577,7 +688,9 @@ fn sketch_layer<F: Float>(
     let k = lm.nrows();
     let scale = 1.0 / (k as f64).sqrt();
     let (lf, rf) = (lm.mapv(F::narrow), rm.mapv(F::narrow));
-    let lt = lm.t();
+    // Dense accounts are projected in f32: its rounding (1e-7) is far below the
+    // sketch's own error, and the GEMM runs twice as fast.
+    let (lt32, rt32) = (lm.t().mapv(|v| v as f32), rm.t().mapv(|v| v as f32));
     let rows = layer.rows;
     let mut out = vec![bf16::ZERO; n * k];
     out.par_chunks_mut(SOURCE_CHUNK * k)
@@ -618,13 +731,14 @@ fn sketch_layer<F: Float>(
                         ((c1 - c0) * fo, ai),
                         &dense.dense[c0 * fo * ai..c1 * fo * ai],
                     )
-                    .expect("invariant: slots hold fan_out × aug_in values");
-                    let t = stack.dot(&rm.t()); // [slots·fan_out, k]
+                    .expect("invariant: slots hold fan_out × aug_in values")
+                    .mapv(|v| v as f32);
+                    let t = stack.dot(&rt32); // [slots·fan_out, k]
                     for slot in c0..c1 {
                         let block = t.slice(s![(slot - c0) * fo..(slot - c0 + 1) * fo, ..]);
-                        let phi = (&block * &lt).sum_axis(Axis(0));
+                        let phi = (&block * &lt32).sum_axis(Axis(0));
                         acc.row_mut(dense.source[slot] as usize - s0)
-                            .scaled_add(scale, &phi);
+                            .zip_mut_with(&phi, |o, &v| *o += scale * f64::from(v));
                     }
                 }
             }
