@@ -199,19 +199,43 @@ fn scenario(train: &Dataset<f32>, test: &Dataset<f32>, epochs: u64) -> Result<se
         let t = Instant::now();
         let exact_loss = ledger.scores(&g, Lens::Loss, LayerSel::All)?;
         let exact_loss_s = t.elapsed().as_secs_f64();
+        // Compact mode as a ledger too large for memory would use it: saved,
+        // memory-mapped, sketched; the shortlist re-scored from the map.
+        let path = Path::new("target/perf").join(format!("{name}.ledger"));
         let t = Instant::now();
-        let sketch = LedgerSketch::build(&ledger, &SketchConfig::with_ratio(std::env::var("RATIO").map_or(4.0, |v| v.parse().unwrap())))?;
+        ledger.save(&path)?;
+        let save_s = t.elapsed().as_secs_f64();
+        let exact_bytes: usize = ledger.bytes_per_layer().iter().sum();
+        let ledger_bytes = ledger.bytes_per_layer();
+        let residual_fraction = ledger.residual_fraction();
+        drop(ledger);
+        let ledger = Ledger::<f32>::load(&path)?;
+        let t = Instant::now();
+        let sketch = LedgerSketch::build(&ledger, &SketchConfig::with_ratio(4.0))?;
         let sketch_build_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let reranked = sketch.top_k_reranked(&ledger, &q, Lens::Influence, 10, 100)?;
+        let rerank_s = t.elapsed().as_secs_f64();
+        let rerank_overlap = reranked
+            .iter()
+            .zip(&top)
+            .map(|(r, e)| {
+                r.proponents
+                    .iter()
+                    .filter(|i| e.combined.proponents.iter().any(|j| j.source == i.source))
+                    .count()
+            })
+            .sum::<usize>() as f64
+            / (10 * reranked.len()) as f64;
         let t = Instant::now();
         let approx_inf = sketch.scores(&q, Lens::Influence, LayerSel::All)?;
         let sketch_query_s = t.elapsed().as_secs_f64();
         let approx_loss = sketch.scores(&g, Lens::Loss, LayerSel::All)?;
-        let exact_bytes: usize = ledger.bytes_per_layer().iter().sum();
         let sketch_bytes: usize = sketch.bytes_per_layer().iter().sum();
         let mut rec = json!({
             "train_s": train_s, "test_accuracy": acc, "sources": ledger.sources().len(),
-            "ledger_bytes_per_layer": ledger.bytes_per_layer(),
-            "residual_fraction": ledger.residual_fraction(),
+            "ledger_bytes_per_layer": ledger_bytes, "save_s": save_s,
+            "residual_fraction": residual_fraction,
             "exact_top10_100_queries_s": exact_top_s, "exact_loss_100_queries_s": exact_loss_s,
             "first_query_top3": top[0].combined.proponents.iter().take(3).map(|i| i.source.to_string()).collect::<Vec<_>>(),
             "sketch": {
@@ -221,9 +245,15 @@ fn scenario(train: &Dataset<f32>, test: &Dataset<f32>, epochs: u64) -> Result<se
                 "balance_error": sketch.balance_error(),
                 "top10_overlap_influence": top10_overlap(&exact_inf, &approx_inf),
                 "top10_overlap_loss": top10_overlap(&exact_loss, &approx_loss),
+                "reranked_shortlist": 100, "reranked_100_queries_s": rerank_s,
+                "top10_overlap_influence_reranked": rerank_overlap,
             },
         });
         drop(ledger);
+        std::fs::remove_file(&path).map_err(|e| refinement_ledger::Error::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
         if name == "mlp" {
             let t = Instant::now();
             let ridge = sketch.ridge(1.0)?;
@@ -235,21 +265,115 @@ fn scenario(train: &Dataset<f32>, test: &Dataset<f32>, epochs: u64) -> Result<se
                 "sources": alpha.ncols(),
             });
         }
-        println!("scenario {name}: {}", serde_json::to_string(&rec).expect("json"));
+        println!(
+            "scenario {name}: {}",
+            serde_json::to_string(&rec).expect("json")
+        );
         out.insert(name.into(), rec);
     }
     out.insert("peak_rss_bytes".into(), json!(peak_rss_bytes()));
+    print_scenario_table(&out, epochs, train.len());
     Ok(out.into())
+}
+
+/// The scenario as a Markdown table (the README's).
+fn print_scenario_table(rec: &serde_json::Map<String, serde_json::Value>, epochs: u64, n: usize) {
+    let f = |m: &str, path: &[&str]| -> f64 {
+        let mut v = &rec[m];
+        for p in path {
+            v = &v[*p];
+        }
+        v.as_f64().unwrap_or(f64::NAN)
+    };
+    let mb = |m: &str, key: &str, sub: Option<&str>| -> f64 {
+        let v = sub.map_or(&rec[m][key], |s| &rec[m][s][key]);
+        v.as_array().map_or(0.0, |a| {
+            a.iter().filter_map(|x| x.as_f64()).sum::<f64>() / 1e6
+        })
+    };
+    let max = |m: &str, key: &str| -> f64 {
+        rec[m]["sketch"][key].as_array().map_or(f64::NAN, |a| {
+            a.iter().filter_map(|x| x.as_f64()).fold(0.0, f64::max)
+        })
+    };
+    println!(
+        "\n| scenario: {epochs} epochs × {n} examples, then 100 queries | MLP 784-256-10 | CNN |"
+    );
+    println!("|---|---|---|");
+    let row = |name: &str, m: &dyn Fn(&str) -> String| {
+        println!("| {name} | {} | {} |", m("mlp"), m("cnn"));
+    };
+    row("training with tracing", &|m| {
+        format!("{:.0} s", f(m, &["train_s"]))
+    });
+    row("test accuracy", &|m| {
+        format!("{:.3}", f(m, &["test_accuracy"]))
+    });
+    row("exact ledger", &|m| {
+        format!("{:.0} MB", mb(m, "ledger_bytes_per_layer", None))
+    });
+    row("100 queries, exact top-10 (influence)", &|m| {
+        format!("{:.2} s", f(m, &["exact_top10_100_queries_s"]))
+    });
+    row("100 queries, exact loss lens", &|m| {
+        format!("{:.2} s", f(m, &["exact_loss_100_queries_s"]))
+    });
+    row("sketch: size (ratio to exact)", &|m| {
+        format!(
+            "{:.0} MB ({:.2}× smaller)",
+            mb(m, "bytes_per_layer", Some("sketch")),
+            f(m, &["sketch", "ratio"])
+        )
+    });
+    row("sketch: build from the mapped ledger", &|m| {
+        format!("{:.1} s", f(m, &["sketch", "build_s"]))
+    });
+    row("sketch: top-10 overlap, influence / loss", &|m| {
+        format!(
+            "{:.3} / {:.3}",
+            f(m, &["sketch", "top10_overlap_influence"]),
+            f(m, &["sketch", "top10_overlap_loss"])
+        )
+    });
+    row(
+        "sketch + exact re-rank of 100: top-10 overlap (time)",
+        &|m| {
+            format!(
+                "{:.3} ({:.2} s)",
+                f(m, &["sketch", "top10_overlap_influence_reranked"]),
+                f(m, &["sketch", "reranked_100_queries_s"])
+            )
+        },
+    );
+    row("sketch: balance error (max over layers)", &|m| {
+        format!("{:.1e}", max(m, "balance_error"))
+    });
+    println!(
+        "| sketched ridge lens at full N: fit / 100 queries | {:.1} s / {:.2} s | — |",
+        f("mlp", &["sketch_ridge", "fit_s"]),
+        f("mlp", &["sketch_ridge", "100_queries_s"])
+    );
+    println!(
+        "| peak resident memory, whole run so far | {:.0} MB | |\n",
+        rec["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN) / 1e6
+    );
 }
 
 /// Top-10 agreement of the sketched ridge lens with the exact one on a subsample
 /// small enough for the exact `N × N` system.
-fn ridge_agreement(train: &Dataset<f32>, test: &Dataset<f32>, n: usize) -> Result<serde_json::Value> {
+fn ridge_agreement(
+    train: &Dataset<f32>,
+    test: &Dataset<f32>,
+    n: usize,
+) -> Result<serde_json::Value> {
     let idx: Vec<usize> = (0..n.min(train.len())).collect();
     let sub = train.subset(&idx)?;
     let mut net = mlp(7)?;
     let ledger = train_traced(&mut net, &sub, 3)?;
-    let (_, g) = queries(&mut net, &test.subset(&(0..100.min(test.len())).collect::<Vec<_>>())?)?;
+    let (_, g) = queries(
+        &mut net,
+        &test.subset(&(0..100.min(test.len())).collect::<Vec<_>>())?,
+    )?;
     let t = Instant::now();
     let exact = RidgeLens::fit(&ledger, 1.0)?.scores(&ledger, &g)?;
     let exact_s = t.elapsed().as_secs_f64();
@@ -261,7 +385,10 @@ fn ridge_agreement(train: &Dataset<f32>, test: &Dataset<f32>, n: usize) -> Resul
         "sources": n, "dims": sketch.dims(), "exact_s": exact_s, "sketch_s": sketch_s,
         "top10_overlap": top10_overlap(&exact, &approx),
     });
-    println!("ridge, sketch vs exact: {}", serde_json::to_string(&rec).expect("json"));
+    println!(
+        "ridge, sketch vs exact: {}",
+        serde_json::to_string(&rec).expect("json")
+    );
     Ok(rec)
 }
 
@@ -345,7 +472,14 @@ fn main() -> Result<()> {
     );
     let (test, _) = data(if quick { 200 } else { 10_000 }, IdxSplit::Test)?;
     let epochs = if quick { 1 } else { 3 };
-    println!("scenario: both models traced for {epochs} epochs over {} examples, then 100 queries", train.len());
+    println!(
+        "scenario: both models traced for {epochs} epochs over {} examples, then 100 queries",
+        train.len()
+    );
+    std::fs::create_dir_all("target/perf").map_err(|e| refinement_ledger::Error::Io {
+        path: "target/perf".into(),
+        source: e,
+    })?;
     let scenario = scenario(&train, &test, epochs)?;
     let ridge = ridge_agreement(&train, &test, if quick { 300 } else { 1500 })?;
     let peak = peak_rss_bytes();

@@ -6,9 +6,9 @@ mod common;
 
 use common::{Run, blobs, gradient_query, mlp, query, train, trained_cnn};
 use ndarray::Array2;
+use refinement_ledger::nn::Sequential;
 use refinement_ledger::optim::SgdConfig;
 use refinement_ledger::query::{LedgerSketch, RidgeLens, SketchConfig};
-use refinement_ledger::nn::Sequential;
 use refinement_ledger::{Error, LayerSel, Ledger, Lens, OptimizerHook, Query};
 
 fn trained_mlp() -> (Ledger<f64>, Sequential<f64>) {
@@ -53,7 +53,10 @@ fn sketch_estimates_every_linear_lens_and_sharpens_with_k() {
             println!("{lens:?} {layers:?}: relative error k=16 {coarse:.3}, k=8192 {fine:.4}");
             // The error falls as 1/√k: 512× more dimensions, ~22× less error.
             assert!(fine < 0.25, "{lens:?} {layers:?}: k=8192 error {fine}");
-            assert!(fine < coarse / 8.0, "{lens:?} {layers:?}: {fine} vs {coarse}");
+            assert!(
+                fine < coarse / 8.0,
+                "{lens:?} {layers:?}: {fine} vs {coarse}"
+            );
         }
     }
 }
@@ -84,7 +87,10 @@ fn ratio_mode_meets_its_size() {
     let (ledger, _) = trained_mlp();
     let sketch = LedgerSketch::build(&ledger, &SketchConfig::with_ratio(4.0)).unwrap();
     for (l, &k) in sketch.dims().iter().enumerate() {
-        let (exact, small) = (sketch.exact_bytes_per_layer()[l], sketch.bytes_per_layer()[l]);
+        let (exact, small) = (
+            sketch.exact_bytes_per_layer()[l],
+            sketch.bytes_per_layer()[l],
+        );
         assert!(k > 1, "layer {l}: the budget leaves one dimension");
         assert!(
             4 * small <= exact,
@@ -131,7 +137,10 @@ fn sketch_is_deterministic_across_seeds_and_threads() {
         })
     };
     assert!(run(1, 1) == run(4, 1), "1 vs 4 threads differ");
-    assert!(run(2, 1) != run(2, 2), "different seeds give the same sketch");
+    assert!(
+        run(2, 1) != run(2, 2),
+        "different seeds give the same sketch"
+    );
 }
 
 #[test]
@@ -160,7 +169,10 @@ fn sketch_errors_say_what_was_wrong() {
         sketch.scores(&q, Lens::Dot, LayerSel::Layer(5)),
         Err(Error::IndexOutOfRange { .. })
     ));
-    assert!(matches!(sketch.ridge(0.0), Err(Error::InvalidConfig { .. })));
+    assert!(matches!(
+        sketch.ridge(0.0),
+        Err(Error::InvalidConfig { .. })
+    ));
     // A query of another network.
     let mut other = mlp::<f64>(10, 4, 1);
     other.forward(test.view()).unwrap();
@@ -195,11 +207,15 @@ fn reranking_a_shortlist_recovers_the_exact_top_k() {
         // from a coarse 16-dimensional sketch.
         let reranked = sketch.top_k_reranked(&ledger, query, lens, 5, n).unwrap();
         for (e, r) in exact.iter().zip(&reranked) {
-            let ids = |v: &[refinement_ledger::Influence]| v.iter().map(|i| i.source).collect::<Vec<_>>();
+            let ids =
+                |v: &[refinement_ledger::Influence]| v.iter().map(|i| i.source).collect::<Vec<_>>();
             assert_eq!(ids(&e.combined.proponents), ids(&r.proponents), "{lens:?}");
             assert_eq!(ids(&e.combined.opponents), ids(&r.opponents), "{lens:?}");
             for (a, b) in e.combined.proponents.iter().zip(&r.proponents) {
-                assert!((a.score - b.score).abs() <= 1e-9 * a.score.abs().max(1e-12), "{lens:?}");
+                assert!(
+                    (a.score - b.score).abs() <= 1e-9 * a.score.abs().max(1e-12),
+                    "{lens:?}"
+                );
             }
         }
         // A short list returns exact scores for the sources it keeps.

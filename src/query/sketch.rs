@@ -130,7 +130,8 @@ const ROW_BLOCK: usize = 2048;
 
 /// The seeded Rademacher operators `L` (`k × fan_out`) and `R` (`k × aug_in`) of layer `l`.
 fn operators(seed: u64, l: usize, k: usize, fan_out: usize, aug_in: usize) -> [Array2<f64>; 2] {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (l as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng =
+        ChaCha8Rng::seed_from_u64(seed ^ (l as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut sign = |_: (usize, usize)| if rng.random::<bool>() { 1.0 } else { -1.0 };
     let lm = Array2::from_shape_fn((k, fan_out), &mut sign);
     let rm = Array2::from_shape_fn((k, aug_in), &mut sign);
@@ -184,13 +185,7 @@ impl LedgerSketch {
         let mut change = Vec::with_capacity(dims.len());
         for (l, &k) in dims.iter().enumerate() {
             let meta = &ledger.layers()[l];
-            let [lm, rm] = operators(
-                config.seed,
-                l,
-                k,
-                meta.shape.fan_out,
-                meta.shape.aug_in(),
-            );
+            let [lm, rm] = operators(config.seed, l, k, meta.shape.fan_out, meta.shape.aug_in());
             let layer = ledger.layer_ledger(l, None);
             sketch.push(sketch_layer(&layer, n, &lm, &rm));
             residual.push(sketch_dense(ledger.residual(l)?.view(), &lm, &rm));
@@ -492,14 +487,19 @@ impl LedgerSketch {
                         .mapv(|v| -v.widen())
                         .into_shape_with_order((n * p, fo))
                         .expect("invariant: standard layout");
-                    Ok(LayerInput::new(ql.patches.view(), ql.shape.has_bias, target))
+                    Ok(LayerInput::new(
+                        ql.patches.view(),
+                        ql.shape.has_bias,
+                        target,
+                    ))
                 } else {
                     Ok(ledger.representation_input(query, l).0)
                 }
             })
             .collect::<Result<_>>()?;
-        let layers: Vec<LayerLedger<'_, F>> =
-            (0..n_layers).map(|l| ledger.layer_ledger(l, None)).collect();
+        let layers: Vec<LayerLedger<'_, F>> = (0..n_layers)
+            .map(|l| ledger.layer_ledger(l, None))
+            .collect();
         let shortlist = shortlist.max(k).min(self.sources.len());
         Ok((0..query.n)
             .into_par_iter()
@@ -533,7 +533,8 @@ impl LedgerSketch {
                         combine(lens, &dots, &r2)
                     })
                     .collect();
-                let metas: Vec<SourceMeta> = cand.iter().map(|&s| self.sources[s].clone()).collect();
+                let metas: Vec<SourceMeta> =
+                    cand.iter().map(|&s| self.sources[s].clone()).collect();
                 rank(ndarray::ArrayView1::from(&exact), &metas, k)
             })
             .collect())
