@@ -23,7 +23,7 @@ use ndarray::{Array2, ArrayView3, Axis, s};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{check_finite, shape_str};
-use crate::ledger::{Rows, Segment, augmented, read_params};
+use crate::ledger::{Rows, Segment};
 use crate::{
     Error, ExampleId, Float, Ledger, LinearRule, Optimizer, ParamMut, Result, SourceId, Traceable,
 };
@@ -111,8 +111,6 @@ struct Pending<F> {
     group: u32,
     /// Weight of the group's shares in the momentum buffer now.
     buf: f64,
-    /// Row range of the group, per layer, in the current segment.
-    rows: Vec<(usize, usize)>,
     /// Dense per-example terms `(layer, source, δᵀã)` of layers where they are smaller than factors.
     dense: Vec<(usize, u32, Array2<F>)>,
 }
@@ -149,8 +147,8 @@ pub struct OptimizerHook<O, F: Float = f32> {
     ledger: Ledger<F>,
     step: u64,
     pending: VecDeque<Pending<F>>,
-    /// Per layer: the momentum buffer of the credited example shares.
-    shadow: Vec<Array2<f64>>,
+    /// Per layer: `[W | b]` after the last step, in `F` (the segment's end when it closes).
+    current: Vec<Array2<F>>,
     /// Per layer: the momentum buffer of the decay shares.
     decay_buf: Vec<Array2<f64>>,
 }
@@ -197,7 +195,8 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             }
         };
         let ledger = Ledger::new(layers)?;
-        let zeros: Vec<Array2<f64>> = ledger
+        let current = ledger.initial.iter().map(|m| m.mapv(F::narrow)).collect();
+        let decay_buf = ledger
             .initial
             .iter()
             .map(|m| Array2::zeros(m.raw_dim()))
@@ -209,8 +208,8 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             ledger,
             step: 0,
             pending: VecDeque::new(),
-            shadow: zeros.clone(),
-            decay_buf: zeros,
+            current,
+            decay_buf,
         })
     }
 
@@ -264,29 +263,57 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
                 self.check_factors(&**layer, batch.ids.len())?;
             }
         }
-        // Changes made outside the hook since the last step go to the residual;
-        // the segment's end then holds the parameters before this step.
-        self.absorb_outside(layers)?;
-        {
-            let mut params: Vec<ParamMut<'_, F>> =
-                layers.iter_mut().flat_map(|l| l.params_mut()).collect();
-            self.optimizer.step(&mut params)?;
+        // The residual is settled per segment (when it closes) as what the
+        // parameters did minus what was credited, so a step touches the
+        // parameters only to copy them (and, with weight decay, to credit it).
+        match rule {
+            None => {
+                self.refresh_current(layers)?;
+                self.run_optimizer(layers)?;
+                self.record_batch(layers, batch)?;
+            }
+            Some(rule) => {
+                let sources = self.register_examples(batch)?;
+                if rule.weight_decay != 0.0 {
+                    // The decay's share is `λ W` at the parameters before the step.
+                    self.refresh_current(layers)?;
+                    self.record_decay(rule)?;
+                }
+                self.run_optimizer(layers)?;
+                self.refresh_current(layers)?;
+                self.record_per_example(layers, &sources, rule)?;
+            }
         }
-        let after = self.read_all(layers)?;
         let seg = self.ledger.segments.len() - 1;
-        let before = std::mem::take(&mut self.ledger.segments[seg].end);
-        let recorded = match rule {
-            None => self.record_batch(batch, &before, &after),
-            Some(rule) => self.record_per_example(layers, batch, rule, &before, &after),
-        };
-        let segment = &mut self.ledger.segments[seg];
-        if let Err(e) = recorded {
-            segment.end = before;
-            return Err(e);
-        }
-        segment.end = after;
-        segment.n_steps += 1;
+        self.ledger.segments[seg].n_steps += 1;
         self.step += 1;
+        Ok(())
+    }
+
+    fn run_optimizer(&mut self, layers: &mut [&mut dyn Traceable<F>]) -> Result<()> {
+        let mut params: Vec<ParamMut<'_, F>> =
+            layers.iter_mut().flat_map(|l| l.params_mut()).collect();
+        self.optimizer.step(&mut params)
+    }
+
+    /// Copies every layer's `[W | b]` into `current`, checking it is finite.
+    fn refresh_current(&mut self, layers: &[&mut dyn Traceable<F>]) -> Result<()> {
+        for (l, layer) in layers.iter().enumerate() {
+            let cur = self.current[l]
+                .as_slice_mut()
+                .expect("invariant: standard layout");
+            let mut finite = true;
+            for_each_param(&**layer, &self.ledger.layers[l].shape, |k, v| {
+                finite &= v.is_finite();
+                cur[k] = v;
+            });
+            if !finite {
+                return Err(Error::NonFinite {
+                    op: "OptimizerHook::step (parameters)",
+                    what: format!("parameters of {}", layer.layer_id()),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -311,20 +338,15 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             .front()
             .map_or(self.ledger.n_groups, |p| p.group);
         debug_assert!(self.pending.iter().zip(first..).all(|(p, g)| p.group == g));
+        book_pending(&self.pending, &mut self.ledger.segments[seg]);
+        settle(&mut self.ledger, seg, &self.current);
         let mut next = Segment::new(
             self.ledger.segments[seg].end.clone(),
             first,
             &self.ledger.layers,
         );
         next.coef = vec![0.0; (self.ledger.n_groups - first) as usize];
-        let old = &mut self.ledger.segments[seg];
-        for p in &self.pending {
-            let k = old.coef_of(p.group);
-            for (l, s, g) in &p.dense {
-                old.layers[*l].add(*s, g.mapv(F::widen).view(), k);
-            }
-        }
-        for acc in &mut old.layers {
+        for acc in &mut self.ledger.segments[seg].layers {
             acc.sort();
         }
         self.ledger.segments.push(next);
@@ -334,28 +356,22 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
     /// A copy of the ledger as it stands, balanced for the parameters now.
     pub fn snapshot(&self) -> Ledger<F> {
         let mut ledger = self.ledger.clone();
-        Self::flush(&self.pending, &mut ledger);
+        Self::flush(&self.pending, &mut ledger, &self.current);
         ledger
     }
 
     /// Ends tracing and returns the ledger.
     pub fn finish(mut self) -> Ledger<F> {
-        Self::flush(&self.pending, &mut self.ledger);
+        Self::flush(&self.pending, &mut self.ledger, &self.current);
         self.ledger
     }
 
-    /// Books pending dense terms with their coefficient so far, and compacts the ledger.
-    fn flush(pending: &VecDeque<Pending<F>>, ledger: &mut Ledger<F>) {
-        let seg = ledger
-            .segments
-            .last_mut()
-            .expect("invariant: at least one segment");
-        for p in pending {
-            let k = seg.coef_of(p.group);
-            for (l, s, g) in &p.dense {
-                seg.layers[*l].add(*s, g.mapv(F::widen).view(), k);
-            }
-        }
+    /// Books pending dense terms with their coefficient so far, settles the
+    /// last segment, and compacts the ledger.
+    fn flush(pending: &VecDeque<Pending<F>>, ledger: &mut Ledger<F>, current: &[Array2<F>]) {
+        let seg = ledger.segments.len() - 1;
+        book_pending(pending, &mut ledger.segments[seg]);
+        settle(ledger, seg, current);
         ledger.compact();
     }
 
@@ -439,75 +455,9 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
         )
     }
 
-    /// Books `W_now − W_end` of every layer to the residual and sets the segment's
-    /// end to `W_now`, in one pass without allocating.
-    fn absorb_outside(&mut self, layers: &[&mut dyn Traceable<F>]) -> Result<()> {
-        const OP: &str = "OptimizerHook::step (parameters)";
-        for layer in layers.iter() {
-            let w = layer.weight();
-            let w = w.as_standard_layout();
-            crate::error::check_finite(
-                w.iter(),
-                OP,
-                &format!("parameters of {}", layer.layer_id()),
-            )?;
-            if let Some(b) = layer.bias() {
-                crate::error::check_finite(b.iter(), OP, &format!("bias of {}", layer.layer_id()))?;
-            }
-        }
-        let seg = self
-            .ledger
-            .segments
-            .last_mut()
-            .expect("invariant: at least one segment");
-        for (l, layer) in layers.iter().enumerate() {
-            let shape = &self.ledger.layers[l].shape;
-            let (fan_in, aug_in) = (shape.fan_in, shape.aug_in());
-            let w = layer.weight();
-            let w = w.as_standard_layout();
-            let w = w.as_slice().expect("invariant: standard layout");
-            let end = seg.end[l]
-                .as_slice_mut()
-                .expect("invariant: standard layout");
-            let res = seg.layers[l]
-                .residual
-                .as_slice_mut()
-                .expect("invariant: standard layout");
-            let mut absorb = |k: usize, v: f64| {
-                let diff = v - end[k];
-                if diff != 0.0 {
-                    res[k] += diff;
-                    end[k] = v;
-                }
-            };
-            for (o, row) in w.chunks_exact(fan_in).enumerate() {
-                for (i, &v) in row.iter().enumerate() {
-                    absorb(o * aug_in + i, v.widen());
-                }
-            }
-            if let Some(b) = layer.bias() {
-                for (o, &v) in b.iter().enumerate() {
-                    absorb(o * aug_in + fan_in, v.widen());
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn read_all(&self, layers: &[&mut dyn Traceable<F>]) -> Result<Vec<Array2<f64>>> {
-        layers
-            .iter()
-            .zip(&self.ledger.layers)
-            .map(|(l, m)| read_params(&**l, &m.shape, "OptimizerHook::step (parameters)"))
-            .collect()
-    }
-
-    fn record_batch(
-        &mut self,
-        batch: &Batch<'_>,
-        before: &[Array2<f64>],
-        after: &[Array2<f64>],
-    ) -> Result<()> {
+    /// Credits the batch's update `W_after − W_before` (`current` holds
+    /// `W_before`) to the step's batch source, and refreshes `current`.
+    fn record_batch(&mut self, layers: &[&mut dyn Traceable<F>], batch: &Batch<'_>) -> Result<()> {
         let members: Vec<ExampleId> = (0..batch.ids.len())
             .filter(|&i| !batch.is_ghost(i))
             .map(|i| batch.ids[i])
@@ -518,6 +468,18 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             .collect();
         let label =
             (labels.len() == 1).then(|| *labels.iter().next().expect("invariant: one label"));
+        for (l, layer) in layers.iter().enumerate() {
+            let mut finite = true;
+            for_each_param(&**layer, &self.ledger.layers[l].shape, |_, v| {
+                finite &= v.is_finite();
+            });
+            if !finite {
+                return Err(Error::NonFinite {
+                    op: "OptimizerHook::step (parameters)",
+                    what: format!("parameters of {}", layer.layer_id()),
+                });
+            }
+        }
         let s = self
             .ledger
             .source_or_insert(SourceId::Batch(self.step), label, members)?;
@@ -526,8 +488,66 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             .segments
             .last_mut()
             .expect("invariant: at least one segment");
-        for (l, (b, a)) in before.iter().zip(after).enumerate() {
-            segment.layers[l].add(s, (a - b).view(), 1.0);
+        for (l, layer) in layers.iter().enumerate() {
+            let mut acc = segment.layers[l].dense_mut(s);
+            let acc = acc.as_slice_mut().expect("invariant: standard layout");
+            let cur = self.current[l]
+                .as_slice_mut()
+                .expect("invariant: standard layout");
+            for_each_param(&**layer, &self.ledger.layers[l].shape, |k, v| {
+                acc[k] += v.widen() - cur[k].widen();
+                cur[k] = v;
+            });
+        }
+        Ok(())
+    }
+
+    /// The sources of the batch's examples (`None` for ghosts), registered.
+    fn register_examples(&mut self, batch: &Batch<'_>) -> Result<Vec<Option<u32>>> {
+        let mut sources = vec![None; batch.ids.len()];
+        for i in (0..batch.ids.len()).filter(|&i| !batch.is_ghost(i)) {
+            sources[i] = Some(self.ledger.source_or_insert(
+                SourceId::Example(batch.ids[i]),
+                Some(batch.labels[i]),
+                Vec::new(),
+            )?);
+        }
+        Ok(sources)
+    }
+
+    /// Credits this step's weight-decay update, as the optimizer applies it
+    /// (momentum, dampening, Nesterov), to [`SourceId::Decay`]; `current` holds
+    /// the parameters before the step.
+    fn record_decay(&mut self, rule: LinearRule) -> Result<()> {
+        let s = self
+            .ledger
+            .source_or_insert(SourceId::Decay, None, Vec::new())?;
+        let (lr, mu, entry, decay) = (
+            rule.lr,
+            rule.momentum,
+            rule.entry_weight(),
+            rule.weight_decay,
+        );
+        let segment = self
+            .ledger
+            .segments
+            .last_mut()
+            .expect("invariant: at least one segment");
+        for (l, cur) in self.current.iter().enumerate() {
+            let mut acc = segment.layers[l].dense_mut(s);
+            let acc = acc.as_slice_mut().expect("invariant: standard layout");
+            let buf = slice_mut(&mut self.decay_buf[l]);
+            let w = cur.as_slice().expect("invariant: standard layout");
+            for ((a, b), &w) in acc.iter_mut().zip(buf.iter_mut()).zip(w) {
+                let dg = decay * w.widen();
+                let dp = if mu == 0.0 {
+                    dg
+                } else {
+                    *b = mu * *b + entry * dg;
+                    if rule.nesterov { dg + mu * *b } else { *b }
+                };
+                *a -= lr * dp;
+            }
         }
         Ok(())
     }
@@ -535,28 +555,9 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
     fn record_per_example(
         &mut self,
         layers: &mut [&mut dyn Traceable<F>],
-        batch: &Batch<'_>,
+        sources: &[Option<u32>],
         rule: LinearRule,
-        before: &[Array2<f64>],
-        after: &[Array2<f64>],
     ) -> Result<()> {
-        let n = batch.ids.len();
-        let mut sources = vec![None; n];
-        for i in (0..n).filter(|&i| !batch.is_ghost(i)) {
-            sources[i] = Some(self.ledger.source_or_insert(
-                SourceId::Example(batch.ids[i]),
-                Some(batch.labels[i]),
-                Vec::new(),
-            )?);
-        }
-        let decay = if rule.weight_decay != 0.0 {
-            Some(
-                self.ledger
-                    .source_or_insert(SourceId::Decay, None, Vec::new())?,
-            )
-        } else {
-            None
-        };
         let (mu, lr, entry) = (rule.momentum, rule.lr, rule.entry_weight());
         let seg_idx = self.ledger.segments.len() - 1;
         let group = self.ledger.n_groups;
@@ -570,44 +571,19 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
         let mut new = Pending {
             group,
             buf: entry,
-            rows: Vec::with_capacity(layers.len()),
             dense: Vec::new(),
         };
         for (l, layer) in layers.iter_mut().enumerate() {
-            let shape = &self.ledger.layers[l].shape;
-            let grad = grad_augmented(&mut **layer, shape.fan_out, shape.fan_in);
             let a = layer.input_patches()?;
             let d = layer.output_deltas()?;
-            let rows = &mut self.ledger.rows[l];
-            let start = rows.len();
-            let g_hat = credit_rows(rows, &mut new.dense, l, &sources, group, a, d, grad);
-            new.rows.push((start, rows.len()));
-            let acc = &mut segment.layers[l];
-            // What this step credits, as the optimizer applies it (f64, DESIGN §2.3),
-            // in one pass over the parameters: momentum buffers of the credited
-            // shares and of the decay, the decay account, and the residual.
-            let step = Credited {
-                lr,
-                mu,
-                entry,
-                nesterov: rule.nesterov,
-                decay: rule.weight_decay,
-            };
-            let (decay_acc, residual) = match decay {
-                Some(s) => {
-                    let (d, r) = acc.dense_and_residual_mut(s);
-                    (Some(d), r)
-                }
-                None => (None, slice_mut(&mut acc.residual)),
-            };
-            step.apply(
-                slice(&g_hat),
-                slice(&before[l]),
-                slice(&after[l]),
-                slice_mut(&mut self.shadow[l]),
-                slice_mut(&mut self.decay_buf[l]),
-                decay_acc,
-                residual,
+            credit_rows(
+                &mut self.ledger.rows[l],
+                &mut new.dense,
+                l,
+                sources,
+                group,
+                a,
+                d,
             );
         }
         // Coefficients of every group whose shares are in the buffer.
@@ -630,7 +606,8 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             };
             *segment.coef_mut(p.group) -= lr * inc;
         }
-        // Fold groups whose weight left in the buffer is negligible.
+        // Fold groups whose weight left in the buffer is negligible; the tail
+        // the optimizer still applies lands in the residual.
         while self
             .pending
             .front()
@@ -638,142 +615,77 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
         {
             let p = self.pending.pop_front().expect("invariant: front exists");
             let k = segment.coef_of(p.group);
-            for (l, &(r0, r1)) in p.rows.iter().enumerate() {
-                // The tail left in the buffer is no longer credited: take it out of the shadow.
-                if r1 > r0 {
-                    let g = self.ledger.rows[l].sum(r0, r1, |_| 1.0);
-                    self.shadow[l].scaled_add(-p.buf, &g);
-                }
-            }
             for (l, s, g) in p.dense {
-                let g64 = g.mapv(F::widen);
-                self.shadow[l].scaled_add(-p.buf, &g64);
-                segment.layers[l].add(s, g64.view(), k);
+                segment.layers[l].add(s, g.mapv(F::widen).view(), k);
             }
         }
         Ok(())
     }
 }
 
-fn slice(m: &Array2<f64>) -> &[f64] {
-    m.as_slice().expect("invariant: standard layout")
+/// Books the pending dense terms into `segment` with their coefficient so far.
+fn book_pending<F: Float>(pending: &VecDeque<Pending<F>>, segment: &mut Segment) {
+    for p in pending {
+        let k = segment.coef_of(p.group);
+        for (l, s, g) in &p.dense {
+            segment.layers[*l].add(*s, g.mapv(F::widen).view(), k);
+        }
+    }
+}
+
+/// Closes the books of segment `seg` at parameters `current`: its end, and its
+/// residual `W_end − W_start − (credited rows + dense accounts)` per layer —
+/// rounding, folded momentum tails, changes made outside the hook.
+fn settle<F: Float>(ledger: &mut Ledger<F>, seg: usize, current: &[Array2<F>]) {
+    for (l, cur) in current.iter().enumerate() {
+        let end = cur.mapv(F::widen);
+        let start = if seg == 0 {
+            &ledger.initial[l]
+        } else {
+            &ledger.segments[seg - 1].end[l]
+        };
+        let segment = &ledger.segments[seg];
+        let rows = &ledger.rows[l];
+        // Rows are in step order while training: the segment's groups are a suffix.
+        debug_assert!(rows.group.windows(2).all(|w| w[0] <= w[1]));
+        let r0 = rows.group.partition_point(|&g| g < segment.first_group);
+        let mut residual = &end - start;
+        residual -= &rows.sum(r0, rows.len(), |g| segment.coef_of(g));
+        residual -= &segment.layers[l].total();
+        let segment = &mut ledger.segments[seg];
+        segment.layers[l].residual = residual;
+        segment.end[l] = end;
+    }
+}
+
+/// Visits every traced parameter of `layer` as `(index in [W | b], value)`.
+fn for_each_param<F: Float>(
+    layer: &dyn Traceable<F>,
+    shape: &crate::TracedShape,
+    mut f: impl FnMut(usize, F),
+) {
+    let (fan_in, aug_in) = (shape.fan_in, shape.aug_in());
+    let w = layer.weight();
+    let w = w.as_standard_layout();
+    let w = w.as_slice().expect("invariant: standard layout");
+    for (o, row) in w.chunks_exact(fan_in).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            f(o * aug_in + i, v);
+        }
+    }
+    if let Some(b) = layer.bias() {
+        for (o, &v) in b.iter().enumerate() {
+            f(o * aug_in + fan_in, v);
+        }
+    }
 }
 
 fn slice_mut(m: &mut Array2<f64>) -> &mut [f64] {
     m.as_slice_mut().expect("invariant: standard layout")
 }
 
-/// One SGD-family step's crediting rule (PyTorch semantics, see [`LinearRule`]).
-struct Credited {
-    lr: f64,
-    mu: f64,
-    entry: f64,
-    nesterov: bool,
-    decay: f64,
-}
-
-impl Credited {
-    /// Per parameter: updates the momentum buffers `shadow` (credited shares) and
-    /// `dbuf` (decay), adds the decay's update to `decay_acc`, and books
-    /// `actual − credited` to `residual`.
-    #[allow(clippy::too_many_arguments)]
-    fn apply(
-        &self,
-        g_hat: &[f64],
-        before: &[f64],
-        after: &[f64],
-        shadow: &mut [f64],
-        dbuf: &mut [f64],
-        mut decay_acc: Option<&mut [f64]>,
-        residual: &mut [f64],
-    ) {
-        let Credited {
-            lr,
-            mu,
-            entry,
-            nesterov,
-            decay,
-        } = *self;
-        for i in 0..g_hat.len() {
-            let (g, dg) = (g_hat[i], decay * before[i]);
-            let (ex, dp) = if mu == 0.0 {
-                (g, dg)
-            } else {
-                shadow[i] = mu * shadow[i] + entry * g;
-                dbuf[i] = mu * dbuf[i] + entry * dg;
-                if nesterov {
-                    (g + mu * shadow[i], dg + mu * dbuf[i])
-                } else {
-                    (shadow[i], dbuf[i])
-                }
-            };
-            if let Some(d) = decay_acc.as_deref_mut() {
-                d[i] -= lr * dp;
-            }
-            residual[i] += (after[i] - before[i]) + lr * (ex + dp);
-        }
-    }
-}
-
-/// The layer's parameter gradient as `[∇W | ∇b]` in `f64`.
-fn grad_augmented<F: Float>(
-    layer: &mut dyn Traceable<F>,
-    fan_out: usize,
-    fan_in: usize,
-) -> Option<Array2<f64>> {
-    let params = layer.params_mut();
-    let w = params.first()?;
-    let b = params
-        .get(1)
-        .map(|b| b.grad.view().into_dimensionality::<ndarray::Ix1>().ok())
-        .unwrap_or(None);
-    augmented(w.grad.view(), b, fan_out, fan_in)
-}
-
-/// A fixed pseudo-random ±1 vector (a probe for [`consistent`]).
-fn probe(n: usize, seed: u64) -> Vec<f64> {
-    (0..n as u64)
-        .map(|i| {
-            let h = (i ^ seed)
-                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                .rotate_left(29)
-                .wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            if h >> 63 == 0 { 1.0 } else { -1.0 }
-        })
-        .collect()
-}
-
-/// Whether `Σ_j d_j ã_jᵀ` over rows `[start, end)` equals `grad` up to `F`'s
-/// rounding, tested with two rank-1 probes `uᵀ · vᵀ` (cost: the rows' size plus
-/// the gradient's, instead of a matrix product).
-fn consistent<F: Float>(rows: &Rows<F>, start: usize, end: usize, grad: &Array2<f64>) -> bool {
-    let (a, d) = rows.view(start, end);
-    let tol = 64.0 * F::epsilon().widen();
-    (0..2u64).all(|seed| {
-        let u = probe(rows.fan_out, seed);
-        let v = probe(rows.aug_in, seed + 7);
-        let (mut s_rows, mut s_abs) = (0.0, 0.0);
-        for (ar, dr) in a.rows().into_iter().zip(d.rows()) {
-            let du: f64 = dr.iter().zip(&u).map(|(x, y)| x.widen() * y).sum();
-            let av: f64 = ar.iter().zip(&v).map(|(x, y)| x.widen() * y).sum();
-            s_rows += du * av;
-            s_abs += (du * av).abs();
-        }
-        let s_grad: f64 = grad
-            .rows()
-            .into_iter()
-            .zip(&u)
-            .map(|(r, uo)| uo * r.iter().zip(&v).map(|(g, vi)| g * vi).sum::<f64>())
-            .sum();
-        (s_rows - s_grad).abs() <= tol * (s_abs + s_grad.abs()) + f64::MIN_POSITIVE
-    })
-}
-
 /// Books one layer's per-example shares of a step into `acc` (factored rows) or
-/// `dense` (per-example `δᵀã`, when smaller), and returns their sum `ĝ` in `f64`:
-/// the layer's own gradient `grad` when the rows account for it (checked by
-/// probes), else the exact sum of the rows.
-#[allow(clippy::too_many_arguments)]
+/// `dense` (per-example `δᵀã`, when smaller).
 fn credit_rows<F: Float>(
     acc: &mut Rows<F>,
     dense: &mut Vec<(usize, u32, Array2<F>)>,
@@ -782,8 +694,7 @@ fn credit_rows<F: Float>(
     group: u32,
     a: ArrayView3<'_, F>,
     d: ArrayView3<'_, F>,
-    grad: Option<Array2<f64>>,
-) -> Array2<f64> {
+) {
     let (_, positions, fan_in) = a.dim();
     let (aug_in, fan_out) = (acc.aug_in, acc.fan_out);
     let factored_bytes = positions * ((aug_in + fan_out) * std::mem::size_of::<F>() + 8);
@@ -795,27 +706,19 @@ fn credit_rows<F: Float>(
         .filter(|&(i, _)| d.index_axis(Axis(0), i).iter().any(|v| *v != F::zero()))
         .collect();
     if !factored {
-        let mut g_hat = Array2::<f64>::zeros((fan_out, aug_in));
         for &(i, s) in &credited {
             let mut a_aug = Array2::<F>::ones((positions, aug_in));
             a_aug
                 .slice_mut(s![.., ..fan_in])
                 .assign(&a.index_axis(Axis(0), i));
-            let g = d.index_axis(Axis(0), i).t().dot(&a_aug);
-            g_hat.zip_mut_with(&g, |h, &v| *h += v.widen());
-            dense.push((layer, s, g));
+            dense.push((layer, s, d.index_axis(Axis(0), i).t().dot(&a_aug)));
         }
-        return g_hat;
+        return;
     }
-    let start = acc.len();
     for &(i, s) in &credited {
         let (ai, di) = (a.index_axis(Axis(0), i), d.index_axis(Axis(0), i));
         for p in 0..positions {
             acc.push(s, group, ai.row(p), di.row(p));
         }
-    }
-    match grad {
-        Some(g) if consistent(acc, start, acc.len(), &g) => g,
-        _ => acc.sum(start, acc.len(), |_| 1.0),
     }
 }

@@ -1,8 +1,8 @@
 //! Safetensors files with a format name, a version, a JSON payload and a CRC-32:
 //! the shared plumbing of ledger and model files.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
 use ndarray::Array2;
@@ -16,79 +16,138 @@ pub(crate) fn corrupt(reason: impl Into<String>) -> Error {
     }
 }
 
-/// An owned tensor to serialise.
-pub(crate) struct Tensor {
+/// A tensor to serialise: its bytes borrowed from the array that holds them
+/// (little-endian platforms) or, failing that, converted.
+pub(crate) struct Tensor<'a> {
     dtype: Dtype,
     shape: Vec<usize>,
-    bytes: Vec<u8>,
+    bytes: Cow<'a, [u8]>,
 }
 
-impl safetensors::View for &Tensor {
+impl safetensors::View for &Tensor<'_> {
     fn dtype(&self) -> Dtype {
         self.dtype
     }
     fn shape(&self) -> &[usize] {
         &self.shape
     }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.bytes)
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.bytes)
     }
     fn data_len(&self) -> usize {
         self.bytes.len()
     }
 }
 
-pub(crate) fn floats<T: Float>(values: impl IntoIterator<Item = T>, shape: Vec<usize>) -> Tensor {
-    let mut bytes = Vec::new();
-    for v in values {
-        v.write_le(&mut bytes);
-    }
-    let dtype = if T::DTYPE == "F32" {
+fn float_dtype<T: Float>() -> Dtype {
+    if T::DTYPE == "F32" {
         Dtype::F32
     } else {
         Dtype::F64
+    }
+}
+
+/// A float tensor viewing `values` (no copy on little-endian platforms).
+pub(crate) fn floats<T: Float>(values: &[T], shape: Vec<usize>) -> Tensor<'_> {
+    let bytes = if cfg!(target_endian = "little") {
+        Cow::Borrowed(bytemuck::cast_slice(values))
+    } else {
+        let mut b = Vec::with_capacity(std::mem::size_of_val(values));
+        values.iter().for_each(|v| v.write_le(&mut b));
+        Cow::Owned(b)
     };
     Tensor {
-        dtype,
+        dtype: float_dtype::<T>(),
         shape,
         bytes,
     }
 }
 
-pub(crate) fn u32s(values: &[u32]) -> Tensor {
+/// A float tensor from values in any layout (copied).
+pub(crate) fn floats_owned<T: Float>(
+    values: impl IntoIterator<Item = T>,
+    shape: Vec<usize>,
+) -> Tensor<'static> {
+    let mut bytes = Vec::new();
+    values.into_iter().for_each(|v| v.write_le(&mut bytes));
+    Tensor {
+        dtype: float_dtype::<T>(),
+        shape,
+        bytes: Cow::Owned(bytes),
+    }
+}
+
+pub(crate) fn u32s(values: &[u32]) -> Tensor<'_> {
+    let bytes = if cfg!(target_endian = "little") {
+        Cow::Borrowed(bytemuck::cast_slice(values))
+    } else {
+        Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    };
     Tensor {
         dtype: Dtype::U32,
         shape: vec![values.len()],
-        bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        bytes,
     }
 }
 
-pub(crate) fn matrix(m: &Array2<f64>) -> Tensor {
-    floats(m.iter().copied(), m.shape().to_vec())
+pub(crate) fn matrix(m: &Array2<f64>) -> Tensor<'_> {
+    match m.as_slice() {
+        Some(v) => floats(v, m.shape().to_vec()),
+        None => floats_owned(m.iter().copied(), m.shape().to_vec()),
+    }
 }
 
-/// Serialises `tensors` with metadata `format`, `version`, `payload` (JSON) and
-/// `crc32` over the payload and every tensor's bytes in name order.
-pub(crate) fn encode(
-    mut tensors: Vec<(String, Tensor)>,
+/// Sorts `tensors` by name and returns the metadata: `format`, `version`,
+/// `payload` (JSON) and `crc32` over the payload and every tensor's bytes in name order.
+fn metadata(
+    tensors: &mut [(String, Tensor<'_>)],
     format: &str,
     version: u32,
     payload: String,
-) -> Result<Vec<u8>> {
+) -> HashMap<String, String> {
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let mut crc = crc32fast::Hasher::new();
     crc.update(payload.as_bytes());
-    for (_, t) in &tensors {
+    for (_, t) in tensors.iter() {
         crc.update(&t.bytes);
     }
-    let meta = HashMap::from([
+    HashMap::from([
         ("format".to_string(), format.to_string()),
         ("version".to_string(), version.to_string()),
         ("payload".to_string(), payload),
         ("crc32".to_string(), format!("{:08x}", crc.finalize())),
-    ]);
+    ])
+}
+
+/// Serialises `tensors` with their metadata (see [`metadata`]) into memory.
+pub(crate) fn encode(
+    mut tensors: Vec<(String, Tensor<'_>)>,
+    format: &str,
+    version: u32,
+    payload: String,
+) -> Result<Vec<u8>> {
+    let meta = metadata(&mut tensors, format, version, payload);
     safetensors::serialize(tensors.iter().map(|(n, t)| (n.clone(), t)), Some(meta))
         .map_err(|e| corrupt(format!("serialise: {e}")))
+}
+
+/// Writes `tensors` with their metadata to `path` atomically, streaming them
+/// to the file (no in-memory copy of the whole file).
+pub(crate) fn save_atomic(
+    path: &Path,
+    mut tensors: Vec<(String, Tensor<'_>)>,
+    format: &str,
+    version: u32,
+    payload: String,
+) -> Result<()> {
+    let meta = metadata(&mut tensors, format, version, payload);
+    write_atomic(path, |tmp| {
+        safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.clone(), t)), Some(meta), tmp)
+            .map_err(|e| Error::Io {
+                path: tmp.display().to_string(),
+                source: std::io::Error::other(e.to_string()),
+            })
+    })
 }
 
 /// Parses and checks a file written by [`encode`]; returns the tensors and the payload.
@@ -139,7 +198,7 @@ pub(crate) fn decode<'a>(
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, synced, then renamed.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let io = |e: std::io::Error, p: &Path| Error::Io {
         path: p.display().to_string(),
         source: e,
@@ -157,10 +216,17 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         name.to_string_lossy(),
         std::process::id()
     ));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| io(e, &tmp))?;
-    f.write_all(bytes).map_err(|e| io(e, &tmp))?;
-    f.sync_all().map_err(|e| io(e, &tmp))?;
-    drop(f);
+    let written = write(&tmp).and_then(|()| {
+        std::fs::File::options()
+            .write(true)
+            .open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io(e, &tmp))
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     std::fs::rename(&tmp, path).map_err(|e| io(e, path))
 }
 

@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 
 use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2, s};
+use rayon::prelude::*;
 
 use super::buf::Buf;
 use crate::Float;
@@ -92,15 +93,35 @@ impl<F: Float> Rows<F> {
         (a, d)
     }
 
-    /// `Σ_j κ(g_j) d_j ã_jᵀ` over rows `[start, end)`.
-    pub(crate) fn sum(&self, start: usize, end: usize, coef: impl Fn(u32) -> f64) -> Array2<f64> {
-        let (a, d) = self.view(start, end);
-        let a64 = a.mapv(F::widen);
-        let mut d64 = d.mapv(F::widen);
-        for (mut row, &g) in d64.rows_mut().into_iter().zip(&self.group[start..end]) {
-            row *= coef(g);
+    /// `Σ_j κ(g_j) d_j ã_jᵀ` over rows `[start, end)`, in `f64`: blocks of rows
+    /// in parallel, added in a fixed order (the same result for any thread count).
+    pub(crate) fn sum(
+        &self,
+        start: usize,
+        end: usize,
+        coef: impl Fn(u32) -> f64 + Sync,
+    ) -> Array2<f64> {
+        const BLOCK: usize = 2048;
+        let block_sum = |b0: usize| {
+            let b1 = (b0 + BLOCK).min(end);
+            let (a, d) = self.view(b0, b1);
+            let a64 = a.mapv(F::widen);
+            let mut d64 = d.mapv(F::widen);
+            for (mut row, &g) in d64.rows_mut().into_iter().zip(&self.group[b0..b1]) {
+                row *= coef(g);
+            }
+            d64.t().dot(&a64)
+        };
+        let mut total = Array2::zeros((self.fan_out, self.aug_in));
+        let starts: Vec<usize> = (start..end).step_by(BLOCK).collect();
+        // A few blocks per thread at a time bound the partial sums held.
+        for wave in starts.chunks(4 * rayon::current_num_threads()) {
+            let parts: Vec<Array2<f64>> = wave.par_iter().map(|&b0| block_sum(b0)).collect();
+            for p in parts {
+                total += &p;
+            }
         }
-        d64.t().dot(&a64)
+        total
     }
 
     /// Row range of sources `[s0, s1)` (rows sorted by source).
@@ -201,19 +222,6 @@ impl DenseAccounts {
             &mut self.dense.to_mut()[slot * size..(slot + 1) * size],
         )
         .expect("invariant: slot holds fan_out × aug_in values")
-    }
-
-    /// The dense account of `source` (created at zero if absent) and the residual, both mutably.
-    pub(crate) fn dense_and_residual_mut(&mut self, source: u32) -> (&mut [f64], &mut [f64]) {
-        let size = self.size();
-        self.dense_mut(source);
-        let slot = self.slot_of[&source];
-        (
-            &mut self.dense.to_mut()[slot * size..(slot + 1) * size],
-            self.residual
-                .as_slice_mut()
-                .expect("invariant: standard layout"),
-        )
     }
 
     /// Adds `scale · m` to the dense account of `source`.

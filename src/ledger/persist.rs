@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{DenseAccounts, LayerMeta, Ledger, Rows, Segment, SourceMeta};
 use crate::storage::{
-    Reader, Tensor, corrupt, decode, dtype, encode, floats, map_file, matrix, u32s, write_atomic,
+    Reader, Tensor, corrupt, decode, dtype, encode, floats, map_file, matrix, save_atomic, u32s,
 };
 use crate::{Float, Result};
 
@@ -61,16 +61,22 @@ impl<F: Float> Ledger<F> {
     /// # Errors
     /// [`Error::CorruptLedger`] if serialisation fails (it does not for a valid ledger).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        let (tensors, json) = self.tensors()?;
+        encode(tensors, FORMAT, VERSION, json)
+    }
+
+    /// Every stored array (borrowed) and the JSON header.
+    fn tensors(&self) -> Result<(Vec<(String, Tensor<'_>)>, String)> {
+        let mut tensors: Vec<(String, Tensor<'_>)> = Vec::new();
         for (l, rows) in self.rows.iter().enumerate() {
             tensors.push((format!("layer.{l}.initial"), matrix(&self.initial[l])));
             tensors.push((
                 format!("layer.{l}.rows.a"),
-                floats(rows.a.iter().copied(), vec![rows.len(), rows.aug_in]),
+                floats(&rows.a, vec![rows.len(), rows.aug_in]),
             ));
             tensors.push((
                 format!("layer.{l}.rows.d"),
-                floats(rows.d.iter().copied(), vec![rows.len(), rows.fan_out]),
+                floats(&rows.d, vec![rows.len(), rows.fan_out]),
             ));
             tensors.push((format!("layer.{l}.rows.source"), u32s(&rows.source)));
             tensors.push((format!("layer.{l}.rows.group"), u32s(&rows.group)));
@@ -78,16 +84,13 @@ impl<F: Float> Ledger<F> {
         for (k, seg) in self.segments.iter().enumerate() {
             tensors.push((
                 format!("segment.{k}.coef"),
-                floats(seg.coef.iter().copied(), vec![seg.coef.len()]),
+                floats(&seg.coef, vec![seg.coef.len()]),
             ));
             for (l, acc) in seg.layers.iter().enumerate() {
                 tensors.push((format!("segment.{k}.layer.{l}.end"), matrix(&seg.end[l])));
                 tensors.push((
                     format!("segment.{k}.layer.{l}.dense"),
-                    floats(
-                        acc.dense.iter().copied(),
-                        vec![acc.n_slots(), acc.fan_out, acc.aug_in],
-                    ),
+                    floats(&acc.dense, vec![acc.n_slots(), acc.fan_out, acc.aug_in]),
                 ));
                 tensors.push((
                     format!("segment.{k}.layer.{l}.dense_source"),
@@ -114,7 +117,7 @@ impl<F: Float> Ledger<F> {
                 .collect(),
         };
         let json = serde_json::to_string(&header).map_err(|e| corrupt(format!("header: {e}")))?;
-        encode(tensors, FORMAT, VERSION, json)
+        Ok((tensors, json))
     }
 
     /// Saves the ledger to `path` atomically (a temporary file in the same
@@ -124,7 +127,8 @@ impl<F: Float> Ledger<F> {
     /// # Errors
     /// [`Error::Io`] when the file cannot be written.
     pub fn save(&self, path: &Path) -> Result<()> {
-        write_atomic(path, &self.to_bytes()?)
+        let (tensors, json) = self.tensors()?;
+        save_atomic(path, tensors, FORMAT, VERSION, json)
     }
 
     /// Loads a ledger saved by [`save`](Self::save), reading the file through a

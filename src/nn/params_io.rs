@@ -11,7 +11,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::Sequential;
-use crate::storage::{Reader, corrupt, decode, dtype, encode, floats, with_mapped, write_atomic};
+use crate::storage::{Reader, corrupt, decode, dtype, floats_owned, save_atomic, with_mapped};
 use crate::{Error, Float, LayerId, Result, TracedShape};
 
 /// The model file format's name.
@@ -63,21 +63,18 @@ impl<F: Float> Sequential<F> {
             let w = layer.weight();
             tensors.push((
                 format!("{id}.weight"),
-                floats(w.iter().copied(), w.shape().to_vec()),
+                floats_owned(w.iter().copied(), w.shape().to_vec()),
             ));
             if let Some(b) = layer.bias() {
                 tensors.push((
                     format!("{id}.bias"),
-                    floats(b.iter().copied(), vec![b.len()]),
+                    floats_owned(b.iter().copied(), vec![b.len()]),
                 ));
             }
         }
         let payload =
             serde_json::to_string(&self.header()).map_err(|e| corrupt(format!("header: {e}")))?;
-        write_atomic(
-            path,
-            &encode(tensors, MODEL_FORMAT, MODEL_VERSION, payload)?,
-        )
+        save_atomic(path, tensors, MODEL_FORMAT, MODEL_VERSION, payload)
     }
 
     /// Loads parameters saved by [`save_params`](Self::save_params) into this
