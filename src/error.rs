@@ -148,17 +148,51 @@ pub(crate) fn shape_str(shape: &[usize]) -> String {
     format!("{shape:?}")
 }
 
-/// Returns `Err(NonFinite)` when any value is NaN or infinite.
-pub(crate) fn check_finite<'a, F, I>(values: I, op: &'static str, what: &str) -> Result<()>
+/// Values that can be scanned for NaN and infinity: slices and ndarray arrays
+/// (contiguous ones as slices, so the scan vectorises).
+pub(crate) trait FiniteScan<F> {
+    /// `Σ x·0`: zero when every value is finite, NaN otherwise.
+    fn scan(&self) -> F;
+}
+
+impl<F: crate::Float> FiniteScan<F> for [F] {
+    fn scan(&self) -> F {
+        // Sixteen independent lanes: no addition waits on the previous one.
+        let mut acc = [F::zero(); 16];
+        let chunks = self.chunks_exact(16);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for (a, &x) in acc.iter_mut().zip(c) {
+                *a += x * F::zero();
+            }
+        }
+        rest.iter()
+            .chain(&acc)
+            .fold(F::zero(), |t, &x| t + x * F::zero())
+    }
+}
+
+impl<F, S, D> FiniteScan<F> for ndarray::ArrayBase<S, D>
 where
-    F: crate::Float + 'a,
-    I: IntoIterator<Item = &'a F>,
+    F: crate::Float,
+    S: ndarray::Data<Elem = F>,
+    D: ndarray::Dimension,
 {
-    // x·0 is 0 for finite x and NaN otherwise: a branch-free scan.
-    let probe = values
-        .into_iter()
-        .fold(F::zero(), |acc, &v| acc + v * F::zero());
-    if probe.is_finite() {
+    fn scan(&self) -> F {
+        match self.as_slice_memory_order() {
+            Some(v) => v.scan(),
+            None => self.iter().fold(F::zero(), |t, &x| t + x * F::zero()),
+        }
+    }
+}
+
+/// Returns `Err(NonFinite)` when any value is NaN or infinite.
+pub(crate) fn check_finite<F: crate::Float, V: FiniteScan<F> + ?Sized>(
+    values: &V,
+    op: &'static str,
+    what: &str,
+) -> Result<()> {
+    if values.scan().is_finite() {
         Ok(())
     } else {
         Err(Error::NonFinite {

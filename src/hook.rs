@@ -298,20 +298,26 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
 
     /// Copies every layer's `[W | b]` into `current`, checking it is finite.
     fn refresh_current(&mut self, layers: &[&mut dyn Traceable<F>]) -> Result<()> {
+        const OP: &str = "OptimizerHook::step (parameters)";
         for (l, layer) in layers.iter().enumerate() {
+            let shape = &self.ledger.layers[l].shape;
+            let (fan_in, aug_in) = (shape.fan_in, shape.aug_in());
             let cur = self.current[l]
                 .as_slice_mut()
                 .expect("invariant: standard layout");
-            let mut finite = true;
-            for_each_param(&**layer, &self.ledger.layers[l].shape, |k, v| {
-                finite &= v.is_finite();
-                cur[k] = v;
-            });
-            if !finite {
-                return Err(Error::NonFinite {
-                    op: "OptimizerHook::step (parameters)",
-                    what: format!("parameters of {}", layer.layer_id()),
-                });
+            let w = layer.weight();
+            let w = w.as_standard_layout();
+            let w = w.as_slice().expect("invariant: standard layout");
+            check_finite(w, OP, &format!("parameters of {}", layer.layer_id()))?;
+            // Row copies (memcpy) rather than an element-wise visit: this runs every step.
+            for (dst, src) in cur.chunks_exact_mut(aug_in).zip(w.chunks_exact(fan_in)) {
+                dst[..fan_in].copy_from_slice(src);
+            }
+            if let Some(b) = layer.bias() {
+                check_finite(&b, OP, &format!("bias of {}", layer.layer_id()))?;
+                for (dst, &v) in cur.chunks_exact_mut(aug_in).zip(b.iter()) {
+                    dst[fan_in] = v;
+                }
             }
         }
         Ok(())
@@ -443,16 +449,8 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
                 ),
             });
         }
-        check_finite(
-            a.iter(),
-            OP,
-            &format!("input patches of {}", layer.layer_id()),
-        )?;
-        check_finite(
-            d.iter(),
-            OP,
-            &format!("output deltas of {}", layer.layer_id()),
-        )
+        check_finite(&a, OP, &format!("input patches of {}", layer.layer_id()))?;
+        check_finite(&d, OP, &format!("output deltas of {}", layer.layer_id()))
     }
 
     /// Credits the batch's update `W_after − W_before` (`current` holds

@@ -328,7 +328,7 @@ impl Reader<'_> {
             .map
             .and_then(|m| crate::ledger::Buf::<T>::mapped(m, t.data()))
         {
-            crate::error::check_finite(b.iter(), "Ledger::load", name)
+            crate::error::check_finite(&b[..], "Ledger::load", name)
                 .map_err(|_| corrupt(format!("tensor {name}: non-finite value")))?;
             return Ok(b);
         }

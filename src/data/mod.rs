@@ -72,7 +72,7 @@ impl<F: Float> Dataset<F> {
                 reason: format!("example {id} appears twice"),
             });
         }
-        crate::error::check_finite(x.iter(), OP, "inputs")?;
+        crate::error::check_finite(&x, OP, "inputs")?;
         Ok(Self {
             x,
             labels,

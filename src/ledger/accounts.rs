@@ -66,11 +66,18 @@ impl<F: Float> Rows<F> {
         debug_assert!(patch.len() + 1 == self.aug_in || patch.len() == self.aug_in);
         debug_assert_eq!(delta.len(), self.fan_out);
         let a = self.a.to_mut();
-        a.extend(patch.iter().copied());
+        match patch.as_slice() {
+            Some(p) => a.extend_from_slice(p),
+            None => a.extend(patch.iter().copied()),
+        }
         if patch.len() < self.aug_in {
             a.push(F::one());
         }
-        self.d.to_mut().extend(delta.iter().copied());
+        let d = self.d.to_mut();
+        match delta.as_slice() {
+            Some(v) => d.extend_from_slice(v),
+            None => d.extend(delta.iter().copied()),
+        }
         if self.source.last().is_some_and(|&last| last > source) {
             self.sorted = false;
         }

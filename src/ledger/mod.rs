@@ -469,11 +469,7 @@ pub(crate) fn read_params<F: Float>(
         }
     })?;
     let values = m.as_slice().expect("invariant: standard layout");
-    crate::error::check_finite(
-        values.iter(),
-        op,
-        &format!("parameters of {}", layer.layer_id()),
-    )?;
+    crate::error::check_finite(values, op, &format!("parameters of {}", layer.layer_id()))?;
     Ok(m)
 }
 

@@ -23,7 +23,7 @@ fn cached<'a, F: Float>(
             got: shape_str(grad_out.shape()),
         });
     }
-    check_finite(grad_out.iter(), name, "output gradient")?;
+    check_finite(grad_out, name, "output gradient")?;
     Ok(c)
 }
 
@@ -49,7 +49,7 @@ macro_rules! activation {
             }
 
             fn forward(&mut self, x: ArrayViewD<'_, F>) -> Result<ArrayD<F>> {
-                check_finite(x.iter(), $label, "input")?;
+                check_finite(&x, $label, "input")?;
                 let out = x.mapv(|$x: F| $f);
                 self.out = Some(out.clone());
                 Ok(out)

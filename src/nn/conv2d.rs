@@ -134,8 +134,8 @@ impl<F: Float> Conv2d<F> {
                 got: shape_str(bias.shape()),
             });
         }
-        check_finite(weight.iter(), "Conv2d::from_weights", "weight")?;
-        check_finite(bias.iter(), "Conv2d::from_weights", "bias")?;
+        check_finite(&weight, "Conv2d::from_weights", "weight")?;
+        check_finite(&bias, "Conv2d::from_weights", "bias")?;
         Ok(Self {
             id: LayerId::new(name),
             grad_weight: Array4::zeros(weight.raw_dim()),
@@ -255,7 +255,7 @@ impl<F: Float> Layer<F> for Conv2d<F> {
                 expected: format!("[batch>0, {c_in}, h, w]"),
                 got,
             })?;
-        check_finite(x.iter(), "Conv2d::forward", "input")?;
+        check_finite(&x, "Conv2d::forward", "input")?;
         let (b, _, h, w) = x.dim();
         let (ho, wo) = self.out_hw(h, w)?;
         let cols = self.im2col(x, ho, wo);
@@ -295,7 +295,7 @@ impl<F: Float> Layer<F> for Conv2d<F> {
                 expected: shape_str(&expected),
                 got,
             })?;
-        check_finite(g.iter(), "Conv2d::backward", "output gradient")?;
+        check_finite(&g, "Conv2d::backward", "output gradient")?;
         let positions = ho * wo;
         // δ as [batch, positions, c_out]
         let delta = g

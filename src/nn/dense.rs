@@ -96,8 +96,8 @@ impl<F: Float> Dense<F> {
                 got: shape_str(bias.shape()),
             });
         }
-        check_finite(weight.iter(), "Dense::from_weights", "weight")?;
-        check_finite(bias.iter(), "Dense::from_weights", "bias")?;
+        check_finite(&weight, "Dense::from_weights", "weight")?;
+        check_finite(&bias, "Dense::from_weights", "bias")?;
         Ok(Self {
             id: LayerId::new(name),
             grad_weight: Array2::zeros(weight.raw_dim()),
@@ -132,7 +132,7 @@ impl<F: Float> Layer<F> for Dense<F> {
 
     fn forward(&mut self, x: ArrayViewD<'_, F>) -> Result<ArrayD<F>> {
         let x = as_2d(x, "Dense::forward", self.weight.ncols())?;
-        check_finite(x.iter(), "Dense::forward", "input")?;
+        check_finite(&x, "Dense::forward", "input")?;
         let z = x.dot(&self.weight.t()) + &self.bias;
         self.input = Some(x.to_owned());
         self.delta = None;
@@ -154,7 +154,7 @@ impl<F: Float> Layer<F> for Dense<F> {
                 expected: shape_str(&[input.nrows(), self.weight.nrows()]),
                 got,
             })?;
-        check_finite(delta.iter(), "Dense::backward", "output gradient")?;
+        check_finite(&delta, "Dense::backward", "output gradient")?;
         self.grad_weight = delta.t().dot(input);
         self.grad_bias = delta.sum_axis(Axis(0));
         let grad_in = delta.dot(&self.weight);

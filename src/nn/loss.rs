@@ -100,7 +100,7 @@ impl SoftmaxCrossEntropy {
                 n_classes: c,
             });
         }
-        check_finite(logits.iter(), OP, "logits")?;
+        check_finite(&logits, OP, "logits")?;
         let active = |i: usize| mask.is_none_or(|m| m[i]);
         let n_active = (0..b).filter(|&i| active(i)).count();
         if n_active == 0 {

@@ -56,7 +56,7 @@ impl<F: Float> Layer<F> for MaxPool2d {
                 expected: format!("[batch, c, h>={k}, w>={k}]"),
                 got,
             })?;
-        check_finite(x.iter(), "MaxPool2d::forward", "input")?;
+        check_finite(&x, "MaxPool2d::forward", "input")?;
         let (b, c, h, w) = x.dim();
         let (ho, wo) = (h / k, w / k);
         let mut out = Array4::zeros((b, c, ho, wo));
@@ -92,7 +92,7 @@ impl<F: Float> Layer<F> for MaxPool2d {
                 got: shape_str(grad_out.shape()),
             });
         }
-        check_finite(grad_out.iter(), "MaxPool2d::backward", "output gradient")?;
+        check_finite(&grad_out, "MaxPool2d::backward", "output gradient")?;
         let mut grad_in = vec![F::zero(); shape.iter().product()];
         for (&g, &idx) in grad_out.iter().zip(arg) {
             grad_in[idx] += g;

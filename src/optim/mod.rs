@@ -91,7 +91,7 @@ pub(crate) fn check_params<F: Float>(params: &[ParamMut<'_, F>], op: &'static st
                 got: shape_str(p.grad.shape()),
             });
         }
-        check_finite(p.grad.iter(), op, &format!("gradient of {}", p.id))?;
+        check_finite(&p.grad, op, &format!("gradient of {}", p.id))?;
     }
     Ok(())
 }

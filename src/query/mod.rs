@@ -150,11 +150,7 @@ impl<F: Float> Query<F> {
                     got: shape_str(patches.shape()),
                 });
             }
-            check_finite(
-                patches.iter(),
-                OP,
-                &format!("patches of {}", layer.layer_id()),
-            )?;
+            check_finite(&patches, OP, &format!("patches of {}", layer.layer_id()))?;
             let deltas = if gradients {
                 let d = layer.output_deltas()?;
                 let want = [expected_n, patches.shape()[1], shape.fan_out];
@@ -165,7 +161,7 @@ impl<F: Float> Query<F> {
                         got: shape_str(d.shape()),
                     });
                 }
-                check_finite(d.iter(), OP, &format!("deltas of {}", layer.layer_id()))?;
+                check_finite(&d, OP, &format!("deltas of {}", layer.layer_id()))?;
                 Some(d.to_owned())
             } else {
                 None
