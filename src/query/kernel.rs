@@ -16,7 +16,9 @@
 //! Chunks run in parallel (rayon); their results are combined in a fixed order,
 //! so the output does not depend on the number of threads.
 
-use ndarray::{Array1, Array2, Array3, ArrayView2, Axis, s};
+use std::borrow::Cow;
+
+use ndarray::{Array1, Array2, Array3, ArrayView2, Axis, CowArray, Ix2, s};
 use rayon::prelude::*;
 
 use crate::Float;
@@ -104,8 +106,18 @@ pub(crate) struct Materialized {
 const CHUNK_BYTES: usize = 16 << 20;
 
 /// Every source's dense accounts of layer `l` summed over `segments`:
-/// `(sources, [n, fan_out·aug_in])`, sources ascending.
-pub(crate) fn combined_dense(segments: &[&Segment], l: usize) -> (Vec<u32>, Array2<f64>) {
+/// `(sources, [n, fan_out·aug_in])`, sources ascending. One segment's accounts
+/// are borrowed as they are (no copy of what can be gigabytes).
+pub(crate) fn combined_dense<'a>(
+    segments: &[&'a Segment],
+    l: usize,
+) -> (Cow<'a, [u32]>, CowArray<'a, f64, Ix2>) {
+    if let [seg] = segments {
+        let acc = &seg.layers[l];
+        if acc.sorted {
+            return (Cow::Borrowed(&acc.source), CowArray::from(acc.stack()));
+        }
+    }
     let acc0 = &segments[0].layers[l];
     let size = acc0.fan_out * acc0.aug_in;
     let mut sources: Vec<u32> = segments
@@ -125,7 +137,7 @@ pub(crate) fn combined_dense(segments: &[&Segment], l: usize) -> (Vec<u32>, Arra
             dst += &ndarray::ArrayView1::from(&acc.dense[k * size..(k + 1) * size]);
         }
     }
-    (sources, out)
+    (Cow::Owned(sources), CowArray::from(out))
 }
 
 /// One layer of a ledger as a query reads it: its rows, the segments taken
