@@ -14,9 +14,9 @@
 //!
 //! **Size limit:** `K` is `N × N` in `f64` and is factored once (Cholesky,
 //! `N³/3` flops) and reused for every query: 8 N² bytes, e.g. 16 MB for the
-//! 1,437 digits, 2.9 GB for 19,000 sources. Beyond that, project the accounts to
-//! `k` dimensions first (a seeded random projection and a `k × k` solve), or use
-//! the loss lens.
+//! 1,437 digits, 2.9 GB for 19,000 sources. Beyond that, use the sketched ridge
+//! lens ([`LedgerSketch::ridge`](super::LedgerSketch::ridge): every account
+//! projected to `k` numbers per layer, a `Σk × Σk` solve), or the loss lens.
 
 use ndarray::{Array1, Array2, Axis};
 
