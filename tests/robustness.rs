@@ -1,5 +1,5 @@
 //! Long runs stay balanced; the same seed gives a bit-identical ledger; query
-//! results do not depend on the number of threads.
+//! recording and query results do not depend on the number of threads.
 
 mod common;
 
@@ -132,4 +132,41 @@ fn queries_are_identical_for_one_and_many_threads() {
     let one = run(1);
     let many = run(4);
     assert!(one == many, "results differ between 1 and 4 threads");
+}
+
+#[test]
+fn recording_is_identical_for_one_and_many_threads() {
+    // Enough rows (3,000 per layer) that settling the residual sums several
+    // parallel blocks.
+    let (x, y) = blobs::<f32>(250, 4, 6, 12);
+    let record = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut net: Sequential<f32> = mlp(6, 4, 3);
+            let sgd = SgdConfig::new(0.02)
+                .with_momentum(0.9)
+                .build::<f32>()
+                .unwrap();
+            let mut hook = OptimizerHook::new(sgd, &net.traceables()).unwrap();
+            let run = Run {
+                batch: 16,
+                epochs: 3,
+                segment_per_epoch: true,
+                seed: 4,
+            };
+            train(&mut net, &mut hook, &x, &y, run);
+            hook.finish()
+        })
+    };
+    let (one, many) = (record(1), record(4));
+    assert_eq!(one.sources(), many.sources());
+    for l in 0..one.layers().len() {
+        assert_eq!(one.residual(l).unwrap(), many.residual(l).unwrap(), "layer {l}");
+        for s in one.sources() {
+            assert_eq!(one.account(l, s.id).unwrap(), many.account(l, s.id).unwrap());
+        }
+    }
 }
