@@ -164,9 +164,16 @@ fn recording_is_identical_for_one_and_many_threads() {
     let (one, many) = (record(1), record(4));
     assert_eq!(one.sources(), many.sources());
     for l in 0..one.layers().len() {
-        assert_eq!(one.residual(l).unwrap(), many.residual(l).unwrap(), "layer {l}");
+        assert_eq!(
+            one.residual(l).unwrap(),
+            many.residual(l).unwrap(),
+            "layer {l}"
+        );
         for s in one.sources() {
-            assert_eq!(one.account(l, s.id).unwrap(), many.account(l, s.id).unwrap());
+            assert_eq!(
+                one.account(l, s.id).unwrap(),
+                many.account(l, s.id).unwrap()
+            );
         }
     }
 }
