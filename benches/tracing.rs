@@ -1,93 +1,149 @@
-//! Criterion benchmarks: a training step of the Fashion-MNIST-shaped MLP
-//! (784-256-10, batch 64) bare and through the hook (their ratio is the tracing
-//! overhead), and top-10 queries for 1 and 100 inputs against its ledger.
-//! `cargo run --release --example perf_report` prints the same ratios as a table.
+//! Criterion benchmarks of issue 4's measures, each beside its reference in the
+//! same run:
+//! * `train_step/{mlp,cnn}/{bare,traced}` — a training step of batch 64 with
+//!   and without `OptimizerHook` (their ratio is the tracing overhead, also
+//!   printed from interleaved medians);
+//! * `query/top10_{1,100}` against the MLP's ledger, beside `query/bound_stream`
+//!   (a streaming read of the ledger's bytes) and `query/bound_gemm` (a matrix
+//!   product of the row factors' FLOP count for 100 queries);
+//! * ledger bytes per example per layer, exact and compact (printed).
+//!
+//! Fashion-MNIST when installed (Debian `dataset-fashion-mnist`), else seeded
+//! synthetic data of its shape. `cargo run --release --example perf_report`
+//! prints the same ratios as the README's table.
+
+#[path = "../examples/common/fashion.rs"]
+mod fashion;
+
+use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use ndarray::{ArrayD, IxDyn};
-use rand::{Rng, SeedableRng, rngs::StdRng};
-use refinement_ledger::nn::{DenseConfig, Relu, Sequential};
+use fashion::{cnn, data, gemm_s, mlp, step_times, stream_read_s};
+use ndarray::Array2;
+use refinement_ledger::data::{Dataset, IdxSplit};
+use refinement_ledger::nn::Sequential;
 use refinement_ledger::optim::SgdConfig;
-use refinement_ledger::{Batch, ExampleId, Lens, Optimizer, OptimizerHook, Query};
+use refinement_ledger::query::{LedgerSketch, SketchConfig};
+use refinement_ledger::{Batch, Lens, Optimizer, OptimizerHook, Query, Result};
 
-fn mlp() -> Sequential<f32> {
-    let mut rng = StdRng::seed_from_u64(7);
-    Sequential::new()
-        .with(DenseConfig::new(784, 256).build("fc1", &mut rng).unwrap())
-        .with(Relu::new())
-        .with(DenseConfig::new(256, 10).build("fc2", &mut rng).unwrap())
-}
+type Build = fn(u64) -> Result<Sequential<f32>>;
 
-fn batch(step: u64) -> (ArrayD<f32>, Vec<usize>, Vec<ExampleId>) {
-    let mut rng = StdRng::seed_from_u64(step);
-    let x = ArrayD::from_shape_fn(IxDyn(&[64, 784]), |_| rng.random::<f32>());
-    let y: Vec<usize> = (0..64).map(|i| (i + step as usize) % 10).collect();
-    let ids = (0..64).map(|i| ExampleId(step * 64 + i)).collect();
-    (x, y, ids)
-}
-
-fn training_step(c: &mut Criterion) {
+/// `iters` steps of batch 64 from a fresh network (traced or not); only the steps are timed.
+fn run_steps(build: Build, data: &Dataset<f32>, iters: u64, traced: bool) -> Duration {
     let sgd = SgdConfig::new(0.01).with_momentum(0.9);
-    let mut group = c.benchmark_group("train_step_mlp");
-    let (x, y, ids) = batch(0);
-    group.bench_function("bare", |b| {
-        let mut net = mlp();
-        let mut opt = sgd.build::<f32>().unwrap();
-        b.iter(|| {
-            net.train_batch(x.view(), &y).unwrap();
+    let mut net = build(7).unwrap();
+    let mut bare = sgd.build::<f32>().unwrap();
+    let mut hook = OptimizerHook::new(sgd.build::<f32>().unwrap(), &net.traceables()).unwrap();
+    let n_batches = (data.len() / 64) as u64;
+    let mut total = Duration::ZERO;
+    for i in 0..iters {
+        let rows: Vec<usize> = ((i % n_batches) as usize * 64..).take(64).collect();
+        let x = data.batch_x(&rows).unwrap();
+        let y: Vec<usize> = rows.iter().map(|&r| data.labels()[r]).collect();
+        let ids: Vec<_> = rows.iter().map(|&r| data.ids()[r]).collect();
+        let t = Instant::now();
+        net.train_batch(x.view(), &y).unwrap();
+        if traced {
+            hook.step(&mut net.traceables_mut(), &Batch::new(&ids, &y))
+                .unwrap();
+        } else {
             let mut params: Vec<_> = net
                 .traceables_mut()
                 .into_iter()
                 .flat_map(|l| l.params_mut())
                 .collect();
-            opt.step(&mut params).unwrap();
-        })
-    });
-    group.bench_function("traced", |b| {
-        let mut net = mlp();
-        let mut hook = OptimizerHook::new(sgd.build::<f32>().unwrap(), &net.traceables()).unwrap();
-        b.iter(|| {
-            net.train_batch(x.view(), &y).unwrap();
-            hook.step(&mut net.traceables_mut(), &Batch::new(&ids, &y))
-                .unwrap();
-        })
-    });
+            bare.step(&mut params).unwrap();
+        }
+        total += t.elapsed();
+    }
+    total
+}
+
+fn training_step(c: &mut Criterion) {
+    let (train, source) = data(6_400, IdxSplit::Train).unwrap();
+    println!("data: {source}");
+    let images = train.reshaped(&[1, 28, 28]).unwrap();
+    let models: [(&str, Build, &Dataset<f32>); 2] = [("mlp", mlp, &train), ("cnn", cnn, &images)];
+    let mut group = c.benchmark_group("train_step");
+    group.sample_size(10);
+    for (name, build, data) in models {
+        for traced in [false, true] {
+            let label = if traced { "traced" } else { "bare" };
+            group.bench_function(format!("{name}/{label}"), |b| {
+                b.iter_custom(|iters| run_steps(build, data, iters, traced))
+            });
+        }
+    }
     group.finish();
+    for (name, build, data) in models {
+        let (bare, traced, _) = step_times(&build, data, 60).unwrap();
+        println!(
+            "tracing overhead {name} (interleaved medians, this run): {:.2}x",
+            traced / bare
+        );
+    }
 }
 
 fn queries(c: &mut Criterion) {
-    let mut net = mlp();
-    let mut hook = OptimizerHook::new(
-        SgdConfig::new(0.01)
-            .with_momentum(0.9)
-            .build::<f32>()
-            .unwrap(),
-        &net.traceables(),
-    )
-    .unwrap();
-    for step in 0..100 {
-        let (x, y, ids) = batch(step);
-        net.train_batch(x.view(), &y).unwrap();
-        hook.step(&mut net.traceables_mut(), &Batch::new(&ids, &y))
-            .unwrap();
-    }
-    let ledger = hook.finish();
-    let mut group = c.benchmark_group("query_top10_6400_sources");
-    for n in [1usize, 100] {
-        let (x, _, _) = batch(1000);
-        let x = x.slice(ndarray::s![..n.min(64), ..]).to_owned().into_dyn();
-        net.forward(x.view()).unwrap();
-        let q = Query::from_layers(&net.traceables()).unwrap();
-        group.bench_function(format!("{}_queries", q.len()), |b| {
-            b.iter(|| ledger.top_k_influences(&q, Lens::Influence, 10).unwrap())
+    let (train, _) = data(6_400, IdxSplit::Train).unwrap();
+    let (_, _, ledger) = step_times(&mlp, &train, 100).unwrap();
+    let n = ledger.sources().len();
+    let sketch = LedgerSketch::build(&ledger, &SketchConfig::with_ratio(4.0)).unwrap();
+    let per_example = |b: &[usize]| b.iter().map(|v| v / n.max(1)).collect::<Vec<_>>();
+    println!(
+        "ledger bytes per example per layer ({n} sources): exact {:?}, compact {:?}",
+        per_example(&ledger.bytes_per_layer()),
+        per_example(&sketch.bytes_per_layer())
+    );
+    let mut net = mlp(7).unwrap();
+    let mut group = c.benchmark_group("query");
+    group.sample_size(10);
+    let mut make = |k: usize| {
+        let idx: Vec<usize> = (0..k).collect();
+        net.forward(train.subset(&idx).unwrap().x().view()).unwrap();
+        Query::from_layers(&net.traceables()).unwrap()
+    };
+    let (q1, q100) = (make(1), make(100));
+    for (name, q) in [("top10_1", &q1), ("top10_100", &q100)] {
+        group.bench_function(name, |b| {
+            b.iter(|| ledger.top_k_influences(q, Lens::Influence, 10).unwrap())
         });
     }
+    let bytes: usize = ledger.bytes_per_layer().iter().sum();
+    let buf = vec![1.0f64; bytes / 8];
+    group.bench_function("bound_stream", |b| {
+        b.iter(|| std::hint::black_box(buf.iter().sum::<f64>()))
+    });
+    let (a, w) = (
+        Array2::<f32>::ones((n, 1041)),
+        Array2::<f32>::ones((1041, 100)),
+    );
+    group.bench_function("bound_gemm", |b| b.iter(|| a.dot(&w)));
     group.finish();
+    let single = fashion::median(
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                ledger.top_k_influences(&q1, Lens::Influence, 10).unwrap();
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    );
+    let batch = fashion::median(
+        (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                ledger.top_k_influences(&q100, Lens::Influence, 10).unwrap();
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    );
+    println!(
+        "query ÷ bound (medians, this run): 1 query {:.2}x a streaming read, 100 queries {:.2}x a GEMM of their FLOP count",
+        single / stream_read_s(bytes, 5),
+        batch / gemm_s(n, 1041, 100, 3)
+    );
 }
 
-criterion_group! {
-    name = benches;
-    config = Criterion::default().sample_size(20);
-    targets = training_step, queries
-}
+criterion_group!(benches, training_step, queries);
 criterion_main!(benches);

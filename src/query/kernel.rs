@@ -405,30 +405,44 @@ fn row_dots<F: Float>(
         .par_iter()
         .map(|&b0| {
             let b1 = (b0 + ROW_BLOCK).min(n);
-            let (a_rows, d_rows) = match idx {
+            // Contiguous rows are read in place; an index gathers them.
+            let (a_rows, d_rows): (CowArray<'_, F, Ix2>, CowArray<'_, F, Ix2>) = match idx {
                 None => {
                     let (a, d) = rows.view(b0, b1);
-                    (a.to_owned(), d.to_owned())
+                    (a.into(), d.into())
                 }
                 Some(idx) => {
                     let (a, d) = rows.view(0, rows.len());
                     (
-                        a.select(Axis(0), &idx[b0..b1]),
-                        d.select(Axis(0), &idx[b0..b1]),
+                        a.select(Axis(0), &idx[b0..b1]).into(),
+                        d.select(Axis(0), &idx[b0..b1]).into(),
                     )
                 }
             };
             let aa = a_rows.dot(&input.af.t()); // [rows, n_q·P]
             let dt = d_rows.dot(&tf.t()); // [rows, n_q·P]
             let mut v = Array2::<f64>::zeros((b1 - b0, n_q));
-            for i in 0..b1 - b0 {
+            let positions = input.positions;
+            for (i, ((mut out, ar), dr)) in v
+                .rows_mut()
+                .into_iter()
+                .zip(aa.rows())
+                .zip(dt.rows())
+                .enumerate()
+            {
                 let k = coef[rows.group[row_of(b0 + i)] as usize];
-                for q in 0..n_q {
-                    let mut acc = 0.0;
-                    for p in q * input.positions..(q + 1) * input.positions {
-                        acc += aa[[i, p]].widen() * dt[[i, p]].widen();
-                    }
-                    v[[i, q]] = k * acc;
+                let (ar, dr) = (
+                    ar.to_slice().expect("invariant: standard layout"),
+                    dr.to_slice().expect("invariant: standard layout"),
+                );
+                for (q, o) in out.iter_mut().enumerate() {
+                    let span = q * positions..(q + 1) * positions;
+                    let acc: f64 = ar[span.clone()]
+                        .iter()
+                        .zip(&dr[span])
+                        .map(|(x, y)| x.widen() * y.widen())
+                        .sum();
+                    *o = k * acc;
                 }
             }
             v

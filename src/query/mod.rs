@@ -481,44 +481,68 @@ pub struct Influences {
     pub combined: Ranking,
 }
 
-/// Top and bottom `k` of `scores`, ties broken by source id.
+/// Top and bottom `k` of `scores`, ties broken by source id: one pass over the
+/// scores per side, keeping the best `k` in order (`O(N)` comparisons for small `k`).
 pub(crate) fn rank(
     scores: ndarray::ArrayView1<'_, f64>,
     sources: &[SourceMeta],
     k: usize,
 ) -> Ranking {
-    let mut idx: Vec<usize> = (0..scores.len()).collect();
-    let k = k.min(idx.len());
-    let desc = |a: &usize, b: &usize| {
-        scores[*b]
-            .total_cmp(&scores[*a])
-            .then(sources[*a].id.cmp(&sources[*b].id))
-    };
-    let asc = |a: &usize, b: &usize| {
-        scores[*a]
-            .total_cmp(&scores[*b])
-            .then(sources[*a].id.cmp(&sources[*b].id))
-    };
-    let pick = |idx: &mut Vec<usize>,
-                cmp: &dyn Fn(&usize, &usize) -> std::cmp::Ordering|
-     -> Vec<Influence> {
-        if k == 0 {
-            return Vec::new();
+    let k = k.min(scores.len());
+    let owned;
+    let v: &[f64] = match scores.as_slice() {
+        Some(v) => v,
+        None => {
+            owned = scores.to_vec();
+            &owned
         }
-        idx.select_nth_unstable_by(k - 1, cmp);
-        let mut top = idx[..k].to_vec();
-        top.sort_by(cmp);
+    };
+    let pick = |higher: bool| -> Vec<Influence> {
+        // Whether source `a` ranks before source `b`.
+        let before = |a: usize, b: usize| {
+            let by_score = if higher {
+                v[b].total_cmp(&v[a])
+            } else {
+                v[a].total_cmp(&v[b])
+            };
+            by_score
+                .then_with(|| sources[a].id.cmp(&sources[b].id))
+                .is_lt()
+        };
+        let mut top: Vec<usize> = Vec::with_capacity(k + 1);
+        // The k-th best score so far: most sources fall below it on one comparison.
+        let mut threshold: Option<f64> = None;
+        if k > 0 {
+            for (i, &x) in v.iter().enumerate() {
+                if let Some(t) = threshold {
+                    let worse = if higher {
+                        x.total_cmp(&t).is_lt()
+                    } else {
+                        x.total_cmp(&t).is_gt()
+                    };
+                    if worse || !before(i, *top.last().expect("invariant: k > 0")) {
+                        continue;
+                    }
+                }
+                let at = top.partition_point(|&j| before(j, i));
+                top.insert(at, i);
+                top.truncate(k);
+                if top.len() == k {
+                    threshold = Some(v[top[k - 1]]);
+                }
+            }
+        }
         top.into_iter()
             .map(|i| Influence {
                 source: sources[i].id,
                 label: sources[i].label,
-                score: scores[i],
+                score: v[i],
             })
             .collect()
     };
     Ranking {
-        proponents: pick(&mut idx, &desc),
-        opponents: pick(&mut idx, &asc),
+        proponents: pick(true),
+        opponents: pick(false),
     }
 }
 
@@ -1055,5 +1079,45 @@ impl<F: Float> Ledger<F> {
                     .map_collect(|&d, &n| div(d, n))
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ExampleId;
+
+    #[test]
+    fn rank_matches_a_full_sort_with_ties_broken_by_id() {
+        // Scores with many ties, sources in scrambled id order.
+        let n = 200;
+        let sources: Vec<SourceMeta> = (0..n)
+            .map(|i| SourceMeta {
+                id: SourceId::Example(ExampleId(((i * 37) % n) as u64)),
+                label: Some(i % 3),
+                members: Vec::new(),
+            })
+            .collect();
+        let scores = Array1::from_iter((0..n).map(|i| ((i * 7919) % 13) as f64 - 6.0));
+        for k in [0, 1, 10, n, n + 5] {
+            let r = rank(scores.view(), &sources, k);
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| {
+                scores[b]
+                    .total_cmp(&scores[a])
+                    .then(sources[a].id.cmp(&sources[b].id))
+            });
+            let want: Vec<SourceId> = order.iter().take(k).map(|&i| sources[i].id).collect();
+            let got: Vec<SourceId> = r.proponents.iter().map(|i| i.source).collect();
+            assert_eq!(got, want, "proponents, k = {k}");
+            order.sort_by(|&a, &b| {
+                scores[a]
+                    .total_cmp(&scores[b])
+                    .then(sources[a].id.cmp(&sources[b].id))
+            });
+            let want: Vec<SourceId> = order.iter().take(k).map(|&i| sources[i].id).collect();
+            let got: Vec<SourceId> = r.opponents.iter().map(|i| i.source).collect();
+            assert_eq!(got, want, "opponents, k = {k}");
+        }
     }
 }

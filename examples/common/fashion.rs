@@ -1,0 +1,122 @@
+//! Shared by `perf_report` and the criterion benches: Fashion-MNIST (or seeded
+//! synthetic data of its shape), the two models, interleaved step
+//! timings, and the machine bounds queries are compared with.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::Instant;
+
+use ndarray::{Array2, ArrayD, IxDyn};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use refinement_ledger::data::{Dataset, IdxSplit, ShuffledSampler};
+use refinement_ledger::nn::{Conv2dConfig, DenseConfig, Flatten, MaxPool2d, Relu, Sequential};
+use refinement_ledger::optim::SgdConfig;
+use refinement_ledger::{Batch, ExampleId, Optimizer, OptimizerHook, Result};
+
+/// `n` examples of `split`: Fashion-MNIST when installed, else synthetic.
+pub fn data(n: usize, split: IdxSplit) -> Result<(Dataset<f32>, &'static str)> {
+    let dir = Path::new("/usr/share/datasets/fashion-mnist");
+    if let Ok(d) = Dataset::<f32>::load_idx(dir, split) {
+        let idx: Vec<usize> = (0..n.min(d.len())).collect();
+        return Ok((d.subset(&idx)?, "Fashion-MNIST"));
+    }
+    let mut rng = StdRng::seed_from_u64(1 + split as u64);
+    let labels: Vec<usize> = (0..n).map(|i| i % 10).collect();
+    let x = ArrayD::from_shape_fn(IxDyn(&[n, 784]), |ix| {
+        let c = labels[ix[0]] as f32;
+        ((ix[1] as f32 * 0.37 + c).sin() * 0.5 + 0.5) * 0.7 + 0.3 * rng.random::<f32>()
+    });
+    Ok((
+        Dataset::new(x, labels, (0..n as u64).map(ExampleId).collect(), 10)?,
+        "synthetic (Fashion-MNIST shape)",
+    ))
+}
+
+pub fn mlp(seed: u64) -> Result<Sequential<f32>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    Ok(Sequential::new()
+        .with(DenseConfig::new(784, 256).build("fc1", &mut rng)?)
+        .with(Relu::new())
+        .with(DenseConfig::new(256, 10).build("fc2", &mut rng)?))
+}
+
+pub fn cnn(seed: u64) -> Result<Sequential<f32>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    Ok(Sequential::new()
+        .with(Conv2dConfig::new(1, 16, 3).build("conv1", &mut rng)?)
+        .with(Relu::new())
+        .with(MaxPool2d::new(2)?)
+        .with(Conv2dConfig::new(16, 32, 3).build("conv2", &mut rng)?)
+        .with(Relu::new())
+        .with(MaxPool2d::new(2)?)
+        .with(Flatten::new())
+        .with(DenseConfig::new(800, 10).build("fc", &mut rng)?))
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median seconds per step, bare and traced, over `steps` steps of batch 64.
+pub fn step_times(
+    build: &dyn Fn(u64) -> Result<Sequential<f32>>,
+    data: &Dataset<f32>,
+    steps: usize,
+) -> Result<(f64, f64, refinement_ledger::Ledger<f32>)> {
+    let sgd = SgdConfig::new(0.01).with_momentum(0.9);
+    let sampler = ShuffledSampler::new(data.len(), 64, 3)?;
+    let batches: Vec<Vec<usize>> = (0..).flat_map(|e| sampler.epoch(e)).take(steps).collect();
+    let mut bare_net = build(7)?;
+    let mut bare = sgd.build::<f32>()?;
+    let mut traced_net = build(7)?;
+    let mut hook = OptimizerHook::new(sgd.build::<f32>()?, &traced_net.traceables())?;
+    let (mut tb, mut tt) = (Vec::new(), Vec::new());
+    for rows in &batches {
+        let x = data.batch_x(rows)?;
+        let y: Vec<usize> = rows.iter().map(|&i| data.labels()[i]).collect();
+        let ids: Vec<ExampleId> = rows.iter().map(|&i| data.ids()[i]).collect();
+        // Interleaved so both see the same machine state.
+        let t = Instant::now();
+        bare_net.train_batch(x.view(), &y)?;
+        let mut params: Vec<_> = bare_net
+            .traceables_mut()
+            .into_iter()
+            .flat_map(|l| l.params_mut())
+            .collect();
+        bare.step(&mut params)?;
+        tb.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        traced_net.train_batch(x.view(), &y)?;
+        hook.step(&mut traced_net.traceables_mut(), &Batch::new(&ids, &y))?;
+        tt.push(t.elapsed().as_secs_f64());
+    }
+    Ok((median(tb), median(tt), hook.finish()))
+}
+
+/// Median seconds of `reps` streaming reads (sums) over `bytes` bytes.
+pub fn stream_read_s(bytes: usize, reps: usize) -> f64 {
+    let buf = vec![1.0f64; bytes / 8];
+    let mut times = Vec::with_capacity(reps);
+    let mut check = 0.0;
+    for _ in 0..reps {
+        let t = Instant::now();
+        check += buf.iter().sum::<f64>();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(check);
+    median(times)
+}
+
+/// Median seconds of an f32 GEMM `[m, k] × [k, n]`.
+pub fn gemm_s(m: usize, k: usize, n: usize, reps: usize) -> f64 {
+    let a = Array2::<f32>::ones((m.max(1), k));
+    let b = Array2::<f32>::ones((k, n));
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        std::hint::black_box(a.dot(&b));
+        times.push(t.elapsed().as_secs_f64());
+    }
+    median(times)
+}
