@@ -317,27 +317,29 @@ fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let n = if quick { 2_000 } else { 60_000 };
     let (train, source) = data(n, IdxSplit::Train)?;
-    let steps = if quick { 30 } else { 200 };
+    let steps = if quick { 40 } else { 400 };
     println!(
-        "data: {source}, {} examples; {steps} timed steps of batch 64; {} threads",
+        "data: {source}, {} examples; batch 64; {} threads",
         train.len(),
         rayon::current_num_threads()
     );
-    let (mb, mt, mlp_ledger) = step_times(&mlp, &train, steps)?;
-    println!(
-        "MLP 784-256-10: bare {:.2} ms/step, traced {:.2} ms/step, overhead {:.2}x",
-        mb * 1e3,
-        mt * 1e3,
-        mt / mb
-    );
+    let (mlp_t, mlp_ledger) = step_times(&mlp, &train, steps)?;
     let images = train.reshaped(&[1, 28, 28])?;
-    let (cb, ct, _) = step_times(&cnn, &images, steps.min(60))?;
-    println!(
-        "CNN: bare {:.2} ms/step, traced {:.2} ms/step, overhead {:.2}x",
-        cb * 1e3,
-        ct * 1e3,
-        ct / cb
-    );
+    let cnn_steps = steps / 4;
+    let (cnn_t, _) = step_times(&cnn, &images, cnn_steps)?;
+    for (name, t, n) in [
+        ("MLP 784-256-10", &mlp_t, steps),
+        ("CNN", &cnn_t, cnn_steps),
+    ] {
+        let (median, mean) = t.overhead();
+        println!(
+            "{name}, {n} interleaved steps: median bare {:.2} ms, traced {:.2} ms, overhead {median:.2}x; mean bare {:.2} ms, traced {:.2} ms, overhead {mean:.2}x",
+            t.bare_median * 1e3,
+            t.traced_median * 1e3,
+            t.bare_mean * 1e3,
+            t.traced_mean * 1e3,
+        );
+    }
     let bytes = mlp_ledger.bytes_per_layer();
     let n_src = mlp_ledger.sources().len();
     println!(
@@ -408,8 +410,10 @@ fn main() -> Result<()> {
     let report = json!({
         "peak_rss_bytes": peak,
         "data": source, "examples": train.len(), "timed_steps": steps,
-        "tracing_overhead_mlp": mt / mb, "tracing_overhead_cnn": ct / cb,
-        "step_ms": {"mlp_bare": mb * 1e3, "mlp_traced": mt * 1e3, "cnn_bare": cb * 1e3, "cnn_traced": ct * 1e3},
+        "tracing_overhead_mlp": mlp_t.overhead().0, "tracing_overhead_cnn": cnn_t.overhead().0,
+        "tracing_overhead_mean": {"mlp": mlp_t.overhead().1, "cnn": cnn_t.overhead().1},
+        "step_ms_median": {"mlp_bare": mlp_t.bare_median * 1e3, "mlp_traced": mlp_t.traced_median * 1e3,
+            "cnn_bare": cnn_t.bare_median * 1e3, "cnn_traced": cnn_t.traced_median * 1e3},
         "query_single_vs_bound": single_s / stream_s, "query_batch_vs_bound": batch_s / gemm,
         "ledger_bytes_per_layer": bytes,
         "scenario": scenario, "ridge_sketch_vs_exact": ridge,

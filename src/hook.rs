@@ -22,7 +22,7 @@ use std::collections::{HashSet, VecDeque};
 use ndarray::{Array2, ArrayView3, Axis, s};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{check_finite, shape_str};
+use crate::error::{FiniteScan, check_finite, shape_str};
 use crate::ledger::{Rows, Segment};
 use crate::{
     Error, ExampleId, Float, Ledger, LinearRule, Optimizer, ParamMut, Result, SourceId, Traceable,
@@ -308,16 +308,24 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             let w = layer.weight();
             let w = w.as_standard_layout();
             let w = w.as_slice().expect("invariant: standard layout");
-            check_finite(w, OP, &format!("parameters of {}", layer.layer_id()))?;
-            // Row copies (memcpy) rather than an element-wise visit: this runs every step.
+            // One pass that runs every step: copy a row (memcpy), then scan the
+            // copy for NaN/inf while it is still in cache.
+            let mut probe = F::zero();
             for (dst, src) in cur.chunks_exact_mut(aug_in).zip(w.chunks_exact(fan_in)) {
                 dst[..fan_in].copy_from_slice(src);
+                probe += dst[..fan_in].scan();
             }
             if let Some(b) = layer.bias() {
-                check_finite(&b, OP, &format!("bias of {}", layer.layer_id()))?;
                 for (dst, &v) in cur.chunks_exact_mut(aug_in).zip(b.iter()) {
                     dst[fan_in] = v;
+                    probe += v * F::zero();
                 }
+            }
+            if !probe.is_finite() {
+                return Err(Error::NonFinite {
+                    op: OP,
+                    what: format!("parameters of {}", layer.layer_id()),
+                });
             }
         }
         Ok(())

@@ -228,9 +228,22 @@ fn reranking_a_shortlist_recovers_the_exact_top_k() {
             }
         }
     }
-    let (other, _, _) = trained_cnn::<f64>(false);
+    let (other, mut cnn, test) = trained_cnn::<f64>(true);
     assert!(matches!(
         sketch.top_k_reranked(&other, &q, Lens::Dot, 5, 10),
         Err(Error::ShapeMismatch { .. })
     ));
+    // Convolutions: dense accounts over several segments, many positions.
+    let qc = query(&mut cnn, &test);
+    let sketch = LedgerSketch::build(&other, &SketchConfig::with_dims(16)).unwrap();
+    let exact = other.top_k_influences(&qc, Lens::Influence, 4).unwrap();
+    let reranked = sketch
+        .top_k_reranked(&other, &qc, Lens::Influence, 4, other.sources().len())
+        .unwrap();
+    for (e, r) in exact.iter().zip(&reranked) {
+        for (a, b) in e.combined.proponents.iter().zip(&r.proponents) {
+            assert_eq!(a.source, b.source);
+            assert!((a.score - b.score).abs() <= 1e-9 * a.score.abs().max(1e-12));
+        }
+    }
 }

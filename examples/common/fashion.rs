@@ -58,12 +58,31 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Median seconds per step, bare and traced, over `steps` steps of batch 64.
+/// Seconds per training step, bare and traced, from interleaved steps.
+pub struct StepTimes {
+    pub bare_median: f64,
+    pub traced_median: f64,
+    pub bare_mean: f64,
+    pub traced_mean: f64,
+}
+
+impl StepTimes {
+    /// Traced ÷ bare, of the medians and of the means (the mean counts rare slow steps).
+    pub fn overhead(&self) -> (f64, f64) {
+        (
+            self.traced_median / self.bare_median,
+            self.traced_mean / self.bare_mean,
+        )
+    }
+}
+
+/// Times `steps` steps of batch 64, bare and traced, interleaved so both see
+/// the same machine state; returns the times and the traced run's ledger.
 pub fn step_times(
     build: &dyn Fn(u64) -> Result<Sequential<f32>>,
     data: &Dataset<f32>,
     steps: usize,
-) -> Result<(f64, f64, refinement_ledger::Ledger<f32>)> {
+) -> Result<(StepTimes, refinement_ledger::Ledger<f32>)> {
     let sgd = SgdConfig::new(0.01).with_momentum(0.9);
     let sampler = ShuffledSampler::new(data.len(), 64, 3)?;
     let batches: Vec<Vec<usize>> = (0..).flat_map(|e| sampler.epoch(e)).take(steps).collect();
@@ -91,7 +110,14 @@ pub fn step_times(
         hook.step(&mut traced_net.traceables_mut(), &Batch::new(&ids, &y))?;
         tt.push(t.elapsed().as_secs_f64());
     }
-    Ok((median(tb), median(tt), hook.finish()))
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let times = StepTimes {
+        bare_mean: mean(&tb),
+        traced_mean: mean(&tt),
+        bare_median: median(tb),
+        traced_median: median(tt),
+    };
+    Ok((times, hook.finish()))
 }
 
 /// Median seconds of `reps` streaming reads (sums) over `bytes` bytes.

@@ -388,6 +388,39 @@ pub(crate) fn dots<F: Float>(
     out
 }
 
+/// `⟨c_s, t⟩` of one query `input` for the sources `cand` only (in that order):
+/// their rows gathered into one matrix product, their dense accounts read in
+/// place — no allocation per source.
+pub(crate) fn dots_for<F: Float>(
+    layer: &LayerLedger<'_, F>,
+    cand: &[usize],
+    n_src: usize,
+    input: &LayerInput<F>,
+) -> Vec<f64> {
+    debug_assert_eq!(input.n_q, 1);
+    let rows = layer.rows;
+    let mut out = Array2::<f64>::zeros((n_src, 1));
+    let mut idx = Vec::new();
+    for &s in cand {
+        let (r0, r1) = rows.range(s as u32, s as u32 + 1);
+        idx.extend(r0..r1);
+    }
+    if !idx.is_empty() {
+        row_dots(rows, Some(&idx), &layer.coef, input, &mut out);
+    }
+    let q = query_matrices(input);
+    let q = q.row(0);
+    for seg in &layer.segments {
+        let acc = &seg.layers[layer.l];
+        for &s in cand {
+            if let Some(g) = acc.get(s as u32) {
+                out[[s, 0]] += g.iter().zip(q.iter()).map(|(a, b)| a * b).sum::<f64>();
+            }
+        }
+    }
+    cand.iter().map(|&s| out[[s, 0]]).collect()
+}
+
 /// Adds `κ_j Σ_p (ã_j·ã_{q,p})(d_j·t_{q,p})` of the rows `idx` (all rows when `None`) to `out[source_j]`.
 fn row_dots<F: Float>(
     rows: &Rows<F>,

@@ -33,7 +33,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use super::kernel::{LayerInput, LayerLedger, chunk_contributions};
+use super::kernel::{LayerInput, LayerLedger, dots_for};
 use super::ridge::{cholesky, solve_cholesky};
 use super::{Explanation, Influences, LayerExplanation, Ranking, rank};
 use crate::ledger::{LayerMeta, SourceMeta};
@@ -520,16 +520,15 @@ impl LedgerSketch {
                     .iter()
                     .map(|i| i.per_query_dot(i.target.view(), i.target.view())[0])
                     .collect();
-                let exact: Vec<f64> = cand
-                    .iter()
-                    .map(|&s| {
-                        let dots: Vec<f64> = (0..n_layers)
-                            .map(|l| {
-                                let c = chunk_contributions(&layers[l], s, s + 1, &single[l]);
-                                let c = c.index_axis(Axis(0), 0);
-                                single[l].per_query_dot(c, single[l].target.view())[0]
-                            })
-                            .collect();
+                let per_layer: Vec<Vec<f64>> = (0..n_layers)
+                    .map(|l| dots_for(&layers[l], &cand, self.sources.len(), &single[l]))
+                    .collect();
+                let mut dots = vec![0.0; n_layers];
+                let exact: Vec<f64> = (0..cand.len())
+                    .map(|c| {
+                        for (d, layer) in dots.iter_mut().zip(&per_layer) {
+                            *d = layer[c];
+                        }
                         combine(lens, &dots, &r2)
                     })
                     .collect();
