@@ -207,6 +207,23 @@ impl<F: Float> Query<F> {
         check_metas(metas, &got, op)
     }
 
+    /// Layer `l`'s input for the loss lens: its patches with target `−∇_z ℓ`
+    /// (the negative per-example output gradient), so that `⟨c, t⟩ = −⟨G, ∇_W ℓ⟩`.
+    fn loss_input(&self, l: usize, op: &'static str) -> Result<LayerInput<F>> {
+        let ql = &self.layers[l];
+        let d = self.deltas(l, op)?;
+        let (n, p, fo) = d.dim();
+        let target = d
+            .mapv(|v| -v.widen())
+            .into_shape_with_order((n * p, fo))
+            .expect("invariant: standard layout");
+        Ok(LayerInput::new(
+            ql.patches.view(),
+            ql.shape.has_bias,
+            target,
+        ))
+    }
+
     fn deltas(&self, l: usize, op: &'static str) -> Result<&Array3<F>> {
         self.layers[l]
             .deltas
@@ -481,6 +498,20 @@ pub struct Influences {
     pub combined: Ranking,
 }
 
+/// The layer indices `layers` selects among `n` traced layers.
+pub(crate) fn select_layers(n: usize, layers: LayerSel, op: &'static str) -> Result<Vec<usize>> {
+    match layers {
+        LayerSel::All => Ok((0..n).collect()),
+        LayerSel::Layer(l) if l < n => Ok(vec![l]),
+        LayerSel::Layer(l) => Err(Error::IndexOutOfRange {
+            op,
+            what: "layer",
+            index: l,
+            len: n,
+        }),
+    }
+}
+
 /// Top and bottom `k` of `scores`, ties broken by source id: one pass over the
 /// scores per side, keeping the best `k` in order (`O(N)` comparisons for small `k`).
 pub(crate) fn rank(
@@ -749,16 +780,7 @@ impl<F: Float> Ledger<F> {
     }
 
     fn select(&self, layers: LayerSel, op: &'static str) -> Result<Vec<usize>> {
-        match layers {
-            LayerSel::All => Ok((0..self.layers.len()).collect()),
-            LayerSel::Layer(l) if l < self.layers.len() => Ok(vec![l]),
-            LayerSel::Layer(l) => Err(Error::IndexOutOfRange {
-                op,
-                what: "layer",
-                index: l,
-                len: self.layers.len(),
-            }),
-        }
+        select_layers(self.layers.len(), layers, op)
     }
 
     /// The loss lens with each segment paired with its own query: `queries[k]`
@@ -833,23 +855,10 @@ impl<F: Float> Ledger<F> {
         for &l in layers {
             let inputs: Vec<LayerInput<F>> = queries
                 .iter()
-                .map(|q| {
-                    let ql = &q.layers[l];
-                    let d = q.deltas(l, op)?;
-                    let (n, p, fo) = d.dim();
-                    let target = d
-                        .mapv(F::widen)
-                        .into_shape_with_order((n * p, fo))
-                        .expect("invariant: standard layout");
-                    Ok(LayerInput::new(
-                        ql.patches.view(),
-                        ql.shape.has_bias,
-                        target,
-                    ))
-                })
+                .map(|q| q.loss_input(l, op))
                 .collect::<Result<_>>()?;
             let refs: Vec<&LayerInput<F>> = inputs.iter().collect();
-            total -= &dots(&self.layer_ledger(l, None), &refs, self.sources.len(), n_q);
+            total += &dots(&self.layer_ledger(l, None), &refs, self.sources.len(), n_q);
         }
         Ok(total.t().as_standard_layout().into_owned())
     }

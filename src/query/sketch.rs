@@ -35,7 +35,7 @@ use rayon::prelude::*;
 
 use super::kernel::{LayerInput, LayerLedger, dots_for};
 use super::ridge::{cholesky, solve_cholesky};
-use super::{Explanation, Influences, LayerExplanation, Ranking, rank};
+use super::{Explanation, Influences, LayerExplanation, Ranking, rank, select_layers};
 use crate::ledger::{LayerMeta, SourceMeta};
 use crate::{Error, Float, LayerSel, Ledger, Lens, Query, Result};
 
@@ -303,19 +303,6 @@ impl LedgerSketch {
         query.check(&self.layers, op)
     }
 
-    fn select(&self, layers: LayerSel, op: &'static str) -> Result<Vec<usize>> {
-        match layers {
-            LayerSel::All => Ok((0..self.layers.len()).collect()),
-            LayerSel::Layer(l) if l < self.layers.len() => Ok(vec![l]),
-            LayerSel::Layer(l) => Err(Error::IndexOutOfRange {
-                op,
-                what: "layer",
-                index: l,
-                len: self.layers.len(),
-            }),
-        }
-    }
-
     /// The representation lens's dot products, approximated, as an [`Explanation`]
     /// (norms unavailable: zero).
     fn representation<F: Float>(&self, query: &Query<F>, selected: &[usize]) -> Explanation<'_> {
@@ -353,17 +340,7 @@ impl LedgerSketch {
     ) -> Result<Vec<Array2<f64>>> {
         selected
             .iter()
-            .map(|&l| {
-                let ql = &query.layers[l];
-                let d = query.deltas(l, op)?;
-                let (n, p, fo) = d.dim();
-                let target = d
-                    .mapv(|v| -v.widen())
-                    .into_shape_with_order((n * p, fo))
-                    .expect("invariant: standard layout");
-                let input = LayerInput::new(ql.patches.view(), ql.shape.has_bias, target);
-                Ok(self.sketch_queries(l, &input))
-            })
+            .map(|&l| Ok(self.sketch_queries(l, &query.loss_input(l, op)?)))
             .collect()
     }
 
@@ -384,7 +361,7 @@ impl LedgerSketch {
     ) -> Result<Array2<f64>> {
         const OP: &str = "LedgerSketch::scores";
         self.check_query(query, OP)?;
-        let selected = self.select(layers, OP)?;
+        let selected = select_layers(self.layers.len(), layers, OP)?;
         match lens {
             Lens::Loss => {
                 let phis = self.loss_sketches(query, &selected, OP)?;
@@ -480,18 +457,7 @@ impl LedgerSketch {
         let inputs: Vec<LayerInput<F>> = (0..n_layers)
             .map(|l| {
                 if lens == Lens::Loss {
-                    let ql = &query.layers[l];
-                    let d = query.deltas(l, OP)?;
-                    let (n, p, fo) = d.dim();
-                    let target = d
-                        .mapv(|v| -v.widen())
-                        .into_shape_with_order((n * p, fo))
-                        .expect("invariant: standard layout");
-                    Ok(LayerInput::new(
-                        ql.patches.view(),
-                        ql.shape.has_bias,
-                        target,
-                    ))
+                    query.loss_input(l, OP)
                 } else {
                     Ok(ledger.representation_input(query, l).0)
                 }
