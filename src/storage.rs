@@ -90,6 +90,20 @@ pub(crate) fn u32s(values: &[u32]) -> Tensor<'_> {
     }
 }
 
+/// A `bf16` tensor viewing `values` (no copy on little-endian platforms).
+pub(crate) fn bf16s(values: &[half::bf16], shape: Vec<usize>) -> Tensor<'_> {
+    let bytes = if cfg!(target_endian = "little") {
+        Cow::Borrowed(bytemuck::cast_slice(values))
+    } else {
+        Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    };
+    Tensor {
+        dtype: Dtype::BF16,
+        shape,
+        bytes,
+    }
+}
+
 pub(crate) fn matrix(m: &Array2<f64>) -> Tensor<'_> {
     match m.as_slice() {
         Some(v) => floats(v, m.shape().to_vec()),
@@ -303,6 +317,21 @@ impl Reader<'_> {
         let mut shape = vec![n];
         shape.extend_from_slice(rest);
         Ok((n, self.tensor(name, dtype, &shape)?))
+    }
+
+    /// A `bf16` tensor of exactly `shape`, checked finite.
+    pub(crate) fn bf16s(&self, name: &str, shape: &[usize]) -> Result<Vec<half::bf16>> {
+        let t = self.tensor(name, Dtype::BF16, shape)?;
+        let v: Vec<half::bf16> = t
+            .data()
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        if v.iter().all(|x| x.is_finite()) {
+            Ok(v)
+        } else {
+            Err(corrupt(format!("tensor {name}: non-finite value")))
+        }
     }
 
     pub(crate) fn floats<T: Float>(&self, t: &TensorView<'_>, name: &str) -> Result<Vec<T>> {

@@ -247,3 +247,51 @@ fn reranking_a_shortlist_recovers_the_exact_top_k() {
         }
     }
 }
+
+#[test]
+fn a_saved_sketch_loads_identical_and_corruption_is_an_error() {
+    let (ledger, mut net) = trained_mlp();
+    let (test, _) = blobs::<f64>(2, 3, 10, 44);
+    let q = query(&mut net, &test);
+    let sketch = LedgerSketch::build(&ledger, &SketchConfig::with_dims(48)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.sketch");
+    sketch.save(&path).unwrap();
+    let back = LedgerSketch::load(&path).unwrap();
+    assert_eq!(back.dims(), sketch.dims());
+    assert_eq!(back.sources(), sketch.sources());
+    assert_eq!(back.balance_error(), sketch.balance_error());
+    for lens in [Lens::Dot, Lens::Influence, Lens::Share] {
+        assert_eq!(
+            back.scores(&q, lens, LayerSel::All).unwrap(),
+            sketch.scores(&q, lens, LayerSel::All).unwrap()
+        );
+    }
+    let bytes = std::fs::read(&path).unwrap();
+    for cut in (0..bytes.len()).step_by(bytes.len() / 97 + 1) {
+        assert!(
+            LedgerSketch::from_bytes(&bytes[..cut]).is_err(),
+            "truncated at {cut}"
+        );
+    }
+    for at in (0..bytes.len()).step_by(bytes.len() / 211 + 1) {
+        let mut bad = bytes.clone();
+        bad[at] ^= 0x10;
+        assert!(LedgerSketch::from_bytes(&bad).is_err(), "bit flip at {at}");
+    }
+    // A ledger file is not a sketch, and a sketch is not a ledger.
+    let ledger_path = dir.path().join("run.ledger");
+    ledger.save(&ledger_path).unwrap();
+    assert!(matches!(
+        LedgerSketch::load(&ledger_path),
+        Err(Error::CorruptLedger { .. })
+    ));
+    assert!(matches!(
+        Ledger::<f64>::load(&path),
+        Err(Error::CorruptLedger { .. })
+    ));
+    assert!(matches!(
+        LedgerSketch::load(&dir.path().join("missing")),
+        Err(Error::Io { .. })
+    ));
+}
