@@ -5,7 +5,7 @@
 //!   printed from interleaved medians);
 //! * `query/top10_{1,100}` against the MLP's ledger, beside `query/bound_stream`
 //!   (a streaming read of the ledger's bytes) and `query/bound_gemm` (a matrix
-//!   product of the row factors' FLOP count for 100 queries);
+//!   product of the same FLOP count as the 100 queries);
 //! * ledger bytes per example per layer, exact and compact (printed).
 //!
 //! Fashion-MNIST when installed (Debian `dataset-fashion-mnist`), else seeded
@@ -110,13 +110,20 @@ fn queries(c: &mut Criterion) {
         });
     }
     let bytes: usize = ledger.bytes_per_layer().iter().sum();
+    // The same FLOP count as 100 queries: one factored row per source and layer
+    // (100 steps of distinct examples), a patch and a delta product each.
+    let width: usize = ledger
+        .layers()
+        .iter()
+        .map(|m| m.shape.aug_in() + m.shape.fan_out)
+        .sum();
     let buf = vec![1.0f64; bytes / 8];
     group.bench_function("bound_stream", |b| {
         b.iter(|| std::hint::black_box(buf.iter().sum::<f64>()))
     });
     let (a, w) = (
-        Array2::<f32>::ones((n, 1041)),
-        Array2::<f32>::ones((1041, 100)),
+        Array2::<f32>::ones((n, width)),
+        Array2::<f32>::ones((width, 100)),
     );
     group.bench_function("bound_gemm", |b| b.iter(|| a.dot(&w)));
     group.finish();
@@ -141,7 +148,7 @@ fn queries(c: &mut Criterion) {
     println!(
         "query ÷ bound (medians, this run): 1 query {:.2}x a streaming read, 100 queries {:.2}x a GEMM of their FLOP count",
         single / stream_read_s(bytes, 5),
-        batch / gemm_s(n, 1041, 100, 3)
+        batch / gemm_s(n, width, 100, 3)
     );
 }
 

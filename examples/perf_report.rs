@@ -382,10 +382,17 @@ fn main() -> Result<()> {
         times.push(t.elapsed().as_secs_f64());
     }
     let batch_s = fashion::median(times);
-    // The row factors' FLOP count: every source's 1041-wide row against 100 queries.
-    let gemm = gemm_s(n_sources, 1041, 100, 3);
+    // The same FLOP count: within one epoch every source has one factored row per
+    // layer, and a query multiplies each row's patch and delta with its own
+    // (two products of widths aug_in and fan_out).
+    let width: usize = mlp_ledger
+        .layers()
+        .iter()
+        .map(|m| m.shape.aug_in() + m.shape.fan_out)
+        .sum();
+    let gemm = gemm_s(n_sources, width, 100, 3);
     println!(
-        "100 queries (influence, all layers): {:.1} ms; a GEMM of the row-factor FLOP count: {:.1} ms; ratio {:.1}x",
+        "100 queries (influence, all layers): {:.1} ms; a GEMM of the same FLOP count ({n_sources} × {width} × 100): {:.1} ms; ratio {:.1}x",
         batch_s * 1e3,
         gemm * 1e3,
         batch_s / gemm
