@@ -207,6 +207,16 @@ impl<F: Float> Query<F> {
         check_metas(metas, &got, op)
     }
 
+    /// Layer `l`'s input for the representation lenses: its patches with target
+    /// the refinement `r = (W_T − W₀) ã` (`change` is `W_T − W₀`).
+    fn representation_input(&self, l: usize, change: &Array2<f64>) -> LayerInput<F> {
+        let ql = &self.layers[l];
+        let mut input =
+            LayerInput::new(ql.patches.view(), ql.shape.has_bias, Array2::zeros((0, 0)));
+        input.target = input.a64.dot(&change.t());
+        input
+    }
+
     /// Layer `l`'s input for the loss lens: its patches with target `−∇_z ℓ`
     /// (the negative per-example output gradient), so that `⟨c, t⟩ = −⟨G, ∇_W ℓ⟩`.
     fn loss_input(&self, l: usize, op: &'static str) -> Result<LayerInput<F>> {
@@ -253,6 +263,21 @@ pub struct LayerExplanation {
 }
 
 impl LayerExplanation {
+    /// An explanation with dot products only (norms and balance not computed):
+    /// `dot` is `[n_q, n_sources]`, `input` the layer's representation input.
+    fn dots_only<F: Float>(layer: LayerId, dot: Array2<f64>, input: &LayerInput<F>) -> Self {
+        let r = &input.target;
+        let n_q = dot.nrows();
+        Self {
+            layer,
+            norm: Array2::zeros(dot.raw_dim()),
+            dot,
+            refinement_norm: input.per_query_dot(r.view(), r.view()).mapv(f64::sqrt),
+            residual_dot: Array1::zeros(n_q),
+            balance_error: Array1::zeros(n_q),
+        }
+    }
+
     /// The score matrix `[n_queries, n_sources]` of a representation lens.
     fn score(&self, lens: Lens) -> Array2<f64> {
         let r = self.refinement_norm.view().insert_axis(Axis(1));
@@ -613,17 +638,10 @@ impl<F: Float> Ledger<F> {
     }
 
     /// The refinement `r = (W_T − W₀) ⊛ a` of layer `l` for every query, `[n_q·P, fan_out]`.
-    fn refinement(&self, l: usize, input_a64: &Array2<f64>) -> Array2<f64> {
-        let delta = self.final_params(l).expect("invariant: layer in range") - &self.initial[l];
-        input_a64.dot(&delta.t())
-    }
-
     fn representation_input(&self, query: &Query<F>, l: usize) -> (LayerInput<F>, Array2<f64>) {
-        let ql = &query.layers[l];
-        let mut input =
-            LayerInput::new(ql.patches.view(), ql.shape.has_bias, Array2::zeros((0, 0)));
-        let r = self.refinement(l, &input.a64);
-        input.target = r.clone();
+        let change = self.final_params(l).expect("invariant: layer in range") - &self.initial[l];
+        let input = query.representation_input(l, &change);
+        let r = input.target.clone();
         (input, r)
     }
 
@@ -726,21 +744,18 @@ impl<F: Float> Ledger<F> {
         let layers = selected
             .iter()
             .map(|&l| {
-                let (input, r) = self.representation_input(query, l);
+                let (input, _) = self.representation_input(query, l);
                 let dot = dots(
                     &self.layer_ledger(l, None),
                     &[&input],
                     self.sources.len(),
                     query.n,
                 );
-                LayerExplanation {
-                    layer: self.layers[l].id.clone(),
-                    dot: dot.t().as_standard_layout().into_owned(),
-                    norm: Array2::zeros((query.n, self.sources.len())),
-                    refinement_norm: input.per_query_dot(r.view(), r.view()).mapv(f64::sqrt),
-                    residual_dot: Array1::zeros(query.n),
-                    balance_error: Array1::zeros(query.n),
-                }
+                LayerExplanation::dots_only(
+                    self.layers[l].id.clone(),
+                    dot.t().as_standard_layout().into_owned(),
+                    &input,
+                )
             })
             .collect();
         Explanation {

@@ -312,20 +312,9 @@ impl LedgerSketch {
         let layers = selected
             .iter()
             .map(|&l| {
-                let ql = &query.layers[l];
-                let mut input =
-                    LayerInput::new(ql.patches.view(), ql.shape.has_bias, Array2::zeros((0, 0)));
-                input.target = input.a64.dot(&self.change[l].t());
-                let r = &input.target;
+                let input = query.representation_input(l, &self.change[l]);
                 let dot = self.sketch_dots(l, &self.sketch_queries(l, &input));
-                LayerExplanation {
-                    layer: self.layers[l].id.clone(),
-                    norm: Array2::zeros(dot.raw_dim()),
-                    dot,
-                    refinement_norm: input.per_query_dot(r.view(), r.view()).mapv(f64::sqrt),
-                    residual_dot: Array1::zeros(query.n),
-                    balance_error: Array1::zeros(query.n),
-                }
+                LayerExplanation::dots_only(self.layers[l].id.clone(), dot, &input)
             })
             .collect();
         Explanation {
