@@ -712,8 +712,9 @@ fn credit_rows<F: Float>(
         .filter(|&(i, _)| d.index_axis(Axis(0), i).iter().any(|v| *v != F::zero()))
         .collect();
     if !factored {
+        // One patch buffer for the step; its bias column stays 1.
+        let mut a_aug = Array2::<F>::ones((positions, aug_in));
         for &(i, s) in &credited {
-            let mut a_aug = Array2::<F>::ones((positions, aug_in));
             a_aug
                 .slice_mut(s![.., ..fan_in])
                 .assign(&a.index_axis(Axis(0), i));
