@@ -149,6 +149,8 @@ pub struct OptimizerHook<O, F: Float = f32> {
     pending: VecDeque<Pending<F>>,
     /// Per layer: `[W | b]` after the last step, in `F` (the segment's end when it closes).
     current: Vec<Array2<F>>,
+    /// Per layer: `[W | b]` before the last step (used with weight decay only).
+    before: Vec<Array2<F>>,
     /// Per layer: the momentum buffer of the decay shares.
     decay_buf: Vec<Array2<f64>>,
 }
@@ -195,7 +197,7 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             }
         };
         let ledger = Ledger::new(layers)?;
-        let current = ledger.initial.iter().map(|m| m.mapv(F::narrow)).collect();
+        let current: Vec<Array2<F>> = ledger.initial.iter().map(|m| m.mapv(F::narrow)).collect();
         let decay_buf = ledger
             .initial
             .iter()
@@ -208,6 +210,7 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             ledger,
             step: 0,
             pending: VecDeque::new(),
+            before: current.clone(),
             current,
             decay_buf,
         })
@@ -273,14 +276,22 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
                 self.record_batch(layers, batch)?;
             }
             Some(rule) => {
-                let sources = self.register_examples(batch)?;
-                if rule.weight_decay != 0.0 {
+                let decay = rule.weight_decay != 0.0;
+                if decay {
                     // The decay's share is `λ W` at the parameters before the step.
                     self.refresh_current(layers)?;
+                }
+                // Nothing is booked until the optimizer has stepped and the
+                // parameters it left are finite.
+                self.run_optimizer(layers)?;
+                if decay {
+                    std::mem::swap(&mut self.current, &mut self.before);
+                }
+                self.refresh_current(layers)?;
+                let sources = self.register_examples(batch)?;
+                if decay {
                     self.record_decay(rule)?;
                 }
-                self.run_optimizer(layers)?;
-                self.refresh_current(layers)?;
                 self.record_per_example(layers, &sources, rule)?;
             }
         }
@@ -522,7 +533,7 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
     }
 
     /// Credits this step's weight-decay update, as the optimizer applies it
-    /// (momentum, dampening, Nesterov), to [`SourceId::Decay`]; `current` holds
+    /// (momentum, dampening, Nesterov), to [`SourceId::Decay`]; `before` holds
     /// the parameters before the step.
     fn record_decay(&mut self, rule: LinearRule) -> Result<()> {
         let s = self
@@ -539,7 +550,7 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             .segments
             .last_mut()
             .expect("invariant: at least one segment");
-        for (l, cur) in self.current.iter().enumerate() {
+        for (l, cur) in self.before.iter().enumerate() {
             let mut acc = segment.layers[l].dense_mut(s);
             let acc = acc.as_slice_mut().expect("invariant: standard layout");
             let buf = slice_mut(&mut self.decay_buf[l]);

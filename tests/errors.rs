@@ -340,3 +340,68 @@ fn layers_and_loss_reject_bad_shapes_and_labels() {
         .unwrap_err();
     assert!(e.to_string().contains("[batch>0, 4]"));
 }
+
+/// SGD whose step fails once the shared flag is set.
+struct Failing(
+    refinement_ledger::optim::Sgd<f64>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+);
+
+impl refinement_ledger::Optimizer<f64> for Failing {
+    fn step(
+        &mut self,
+        params: &mut [refinement_ledger::ParamMut<'_, f64>],
+    ) -> refinement_ledger::Result<()> {
+        if self.1.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::InvalidConfig {
+                what: "test optimizer",
+                reason: "asked to fail".into(),
+            });
+        }
+        self.0.step(params)
+    }
+    fn linear_rule(&self) -> Option<refinement_ledger::LinearRule> {
+        self.0.linear_rule()
+    }
+}
+
+#[test]
+fn a_failed_optimizer_step_books_nothing_even_with_weight_decay() {
+    let (x, y) = blobs::<f64>(2, 3, 4, 1);
+    let mut net = mlp::<f64>(4, 3, 1);
+    let sgd = SgdConfig::new(0.1)
+        .with_momentum(0.9)
+        .with_weight_decay(0.01)
+        .build()
+        .unwrap();
+    let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut hook = OptimizerHook::new(Failing(sgd, fail.clone()), &net.traceables()).unwrap();
+    net.train_batch(rows(&x, &[0, 1]).view(), &y[..2]).unwrap();
+    hook.step(
+        &mut net.traceables_mut(),
+        &Batch::new(&ids(&[0, 1]), &y[..2]),
+    )
+    .unwrap();
+    let before = hook.snapshot();
+    // A failing step with new examples: no new source, no decay credit, no step.
+    fail.store(true, std::sync::atomic::Ordering::Relaxed);
+    net.train_batch(rows(&x, &[2, 3]).view(), &y[2..4]).unwrap();
+    let e = hook
+        .step(
+            &mut net.traceables_mut(),
+            &Batch::new(&ids(&[2, 3]), &y[2..4]),
+        )
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidConfig { .. }), "{e}");
+    assert_eq!(hook.n_steps(), 1);
+    let after = hook.snapshot();
+    assert_eq!(after.sources(), before.sources());
+    for l in 0..after.layers().len() {
+        for s in after.sources() {
+            assert_eq!(
+                after.account(l, s.id).unwrap(),
+                before.account(l, s.id).unwrap()
+            );
+        }
+    }
+}
