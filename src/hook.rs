@@ -149,7 +149,7 @@ pub struct OptimizerHook<O, F: Float = f32> {
     pending: VecDeque<Pending<F>>,
     /// Per layer: `[W | b]` after the last step, in `F` (the segment's end when it closes).
     current: Vec<Array2<F>>,
-    /// Per layer: `[W | b]` before the last step (used with weight decay only).
+    /// Per layer: `[W | b]` before the last step (allocated with weight decay only).
     before: Vec<Array2<F>>,
     /// Per layer: the momentum buffer of the decay shares.
     decay_buf: Vec<Array2<f64>>,
@@ -210,7 +210,7 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             ledger,
             step: 0,
             pending: VecDeque::new(),
-            before: current.clone(),
+            before: Vec::new(),
             current,
             decay_buf,
         })
@@ -235,7 +235,7 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
     /// last backward pass) and records it. `batch` names the rows of that pass.
     ///
     /// On error nothing is recorded; the parameters are unchanged unless the
-    /// inner optimizer itself failed part-way.
+    /// inner optimizer ran (and failed part-way, or left non-finite values).
     ///
     /// # Errors
     /// [`Error::LayerMismatch`] when `layers` are not the traced layers;
@@ -285,6 +285,9 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
                 // parameters it left are finite.
                 self.run_optimizer(layers)?;
                 if decay {
+                    if self.before.is_empty() {
+                        self.before = self.current.clone();
+                    }
                     std::mem::swap(&mut self.current, &mut self.before);
                 }
                 self.refresh_current(layers)?;

@@ -1125,23 +1125,20 @@ mod tests {
         let scores = Array1::from_iter((0..n).map(|i| ((i * 7919) % 13) as f64 - 6.0));
         for k in [0, 1, 10, n, n + 5] {
             let r = rank(scores.view(), &sources, k);
-            let mut order: Vec<usize> = (0..n).collect();
-            order.sort_by(|&a, &b| {
-                scores[b]
-                    .total_cmp(&scores[a])
-                    .then(sources[a].id.cmp(&sources[b].id))
-            });
-            let want: Vec<SourceId> = order.iter().take(k).map(|&i| sources[i].id).collect();
-            let got: Vec<SourceId> = r.proponents.iter().map(|i| i.source).collect();
-            assert_eq!(got, want, "proponents, k = {k}");
-            order.sort_by(|&a, &b| {
-                scores[a]
-                    .total_cmp(&scores[b])
-                    .then(sources[a].id.cmp(&sources[b].id))
-            });
-            let want: Vec<SourceId> = order.iter().take(k).map(|&i| sources[i].id).collect();
-            let got: Vec<SourceId> = r.opponents.iter().map(|i| i.source).collect();
-            assert_eq!(got, want, "opponents, k = {k}");
+            for (higher, got) in [(true, &r.proponents), (false, &r.opponents)] {
+                let mut order: Vec<usize> = (0..n).collect();
+                order.sort_by(|&a, &b| {
+                    let by_score = if higher {
+                        scores[b].total_cmp(&scores[a])
+                    } else {
+                        scores[a].total_cmp(&scores[b])
+                    };
+                    by_score.then(sources[a].id.cmp(&sources[b].id))
+                });
+                let want: Vec<SourceId> = order.iter().take(k).map(|&i| sources[i].id).collect();
+                let got: Vec<SourceId> = got.iter().map(|i| i.source).collect();
+                assert_eq!(got, want, "higher = {higher}, k = {k}");
+            }
         }
     }
 }

@@ -249,7 +249,9 @@ impl LedgerSketch {
                 let mut row = vec![0f32; k];
                 for chunk in self.sketch[l].chunks_exact(k) {
                     chunk.convert_to_f32_slice(&mut row);
-                    total.zip_mut_with(&Array1::from(row.clone()), |t, &v| *t += f64::from(v));
+                    for (t, &v) in total.iter_mut().zip(&row) {
+                        *t += f64::from(v);
+                    }
                 }
                 let norm = target.dot(&target).sqrt();
                 let err = (&total - &target).mapv(|v| v * v).sum().sqrt();
