@@ -24,7 +24,7 @@ use refinement_ledger::metrics::{
 };
 use refinement_ledger::nn::Sequential;
 use refinement_ledger::query::RidgeLens;
-use refinement_ledger::{LayerSel, Ledger, Lens, Query, Result, SourceId, load_params};
+use refinement_ledger::{LayerSel, Ledger, Lens, Query, Result, SourceId, write_params};
 use serde_json::{Value, json};
 
 #[derive(Clone, Copy)]
@@ -72,9 +72,9 @@ fn boundary_queries(
     };
     let (mut starts, mut ends) = (Vec::new(), Vec::new());
     for k in 0..ledger.n_segments() {
-        load_params(&mut net.traceables_mut(), &params(k.checked_sub(1))?)?;
+        write_params(&mut net.traceables_mut(), &params(k.checked_sub(1))?)?;
         starts.push(gradient_query(&mut net, x, targets)?);
-        load_params(&mut net.traceables_mut(), &params(Some(k))?)?;
+        write_params(&mut net.traceables_mut(), &params(Some(k))?)?;
         ends.push(gradient_query(&mut net, x, targets)?);
     }
     Ok((starts, ends))

@@ -83,9 +83,43 @@ mod trace;
 pub use error::{Error, Result};
 pub use float::Float;
 pub use hook::{Batch, Credit, HookConfig, OptimizerHook};
-pub use ledger::{Ledger, load_params};
+pub use ledger::Ledger;
 pub use optim::{LinearRule, Optimizer};
 pub use query::{
     ClassAttribution, Explanation, Influence, Influences, LayerSel, Lens, Query, Ranking,
 };
-pub use trace::{ExampleId, LayerId, ParamId, ParamMut, SourceId, Traceable, TracedShape};
+pub use trace::{
+    ExampleId, LayerId, ParamId, ParamMut, SourceId, Traceable, TracedShape, write_params,
+};
+
+/// A small trained network and its ledger, for the documentation's examples:
+/// an MLP 2-4-2 (`fc1`, ReLU, `fc2`) in `f64`, trained by plain SGD on four
+/// points (examples 0 and 2 of class 0 near (−1, −1), 1 and 3 of class 1 near
+/// (1, 1)), 20 epochs of two batches, a segment per 10 epochs.
+#[doc(hidden)]
+pub fn doc_fixture() -> Result<(Ledger<f64>, nn::Sequential<f64>)> {
+    use rand::SeedableRng;
+    let x = ndarray::array![[-1.0, -0.8], [0.9, 1.1], [-1.2, -1.0], [1.0, 0.7]];
+    let labels = [0, 1, 0, 1];
+    let ids: Vec<ExampleId> = (0..4).map(ExampleId).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut net = nn::Sequential::new()
+        .with(nn::DenseConfig::new(2, 4).build("fc1", &mut rng)?)
+        .with(nn::Relu::new())
+        .with(nn::DenseConfig::new(4, 2).build("fc2", &mut rng)?);
+    let mut hook = OptimizerHook::new(optim::SgdConfig::new(0.2).build()?, &net.traceables())?;
+    for epoch in 0..20 {
+        for rows in [0..2, 2..4] {
+            let xb = x.slice(ndarray::s![rows.clone(), ..]).to_owned().into_dyn();
+            net.train_batch(xb.view(), &labels[rows.clone()])?;
+            hook.step(
+                &mut net.traceables_mut(),
+                &Batch::new(&ids[rows.clone()], &labels[rows]),
+            )?;
+        }
+        if epoch == 9 {
+            hook.close_segment()?;
+        }
+    }
+    Ok((hook.finish(), net))
+}

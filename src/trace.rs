@@ -186,3 +186,67 @@ pub trait Traceable<F: Float = f32> {
     /// [`Error::NoBackwardCache`](crate::Error::NoBackwardCache) before any backward pass.
     fn output_deltas(&self) -> Result<ArrayView3<'_, F>>;
 }
+
+/// Writes `[W | b]` matrices (`[fan_out, aug_in]`, bias in the last column, as a
+/// [`Ledger`](crate::Ledger) keeps parameters) into traced layers, e.g. to run
+/// the model at a segment boundary.
+///
+/// # Errors
+/// [`Error::LayerMismatch`](crate::Error::LayerMismatch) or
+/// [`Error::ShapeMismatch`](crate::Error::ShapeMismatch) when a layer does not
+/// match its matrix.
+///
+/// # Example
+/// ```
+/// use rand::{SeedableRng, rngs::StdRng};
+/// use refinement_ledger::{Traceable, write_params, nn::DenseConfig};
+/// let mut rng = StdRng::seed_from_u64(1);
+/// let mut fc = DenseConfig::new(2, 1).build::<f64>("fc", &mut rng)?;
+/// write_params(&mut [&mut fc as &mut dyn Traceable<f64>], &[ndarray::array![[1.0, 2.0, 3.0]]])?;
+/// assert_eq!(fc.bias().unwrap()[0], 3.0);
+/// assert_eq!(fc.weight()[[0, 1]], 2.0);
+/// # Ok::<(), refinement_ledger::Error>(())
+/// ```
+pub fn write_params<F: Float>(
+    layers: &mut [&mut dyn Traceable<F>],
+    params: &[ndarray::Array2<f64>],
+) -> Result<()> {
+    const OP: &str = "write_params";
+    if layers.len() != params.len() {
+        return Err(crate::Error::LayerMismatch {
+            op: OP,
+            expected: format!("{} layers", params.len()),
+            got: format!("{} layers", layers.len()),
+        });
+    }
+    for (layer, m) in layers.iter_mut().zip(params) {
+        let shape = layer.traced_shape();
+        if m.dim() != (shape.fan_out, shape.aug_in()) {
+            return Err(crate::Error::ShapeMismatch {
+                op: OP,
+                expected: crate::error::shape_str(&[shape.fan_out, shape.aug_in()]),
+                got: crate::error::shape_str(m.shape()),
+            });
+        }
+        let mut params = layer.params_mut();
+        if let Some(w) = params.get_mut(0) {
+            let values = m.rows().into_iter().flat_map(|r| {
+                r.into_iter()
+                    .take(shape.fan_in)
+                    .copied()
+                    .collect::<Vec<_>>()
+            });
+            for (dst, v) in w.value.iter_mut().zip(values) {
+                *dst = F::narrow(v);
+            }
+        }
+        if shape.has_bias {
+            if let Some(b) = params.get_mut(1) {
+                for (dst, &v) in b.value.iter_mut().zip(m.column(shape.fan_in)) {
+                    *dst = F::narrow(v);
+                }
+            }
+        }
+    }
+    Ok(())
+}

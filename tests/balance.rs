@@ -308,7 +308,7 @@ fn changes_made_outside_the_hook_go_to_the_residual_and_the_ledger_still_balance
             // Someone nudges the weights between steps.
             let mut params = common::augmented_params(&net);
             params[0] += 0.01;
-            refinement_ledger::load_params(&mut net.traceables_mut(), &params).unwrap();
+            refinement_ledger::write_params(&mut net.traceables_mut(), &params).unwrap();
         }
         net.train_batch(x.view(), &y).unwrap();
         hook.step(

@@ -8,7 +8,7 @@ use common::{assert_allclose, blobs, mlp, rows};
 use ndarray::{Array2, ArrayD, Axis, concatenate};
 use refinement_ledger::nn::Sequential;
 use refinement_ledger::optim::{LrSchedule, SgdConfig};
-use refinement_ledger::{Batch, ExampleId, Ledger, OptimizerHook, SourceId, load_params};
+use refinement_ledger::{Batch, ExampleId, Ledger, OptimizerHook, SourceId, write_params};
 
 /// Per-example gradient `[∇W | ∇b]` of example row `x` with label `y` at parameters `theta`.
 fn example_grad(
@@ -17,7 +17,7 @@ fn example_grad(
     x: &ArrayD<f64>,
     y: usize,
 ) -> Vec<Array2<f64>> {
-    load_params(&mut probe.traceables_mut(), theta).unwrap();
+    write_params(&mut probe.traceables_mut(), theta).unwrap();
     probe.train_batch(x.view(), &[y]).unwrap();
     probe
         .traceables_mut()

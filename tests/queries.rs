@@ -7,7 +7,7 @@ use common::{Run, assert_allclose, blobs, cnn, gradient_query, images, mlp, quer
 use ndarray::{Array1, Array2, Axis, s};
 use refinement_ledger::nn::Sequential;
 use refinement_ledger::optim::SgdConfig;
-use refinement_ledger::{LayerSel, Ledger, Lens, OptimizerHook, Query, load_params};
+use refinement_ledger::{LayerSel, Ledger, Lens, OptimizerHook, Query, write_params};
 
 /// Trained CNN (conv layers hold dense accounts, the dense layer factored rows).
 fn trained_cnn(segments: bool) -> (Ledger<f64>, Sequential<f64>, ndarray::ArrayD<f64>) {
@@ -175,7 +175,7 @@ fn loss_lens_by_segment_pairs_each_segment_with_its_boundary_parameters() {
         let theta: Vec<Array2<f64>> = (0..n_layers)
             .map(|l| ledger.segment_end_params(k, l).unwrap().clone())
             .collect();
-        load_params(&mut net.traceables_mut(), &theta).unwrap();
+        write_params(&mut net.traceables_mut(), &theta).unwrap();
         let q = gradient_query(&mut net, &test);
         // Segment k alone: every other segment paired with a zero gradient.
         let paired: Vec<Query<f64>> = (0..ledger.n_segments())

@@ -1,6 +1,6 @@
 //! Storage of one traced layer's accounts.
 //!
-//! Two exact forms, whichever is smaller per source (DESIGN §2.4):
+//! Two exact forms, whichever is smaller per source:
 //! * **factored rows** ([`Rows`], one arena per layer for the whole run): rank-1
 //!   terms `d ãᵀ` with `ã = [a; 1]` a patch (bias column appended) and `d` its
 //!   output delta, recorded in step *group* `g`. A row's weight in segment `k`
@@ -19,7 +19,7 @@ use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2, s};
 use rayon::prelude::*;
 
 use super::buf::Buf;
-use crate::Float;
+use crate::float::Float;
 
 /// The factored rows of one layer.
 #[derive(Clone, Debug)]
@@ -186,6 +186,11 @@ impl<F: Float> Rows<F> {
             }
         }
         total
+    }
+
+    /// Whether rows are in step-group order (as appended while training).
+    pub(crate) fn sorted_by_group(&self) -> bool {
+        self.group.windows(2).all(|w| w[0] <= w[1])
     }
 
     /// Row range of sources `[s0, s1)` (rows sorted by source).

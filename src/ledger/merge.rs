@@ -3,16 +3,13 @@
 //! Each shard's hook sees the same parameters and the same (all-reduced)
 //! update, but credits only its own examples; the other shards' shares land in
 //! its residual. Merging unions the sources and rows, keeps one copy of the
-//! decay account (every shard credits the whole decay), and recomputes the
-//! residual so the merged ledger balances:
-//!
-//! ```text
-//! residual = residual_a + residual_b + decay − (W_end − W_start)      (per segment)
-//! ```
+//! decay account (every shard credits the whole decay), and settles the
+//! residual afresh, as every ledger does (`W_end − W_start − Σ_s G_s` per
+//! segment), so the merged ledger balances.
 
 use std::collections::HashMap;
 
-use super::{Ledger, Segment};
+use super::Ledger;
 use crate::{Error, Float, Result, SourceId};
 
 fn mismatch(reason: String) -> Error {
@@ -66,7 +63,7 @@ impl<F: Float> Ledger<F> {
             let j = match self.index.get(&meta.id) {
                 Some(&j) if meta.id == SourceId::Decay => j,
                 Some(_) => return Err(mismatch(format!("{} is in both shards", meta.id))),
-                None => out.source_or_insert(meta.id, meta.label, meta.members.clone())?,
+                None => out.register_source(meta.id, meta.label, meta.members.clone())?,
             };
             remap.insert(i as u32, j);
         }
@@ -85,30 +82,16 @@ impl<F: Float> Ledger<F> {
             dst.retain_sorted(|_| true);
         }
         for (k, seg_b) in other.segments.iter().enumerate() {
-            let start: Vec<_> = if k == 0 {
-                self.initial.clone()
-            } else {
-                self.segments[k - 1].end.clone()
-            };
-            let seg: &mut Segment = &mut out.segments[k];
+            let seg = &mut out.segments[k];
             for (l, acc_b) in seg_b.layers.iter().enumerate() {
-                let mut decay = None;
                 for slot in 0..acc_b.n_slots() {
-                    if Some(acc_b.source[slot]) == decay_b {
-                        decay = Some(acc_b.slot(slot).to_owned());
-                        continue; // one copy of the decay account: self's
+                    if Some(acc_b.source[slot]) != decay_b {
+                        seg.layers[l].add(remap[&acc_b.source[slot]], acc_b.slot(slot), 1.0);
                     }
-                    seg.layers[l].add(remap[&acc_b.source[slot]], acc_b.slot(slot), 1.0);
                 }
-                let change = &seg.end[l] - &start[l];
-                let acc = &mut seg.layers[l];
-                acc.residual += &acc_b.residual;
-                acc.residual -= &change;
-                if let Some(d) = decay {
-                    acc.residual += &d;
-                }
-                acc.sort();
+                seg.layers[l].sort();
             }
+            out.settle_residual(k);
         }
         Ok(out)
     }

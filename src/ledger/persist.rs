@@ -29,11 +29,14 @@ use std::path::Path;
 use safetensors::tensor::Dtype;
 use serde::{Deserialize, Serialize};
 
-use super::{DenseAccounts, LayerMeta, Ledger, Rows, Segment, SourceMeta};
+use super::accounts::{DenseAccounts, Rows};
+use super::segment::Segment;
+use super::{LayerMeta, Ledger, SourceMeta};
+use crate::Result;
+use crate::float::Float;
 use crate::storage::{
     Reader, Tensor, corrupt, decode, dtype, encode, floats, map_file, matrix, save_atomic, u32s,
 };
-use crate::{Float, Result};
 
 /// The file format's name, in the header.
 pub const FORMAT: &str = "refinement-ledger";

@@ -50,6 +50,34 @@ impl LinearRule {
             1.0 - self.dampening
         }
     }
+
+    /// One step of the momentum recursion for one value: the buffer entry
+    /// becomes `μ·buf + w·g` (`w` = [`entry_weight`](Self::entry_weight)) and
+    /// the update direction is returned (`g + μ·buf` with Nesterov, `buf` with
+    /// momentum, `g` without; the step is `w ← w − lr·direction`).
+    ///
+    /// The optimizer applies it to every gradient value, the hook to the weight
+    /// a past gradient share still has in the buffer (`g = 0`) and to this
+    /// step's share (`g = 1`): the recursion is written once.
+    ///
+    /// # Example
+    /// ```
+    /// use refinement_ledger::LinearRule;
+    /// let rule = LinearRule { lr: 0.1, momentum: 0.9, dampening: 0.0, nesterov: false,
+    ///                         weight_decay: 0.0, first_step: false };
+    /// let mut buf = 1.0;
+    /// assert!((rule.advance(&mut buf, 1.0) - 1.9f64).abs() < 1e-12);
+    /// assert!((buf - 1.9f64).abs() < 1e-12);
+    /// ```
+    #[inline]
+    pub fn advance<T: Float>(&self, buf: &mut T, g: T) -> T {
+        if self.momentum == 0.0 {
+            return g;
+        }
+        let mu = T::narrow(self.momentum);
+        *buf = mu * *buf + T::narrow(self.entry_weight()) * g;
+        if self.nesterov { g + mu * *buf } else { *buf }
+    }
 }
 
 /// An iterative optimizer over named parameters.

@@ -217,42 +217,35 @@ impl<F: Float> Optimizer<F> for Sgd<F> {
         check_params(params, "Sgd::step")?;
         let rule = self.linear_rule().expect("invariant: sgd is linear");
         let lr = F::narrow(rule.lr);
-        let mu = F::narrow(rule.momentum);
         let wd = F::narrow(rule.weight_decay);
-        let entry = F::narrow(rule.entry_weight());
         for p in params.iter_mut() {
             let g: ArrayD<F> = if rule.weight_decay != 0.0 {
                 &p.grad + &p.value.mapv(|w| w * wd)
             } else {
                 p.grad.to_owned()
             };
-            let d = if rule.momentum == 0.0 {
-                g
-            } else {
-                let buf = self
-                    .state
-                    .momentum
-                    .entry(p.id.clone())
-                    .or_insert_with(|| ArrayD::zeros(g.raw_dim()));
-                if buf.shape() != g.shape() {
-                    return Err(Error::ShapeMismatch {
-                        op: "Sgd::step (momentum buffer)",
-                        expected: format!("{:?} for {}", buf.shape(), p.id),
-                        got: format!("{:?}", g.shape()),
-                    });
-                }
-                Zip::from(&mut *buf)
+            if rule.momentum == 0.0 {
+                Zip::from(&mut p.value)
                     .and(&g)
-                    .for_each(|b, &gi| *b = mu * *b + entry * gi);
-                if rule.nesterov {
-                    g + &buf.mapv(|b| b * mu)
-                } else {
-                    buf.clone()
-                }
-            };
+                    .for_each(|w, &gi| *w -= lr * gi);
+                continue;
+            }
+            let buf = self
+                .state
+                .momentum
+                .entry(p.id.clone())
+                .or_insert_with(|| ArrayD::zeros(g.raw_dim()));
+            if buf.shape() != g.shape() {
+                return Err(Error::ShapeMismatch {
+                    op: "Sgd::step (momentum buffer)",
+                    expected: format!("{:?} for {}", buf.shape(), p.id),
+                    got: format!("{:?}", g.shape()),
+                });
+            }
             Zip::from(&mut p.value)
-                .and(&d)
-                .for_each(|w, &di| *w -= lr * di);
+                .and(&mut *buf)
+                .and(&g)
+                .for_each(|w, b, &gi| *w -= lr * rule.advance(b, gi));
         }
         self.state.step += 1;
         Ok(())

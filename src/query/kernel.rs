@@ -16,13 +16,12 @@
 //! Chunks run in parallel (rayon); their results are combined in a fixed order,
 //! so the output does not depend on the number of threads.
 
-use std::borrow::Cow;
-
 use ndarray::{Array1, Array2, Array3, ArrayView2, Axis, CowArray, Ix2, s};
 use rayon::prelude::*;
 
-use crate::Float;
-use crate::ledger::{DenseAccounts, Rows, Segment};
+use crate::float::Float;
+use crate::ledger::LayerView;
+use crate::ledger::accounts::{DenseAccounts, Rows};
 
 /// One layer's query: patches and targets, flattened over `(query, position)`.
 pub(crate) struct LayerInput<F> {
@@ -105,76 +104,6 @@ pub(crate) struct Materialized {
 /// Target bytes of one chunk's contribution block.
 const CHUNK_BYTES: usize = 16 << 20;
 
-/// Every source's dense accounts of layer `l` summed over `segments`:
-/// `(sources, [n, fan_out·aug_in])`, sources ascending. One segment's accounts
-/// are borrowed as they are (no copy of what can be gigabytes).
-pub(crate) fn combined_dense<'a>(
-    segments: &[&'a Segment],
-    l: usize,
-) -> (Cow<'a, [u32]>, CowArray<'a, f64, Ix2>) {
-    if let [seg] = segments {
-        let acc = &seg.layers[l];
-        if acc.sorted {
-            return (Cow::Borrowed(&acc.source), CowArray::from(acc.stack()));
-        }
-    }
-    let acc0 = &segments[0].layers[l];
-    let size = acc0.fan_out * acc0.aug_in;
-    let mut sources: Vec<u32> = segments
-        .iter()
-        .flat_map(|s| s.layers[l].source.iter().copied())
-        .collect();
-    sources.sort_unstable();
-    sources.dedup();
-    let mut out = Array2::<f64>::zeros((sources.len(), size));
-    for seg in segments {
-        let acc = &seg.layers[l];
-        for (k, &src) in acc.source.iter().enumerate() {
-            let row = sources
-                .binary_search(&src)
-                .expect("invariant: source collected");
-            let mut dst = out.row_mut(row);
-            dst += &ndarray::ArrayView1::from(&acc.dense[k * size..(k + 1) * size]);
-        }
-    }
-    (Cow::Owned(sources), CowArray::from(out))
-}
-
-/// One layer of a ledger as a query reads it: its rows, the segments taken
-/// into account, and each step group's coefficient summed over those segments.
-pub(crate) struct LayerLedger<'a, F> {
-    pub(crate) l: usize,
-    pub(crate) rows: &'a Rows<F>,
-    pub(crate) segments: Vec<&'a Segment>,
-    pub(crate) coef: Vec<f64>,
-}
-
-impl<'a, F: Float> LayerLedger<'a, F> {
-    pub(crate) fn new(
-        l: usize,
-        rows: &'a Rows<F>,
-        segments: Vec<&'a Segment>,
-        n_groups: u32,
-    ) -> Self {
-        let mut coef = vec![0.0; n_groups as usize];
-        for seg in &segments {
-            for (i, &c) in seg.coef.iter().enumerate() {
-                coef[seg.first_group as usize + i] += c;
-            }
-        }
-        Self {
-            l,
-            rows,
-            segments,
-            coef,
-        }
-    }
-
-    fn dense(&self, k: usize) -> &'a DenseAccounts {
-        &self.segments[k].layers[self.l]
-    }
-}
-
 /// Slot range of sources `[s0, s1)` in sorted dense accounts.
 fn slot_range(acc: &DenseAccounts, s0: u32, s1: u32) -> (usize, usize) {
     debug_assert!(acc.sorted);
@@ -191,7 +120,7 @@ fn slot_range(acc: &DenseAccounts, s0: u32, s1: u32) -> (usize, usize) {
 /// (convolutions); every other source's contribution is materialised, a chunk
 /// of sources at a time.
 pub(crate) fn materialize<F: Float>(
-    layer: &LayerLedger<'_, F>,
+    layer: &LayerView<'_, F>,
     n_src: usize,
     input: &LayerInput<F>,
 ) -> Materialized {
@@ -199,10 +128,7 @@ pub(crate) fn materialize<F: Float>(
     let (fan_out, aug_in) = (input.target.ncols(), input.a64.ncols());
     let dot = dots(layer, &[input], n_src, input.n_q);
     let rows = layer.rows;
-    let mut total_account = rows.sum(0, rows.len(), |g| layer.coef[g as usize]);
-    for seg in &layer.segments {
-        total_account += &seg.layers[layer.l].total();
-    }
+    let total_account = layer.total_account();
     let mut has_rows = vec![false; n_src];
     for (&s, &g) in rows.source.iter().zip(&rows.group) {
         if layer.coef[g as usize] != 0.0 {
@@ -243,7 +169,7 @@ pub(crate) fn materialize<F: Float>(
 
     // Dense-only sources by their Gram matrices GᵀG against the queries' ÃᵀÃ.
     if gram {
-        let (sources, dense) = combined_dense(&layer.segments, layer.l);
+        let (sources, dense) = layer.combined_dense();
         let keep: Vec<usize> = (0..sources.len())
             .filter(|&k| !has_rows[sources[k] as usize])
             .collect();
@@ -287,7 +213,7 @@ pub(crate) fn materialize<F: Float>(
 
 /// `c_s` for sources `[s0, s1)`: `[s1 − s0, n_q·P, fan_out]`.
 pub(crate) fn chunk_contributions<F: Float>(
-    layer: &LayerLedger<'_, F>,
+    layer: &LayerView<'_, F>,
     s0: usize,
     s1: usize,
     input: &LayerInput<F>,
@@ -323,8 +249,8 @@ pub(crate) fn chunk_contributions<F: Float>(
             j = e;
         }
     }
-    for k in 0..layer.segments.len() {
-        let acc = layer.dense(k);
+    for seg in &layer.segments {
+        let acc = seg.dense;
         let (k0, k1) = slot_range(acc, s0 as u32, s1 as u32);
         if k1 > k0 {
             let aug_in = acc.aug_in;
@@ -353,7 +279,7 @@ const ROW_BLOCK: usize = 4096;
 /// accounts summed first); with one input per segment, segment `k` is read
 /// with `inputs[k]` (TracIn per segment).
 pub(crate) fn dots<F: Float>(
-    layer: &LayerLedger<'_, F>,
+    layer: &LayerView<'_, F>,
     inputs: &[&LayerInput<F>],
     n_src: usize,
     n_q: usize,
@@ -363,7 +289,7 @@ pub(crate) fn dots<F: Float>(
     if inputs.len() == 1 {
         row_dots(rows, None, &layer.coef, inputs[0], &mut out);
         if !layer.segments.is_empty() {
-            let (sources, dense) = combined_dense(&layer.segments, layer.l);
+            let (sources, dense) = layer.combined_dense();
             if !sources.is_empty() {
                 dense_dots(&mut out, &sources, dense.view(), inputs[0]);
             }
@@ -372,7 +298,7 @@ pub(crate) fn dots<F: Float>(
     }
     debug_assert_eq!(inputs.len(), layer.segments.len());
     for (k, input) in inputs.iter().enumerate() {
-        let seg = layer.segments[k];
+        let seg = &layer.segments[k];
         let idx: Vec<usize> = (0..rows.len())
             .filter(|&j| seg.coef_of(rows.group[j]) != 0.0)
             .collect();
@@ -380,7 +306,7 @@ pub(crate) fn dots<F: Float>(
             .map(|g| seg.coef_of(g))
             .collect();
         row_dots(rows, Some(&idx), &coef, input, &mut out);
-        let acc = layer.dense(k);
+        let acc = seg.dense;
         if acc.n_slots() > 0 {
             dense_dots(&mut out, &acc.source, acc.stack(), input);
         }
@@ -392,7 +318,7 @@ pub(crate) fn dots<F: Float>(
 /// their rows gathered into one matrix product, their dense accounts read in
 /// place — no allocation per source.
 pub(crate) fn dots_for<F: Float>(
-    layer: &LayerLedger<'_, F>,
+    layer: &LayerView<'_, F>,
     cand: &[usize],
     n_src: usize,
     input: &LayerInput<F>,
@@ -411,7 +337,7 @@ pub(crate) fn dots_for<F: Float>(
     let q = query_matrices(input);
     let q = q.row(0);
     for seg in &layer.segments {
-        let acc = &seg.layers[layer.l];
+        let acc = seg.dense;
         for &s in cand {
             if let Some(g) = acc.get(s as u32) {
                 out[[s, 0]] += g.iter().zip(q.iter()).map(|(a, b)| a * b).sum::<f64>();

@@ -618,17 +618,17 @@ pub struct ClassAttribution {
 
 impl<F: Float> Ledger<F> {
     /// Layer `l` as the kernels read it, over all segments or one.
-    fn layer_ledger(&self, l: usize, segment: Option<usize>) -> kernel::LayerLedger<'_, F> {
+    fn layer_ledger(&self, l: usize, segment: Option<usize>) -> crate::ledger::LayerView<'_, F> {
         let segs = match segment {
-            None => self.segments.iter().collect(),
-            Some(k) => vec![&self.segments[k]],
+            None => crate::ledger::Segments::All,
+            Some(k) => crate::ledger::Segments::One(k),
         };
-        kernel::LayerLedger::new(l, &self.rows[l], segs, self.n_groups)
+        self.layer_view(l, segs).expect("invariant: in range")
     }
 
     fn check_query(&self, query: &Query<F>, op: &'static str) -> Result<()> {
-        query.check(&self.layers, op)?;
-        if self.segments.iter().all(|s| s.n_steps == 0) {
+        query.check(self.layers(), op)?;
+        if !self.has_steps() {
             return Err(Error::Empty {
                 op,
                 what: "ledger (no training step recorded)",
@@ -639,7 +639,8 @@ impl<F: Float> Ledger<F> {
 
     /// The refinement `r = (W_T − W₀) ⊛ a` of layer `l` for every query, `[n_q·P, fan_out]`.
     fn representation_input(&self, query: &Query<F>, l: usize) -> (LayerInput<F>, Array2<f64>) {
-        let change = self.final_params(l).expect("invariant: layer in range") - &self.initial[l];
+        let change = self.final_params(l).expect("invariant: layer in range")
+            - self.initial_params(l).expect("invariant: layer in range");
         let input = query.representation_input(l, &change);
         let r = input.target.clone();
         (input, r)
@@ -656,21 +657,18 @@ impl<F: Float> Ledger<F> {
     /// See the crate-level example.
     pub fn explain(&self, query: &Query<F>) -> Result<Explanation<'_>> {
         self.check_query(query, "Ledger::explain")?;
-        Ok(self.explain_layers(query, &(0..self.layers.len()).collect::<Vec<_>>()))
+        Ok(self.explain_layers(query, &(0..self.layers().len()).collect::<Vec<_>>()))
     }
 
     /// [`explain`](Self::explain) restricted to the layers `selected`.
     fn explain_layers(&self, query: &Query<F>, selected: &[usize]) -> Explanation<'_> {
-        let n_src = self.sources.len();
+        let n_src = self.sources().len();
         let layers = selected
             .iter()
             .map(|&l| {
                 let (input, r) = self.representation_input(query, l);
                 let m = materialize(&self.layer_ledger(l, None), n_src, &input);
-                let mut residual = Array2::zeros(self.initial[l].raw_dim());
-                for seg in &self.segments {
-                    residual += &seg.layers[l].residual;
-                }
+                let residual = self.whole_layer(l).residual();
                 let c_res = input.apply(residual.view());
                 let total = &m.total + &c_res;
                 let err = input
@@ -678,7 +676,7 @@ impl<F: Float> Ledger<F> {
                     .mapv(f64::sqrt);
                 let r_norm = input.per_query_dot(r.view(), r.view()).mapv(f64::sqrt);
                 LayerExplanation {
-                    layer: self.layers[l].id.clone(),
+                    layer: self.layers()[l].id.clone(),
                     dot: m.dot.t().as_standard_layout().into_owned(),
                     norm: m.norm2.t().mapv(f64::sqrt),
                     residual_dot: input.per_query_dot(c_res.view(), r.view()),
@@ -691,7 +689,7 @@ impl<F: Float> Ledger<F> {
             .collect();
         Explanation {
             layers,
-            sources: &self.sources,
+            sources: self.sources(),
         }
     }
 
@@ -716,7 +714,7 @@ impl<F: Float> Ledger<F> {
                 Ok(dots(
                     &self.layer_ledger(l, None),
                     &[&input],
-                    self.sources.len(),
+                    self.sources().len(),
                     query.n,
                 )
                 .t()
@@ -748,11 +746,11 @@ impl<F: Float> Ledger<F> {
                 let dot = dots(
                     &self.layer_ledger(l, None),
                     &[&input],
-                    self.sources.len(),
+                    self.sources().len(),
                     query.n,
                 );
                 LayerExplanation::dots_only(
-                    self.layers[l].id.clone(),
+                    self.layers()[l].id.clone(),
                     dot.t().as_standard_layout().into_owned(),
                     &input,
                 )
@@ -760,13 +758,13 @@ impl<F: Float> Ledger<F> {
             .collect();
         Explanation {
             layers,
-            sources: &self.sources,
+            sources: self.sources(),
         }
     }
 
     /// The last layer's input with target `e_ŷ − e_runner-up` from the final logits.
     fn margin_input(&self, query: &Query<F>) -> Result<(usize, LayerInput<F>)> {
-        let l = self.layers.len() - 1;
+        let l = self.layers().len() - 1;
         let ql = &query.layers[l];
         let (n, positions, _) = ql.patches.dim();
         let fan_out = ql.shape.fan_out;
@@ -795,7 +793,7 @@ impl<F: Float> Ledger<F> {
     }
 
     fn select(&self, layers: LayerSel, op: &'static str) -> Result<Vec<usize>> {
-        select_layers(self.layers.len(), layers, op)
+        select_layers(self.layers().len(), layers, op)
     }
 
     /// The loss lens with each segment paired with its own query: `queries[k]`
@@ -812,10 +810,10 @@ impl<F: Float> Ledger<F> {
         layers: LayerSel,
     ) -> Result<Array2<f64>> {
         const OP: &str = "Ledger::loss_scores_by_segment";
-        if queries.len() != self.segments.len() {
+        if queries.len() != self.n_segments() {
             return Err(Error::ShapeMismatch {
                 op: OP,
-                expected: format!("{} queries (one per segment)", self.segments.len()),
+                expected: format!("{} queries (one per segment)", self.n_segments()),
                 got: format!("{} queries", queries.len()),
             });
         }
@@ -866,14 +864,19 @@ impl<F: Float> Ledger<F> {
         op: &'static str,
     ) -> Result<Array2<f64>> {
         let n_q = queries[0].n;
-        let mut total = Array2::<f64>::zeros((self.sources.len(), n_q));
+        let mut total = Array2::<f64>::zeros((self.sources().len(), n_q));
         for &l in layers {
             let inputs: Vec<LayerInput<F>> = queries
                 .iter()
                 .map(|q| q.loss_input(l, op))
                 .collect::<Result<_>>()?;
             let refs: Vec<&LayerInput<F>> = inputs.iter().collect();
-            total += &dots(&self.layer_ledger(l, None), &refs, self.sources.len(), n_q);
+            total += &dots(
+                &self.layer_ledger(l, None),
+                &refs,
+                self.sources().len(),
+                n_q,
+            );
         }
         Ok(total.t().as_standard_layout().into_owned())
     }
@@ -891,12 +894,12 @@ impl<F: Float> Ledger<F> {
     ) -> Result<Vec<Influences>> {
         const OP: &str = "Ledger::top_k_influences";
         self.check_query(query, OP)?;
-        let all: Vec<usize> = (0..self.layers.len()).collect();
+        let all: Vec<usize> = (0..self.layers().len()).collect();
         // Each layer's scores once; the combination is derived from them.
         let (per_layer, combined): (Vec<(usize, Array2<f64>)>, Array2<f64>) = match lens {
             Lens::Margin => {
                 let s = self.scores(query, lens, LayerSel::All)?;
-                (vec![(self.layers.len() - 1, s.clone())], s)
+                (vec![(self.layers().len() - 1, s.clone())], s)
             }
             Lens::Loss => {
                 let per: Vec<(usize, Array2<f64>)> = all
@@ -927,9 +930,14 @@ impl<F: Float> Ledger<F> {
                 query: q,
                 per_layer: per_layer
                     .iter()
-                    .map(|(l, s)| (self.layers[*l].id.clone(), rank(s.row(q), &self.sources, k)))
+                    .map(|(l, s)| {
+                        (
+                            self.layers()[*l].id.clone(),
+                            rank(s.row(q), self.sources(), k),
+                        )
+                    })
                     .collect(),
-                combined: rank(combined.row(q), &self.sources, k),
+                combined: rank(combined.row(q), self.sources(), k),
             })
             .collect())
     }
@@ -947,45 +955,44 @@ impl<F: Float> Ledger<F> {
     ) -> Result<Vec<ClassAttribution>> {
         const OP: &str = "Ledger::class_attribution";
         self.check_query(query, OP)?;
-        let segs: Vec<&crate::ledger::Segment> = match segment {
-            None => self.segments.iter().collect(),
-            Some(k) => vec![self.segments.get(k).ok_or(Error::IndexOutOfRange {
-                op: OP,
-                what: "segment",
-                index: k,
-                len: self.segments.len(),
-            })?],
+        let segs = match segment {
+            None => crate::ledger::Segments::All,
+            Some(k) => crate::ledger::Segments::One(k),
         };
         let n_classes = self
-            .sources
+            .sources()
             .iter()
             .filter_map(|s| s.label)
             .max()
             .map_or(0, |m| m + 1);
-        let mut out = Vec::with_capacity(self.layers.len() + 1);
-        for l in 0..self.layers.len() {
+        let mut out = Vec::with_capacity(self.layers().len() + 1);
+        for l in 0..self.layers().len() {
             let (input, r) = self.representation_input(query, l);
-            let ll = kernel::LayerLedger::new(l, &self.rows[l], segs.clone(), self.n_groups);
-            let dot = dots(&ll, &[&input], self.sources.len(), query.n); // [n_src, n_q]
+            let ll = self
+                .layer_view(l, segs)
+                .map_err(|_| Error::IndexOutOfRange {
+                    op: OP,
+                    what: "segment",
+                    index: segment.unwrap_or(0),
+                    len: self.n_segments(),
+                })?;
+            let dot = dots(&ll, &[&input], self.sources().len(), query.n); // [n_src, n_q]
             let r2 = input.per_query_dot(r.view(), r.view());
             let inv = r2.mapv(|v| if v == 0.0 { 0.0 } else { 1.0 / v });
             let mut per_class = Array2::zeros((query.n, n_classes));
             let mut unlabeled = Array1::zeros(query.n);
-            for (s, meta) in self.sources.iter().enumerate() {
+            for (s, meta) in self.sources().iter().enumerate() {
                 let share = &dot.row(s) * &inv;
                 match meta.label {
                     Some(c) => per_class.column_mut(c).scaled_add(1.0, &share),
                     None => unlabeled += &share,
                 }
             }
-            let mut residual_m = Array2::zeros(self.initial[l].raw_dim());
-            for seg in &segs {
-                residual_m += &seg.layers[l].residual;
-            }
+            let residual_m = ll.residual();
             let residual =
                 input.per_query_dot(input.apply(residual_m.view()).view(), r.view()) * &inv;
             out.push(ClassAttribution {
-                layer: self.layers[l].id.clone(),
+                layer: self.layers()[l].id.clone(),
                 per_class,
                 unlabeled,
                 residual,
@@ -1034,7 +1041,7 @@ impl<F: Float> Ledger<F> {
             .iter()
             .map(|&s| self.source_index(s))
             .collect::<Result<_>>()?;
-        let n_l = self.layers.len();
+        let n_l = self.layers().len();
         // Per layer and query: ⟨c, t⟩, ‖c‖², ‖t‖².
         let mut dot = Array2::<f64>::zeros((n_l, query.n));
         let mut norm2 = Array2::<f64>::zeros((n_l, query.n));

@@ -73,7 +73,7 @@ impl RidgeLens {
             let m = ledger.account_matrix(l)?;
             ndarray::linalg::general_mat_mul(1.0, &m, &m.t(), 1.0, &mut gram);
         }
-        let fitted_on = fingerprint(ledger);
+        let fitted_on = ledger.fingerprint();
         Self::from_gram(gram, c, fitted_on)
     }
 
@@ -125,7 +125,7 @@ impl RidgeLens {
     /// As [`Ledger::scores`] with [`Lens::Loss`]; [`Error::ShapeMismatch`] for a
     /// ledger that is not the one the lens was fitted on.
     pub fn scores<F: Float>(&self, ledger: &Ledger<F>, query: &Query<F>) -> Result<Array2<f64>> {
-        let same = fingerprint(ledger) == self.fitted_on;
+        let same = ledger.fingerprint() == self.fitted_on;
         let lg = ledger.scores(query, Lens::Loss, LayerSel::All)?; // [n_q, N] = (L g)ᵀ
         if !same {
             return Err(Error::ShapeMismatch {
@@ -137,7 +137,7 @@ impl RidgeLens {
                 got: format!(
                     "a ledger of {} sources, fingerprint {:08x}",
                     lg.ncols(),
-                    fingerprint(ledger).1
+                    ledger.fingerprint().1
                 ),
             });
         }
@@ -148,24 +148,6 @@ impl RidgeLens {
         }
         Ok(out)
     }
-}
-
-/// The number of sources and a CRC-32 of the source ids, every segment's
-/// coefficients and the final parameters: a cheap identity of a ledger.
-fn fingerprint<F: Float>(ledger: &Ledger<F>) -> (usize, u32) {
-    let mut h = crc32fast::Hasher::new();
-    for s in ledger.sources() {
-        h.update(format!("{:?}", s.id).as_bytes());
-    }
-    for seg in &ledger.segments {
-        seg.coef.iter().for_each(|c| h.update(&c.to_le_bytes()));
-    }
-    for l in 0..ledger.layers().len() {
-        if let Ok(p) = ledger.final_params(l) {
-            p.iter().for_each(|v| h.update(&v.to_le_bytes()));
-        }
-    }
-    (ledger.sources().len(), h.finalize())
 }
 
 /// Lower Cholesky factor of a symmetric positive definite matrix

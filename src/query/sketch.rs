@@ -35,9 +35,10 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-use super::kernel::{LayerInput, LayerLedger, dots_for};
+use super::kernel::{LayerInput, dots_for};
 use super::ridge::{cholesky, solve_cholesky};
 use super::{Explanation, Influences, LayerExplanation, Ranking, rank, select_layers};
+use crate::ledger::LayerView;
 use crate::ledger::{LayerMeta, SourceMeta};
 use crate::storage::{Reader, bf16s, decode, floats, matrix, save_atomic, with_mapped};
 use crate::{Error, Float, LayerSel, Ledger, Lens, Query, Result};
@@ -189,10 +190,10 @@ impl LedgerSketch {
         for (l, &k) in dims.iter().enumerate() {
             let meta = &ledger.layers()[l];
             let [lm, rm] = operators(config.seed, l, k, meta.shape.fan_out, meta.shape.aug_in());
-            let layer = ledger.layer_ledger(l, None);
+            let layer = ledger.whole_layer(l);
             sketch.push(sketch_layer(&layer, n, &lm, &rm));
             residual.push(sketch_dense(ledger.residual(l)?.view(), &lm, &rm));
-            change.push(ledger.final_params(l)? - &ledger.initial[l]);
+            change.push(ledger.final_params(l)? - ledger.initial_params(l)?);
         }
         Ok(Self {
             layers: ledger.layers().to_vec(),
@@ -457,9 +458,7 @@ impl LedgerSketch {
                 }
             })
             .collect::<Result<_>>()?;
-        let layers: Vec<LayerLedger<'_, F>> = (0..n_layers)
-            .map(|l| ledger.layer_ledger(l, None))
-            .collect();
+        let layers: Vec<LayerView<'_, F>> = (0..n_layers).map(|l| ledger.whole_layer(l)).collect();
         let shortlist = shortlist.max(k).min(self.sources.len());
         Ok((0..query.n)
             .into_par_iter()
@@ -746,7 +745,7 @@ fn combine(lens: Lens, dots: &[f64], t2: &[f64]) -> f64 {
 
 /// `φ(G_s)` of every source of one layer, `[N, k]` in `bf16`.
 fn sketch_layer<F: Float>(
-    layer: &LayerLedger<'_, F>,
+    layer: &LayerView<'_, F>,
     n: usize,
     lm: &Array2<f64>,
     rm: &Array2<f64>,
@@ -785,7 +784,7 @@ fn sketch_layer<F: Float>(
             }
             // Dense accounts: l_mᵀ G r_m.
             for seg in &layer.segments {
-                let dense = &seg.layers[layer.l];
+                let dense = seg.dense;
                 let (k0, k1) = (
                     dense.source.partition_point(|&s| (s as usize) < s0),
                     dense.source.partition_point(|&s| (s as usize) < s1),

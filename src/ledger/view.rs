@@ -1,0 +1,316 @@
+//! Read-only views of a ledger: one traced layer over some segments, as every
+//! reader (queries, the ridge lens, sketches) sees it, and the ledger's
+//! derived reads (whole accounts, residuals, balance).
+//!
+//! A source's account in layer `l` over a set of segments is
+//!
+//! ```text
+//! G_s = Σ_j κ(g_j) d_j ã_jᵀ  +  Σ_k D_{k,s}
+//! ```
+//!
+//! over its factored rows `j` (step group `g_j`, weighted by `κ(g)`, the sum of
+//! the selected segments' coefficients of group `g`) plus its dense accounts
+//! `D_{k,s}` in the selected segments. This module is the one place that
+//! combines them; readers never touch the ledger's fields.
+
+use std::borrow::Cow;
+
+use ndarray::{Array2, ArrayView2, CowArray, Ix2};
+
+use super::Ledger;
+use super::accounts::{DenseAccounts, Rows};
+use super::segment::Segment;
+use crate::{Error, Float, Result, SourceId};
+
+/// One selected segment of one layer.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SegmentLayer<'a> {
+    first_group: u32,
+    coef: &'a [f64],
+    /// The segment's dense accounts and residual of the layer.
+    pub(crate) dense: &'a DenseAccounts,
+}
+
+impl SegmentLayer<'_> {
+    /// The segment's coefficient of group `g` (0 outside its range).
+    pub(crate) fn coef_of(&self, g: u32) -> f64 {
+        g.checked_sub(self.first_group)
+            .and_then(|i| self.coef.get(i as usize))
+            .copied()
+            .unwrap_or(0.0)
+    }
+}
+
+/// One traced layer of a ledger over a set of segments, read-only.
+#[derive(Clone, Debug)]
+pub(crate) struct LayerView<'a, F> {
+    /// The layer's factored rows (the whole run's).
+    pub(crate) rows: &'a Rows<F>,
+    /// Per global step group, its coefficient summed over the selected segments.
+    pub(crate) coef: Vec<f64>,
+    /// The selected segments.
+    pub(crate) segments: Vec<SegmentLayer<'a>>,
+}
+
+impl<'a, F: Float> LayerView<'a, F> {
+    /// The layer's residual summed over the selected segments.
+    pub(crate) fn residual(&self) -> Array2<f64> {
+        let acc = self.segments[0].dense;
+        let mut out = Array2::zeros((acc.fan_out, acc.aug_in));
+        for seg in &self.segments {
+            out += &seg.dense.residual;
+        }
+        out
+    }
+
+    /// `Σ_s G_s`: every credited account summed (rows and dense accounts).
+    pub(crate) fn total_account(&self) -> Array2<f64> {
+        let mut total = self.rows.sum(0, self.rows.len(), |g| self.coef[g as usize]);
+        for seg in &self.segments {
+            total += &seg.dense.total();
+        }
+        total
+    }
+
+    /// Every source's dense accounts summed over the selected segments:
+    /// `(sources, [n, fan_out·aug_in])`, sources ascending. One segment's accounts
+    /// are borrowed as they are (no copy of what can be gigabytes).
+    pub(crate) fn combined_dense(&self) -> (Cow<'a, [u32]>, CowArray<'a, f64, Ix2>) {
+        if let [seg] = self.segments.as_slice() {
+            if seg.dense.sorted {
+                return (
+                    Cow::Borrowed(&seg.dense.source),
+                    CowArray::from(seg.dense.stack()),
+                );
+            }
+        }
+        let acc0 = self.segments[0].dense;
+        let size = acc0.fan_out * acc0.aug_in;
+        let mut sources: Vec<u32> = self
+            .segments
+            .iter()
+            .flat_map(|s| s.dense.source.iter().copied())
+            .collect();
+        sources.sort_unstable();
+        sources.dedup();
+        let mut out = Array2::<f64>::zeros((sources.len(), size));
+        for seg in &self.segments {
+            for (k, &src) in seg.dense.source.iter().enumerate() {
+                let row = sources
+                    .binary_search(&src)
+                    .expect("invariant: source collected");
+                let mut dst = out.row_mut(row);
+                dst += &seg.dense.stack().row(k);
+            }
+        }
+        (Cow::Owned(sources), CowArray::from(out))
+    }
+
+    /// The whole account of source index `s` as a dense `[fan_out, aug_in]` matrix.
+    pub(crate) fn account(&self, s: u32) -> Array2<f64> {
+        let rows = self.rows;
+        let mut acc = Array2::zeros((rows.fan_out, rows.aug_in));
+        for j in (0..rows.len()).filter(|&j| rows.source[j] == s) {
+            acc += &rows.sum(j, j + 1, |g| self.coef[g as usize]);
+        }
+        for seg in &self.segments {
+            if let Some(d) = seg.dense.get(s) {
+                acc += &d;
+            }
+        }
+        acc
+    }
+}
+
+/// Which segments a view covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Segments {
+    /// Every segment (the whole run).
+    All,
+    /// One segment.
+    One(usize),
+}
+
+impl<F: Float> Ledger<F> {
+    fn selected(&self, segments: Segments, op: &'static str) -> Result<Vec<&Segment>> {
+        match segments {
+            Segments::All => Ok(self.segments.iter().collect()),
+            Segments::One(k) => Ok(vec![self.segments.get(k).ok_or(
+                Error::IndexOutOfRange {
+                    op,
+                    what: "segment",
+                    index: k,
+                    len: self.segments.len(),
+                },
+            )?]),
+        }
+    }
+
+    /// Layer `l` over `segments`, read-only.
+    ///
+    /// # Errors
+    /// [`Error::IndexOutOfRange`] for a bad layer or segment.
+    pub(crate) fn layer_view(&self, l: usize, segments: Segments) -> Result<LayerView<'_, F>> {
+        const OP: &str = "Ledger::layer_view";
+        self.check_layer(l, OP)?;
+        let segs = self.selected(segments, OP)?;
+        Ok(LayerView {
+            rows: &self.rows[l],
+            coef: self.coef_table(&segs),
+            segments: segs
+                .iter()
+                .map(|s| SegmentLayer {
+                    first_group: s.first_group,
+                    coef: &s.coef,
+                    dense: &s.layers[l],
+                })
+                .collect(),
+        })
+    }
+
+    /// Layer `l` over the whole run (`l` must be in range).
+    pub(crate) fn whole_layer(&self, l: usize) -> LayerView<'_, F> {
+        self.layer_view(l, Segments::All)
+            .expect("invariant: layer in range")
+    }
+
+    /// Per global step group, the sum of its coefficients over `segments`.
+    pub(super) fn coef_table(&self, segments: &[&Segment]) -> Vec<f64> {
+        let mut t = vec![0.0; self.n_groups as usize];
+        for seg in segments {
+            for (i, &c) in seg.coef.iter().enumerate() {
+                t[seg.first_group as usize + i] += c;
+            }
+        }
+        t
+    }
+
+    /// The whole account `G` of `source` in layer `layer`, summed over segments,
+    /// as a dense `[fan_out, aug_in]` matrix (bias in the last column).
+    ///
+    /// # Errors
+    /// [`Error::UnknownSource`], [`Error::IndexOutOfRange`].
+    ///
+    /// # Example
+    /// ```
+    /// # let (ledger, _net) = refinement_ledger::doc_fixture()?;
+    /// use refinement_ledger::{ExampleId, SourceId};
+    /// let g = ledger.account(0, SourceId::Example(ExampleId(0)))?;
+    /// assert_eq!(g.dim(), (4, 3)); // fc1: 4 outputs, 2 inputs and the bias
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
+    pub fn account(&self, layer: usize, source: SourceId) -> Result<Array2<f64>> {
+        self.check_layer(layer, "Ledger::account")?;
+        let s = self.source_index(source)? as u32;
+        Ok(self.whole_layer(layer).account(s))
+    }
+
+    /// Every source's whole account of layer `layer` (summed over segments) as
+    /// one row: `[n_sources, fan_out · aug_in]`, `f64`. Memory: that many numbers.
+    ///
+    /// # Errors
+    /// [`Error::IndexOutOfRange`] for a bad layer index.
+    pub fn account_matrix(&self, layer: usize) -> Result<Array2<f64>> {
+        let view = self.layer_view(layer, Segments::All)?;
+        let (fan_out, aug_in) = self.initial[layer].dim();
+        let mut m = Array2::<f64>::zeros((self.sources.len(), fan_out * aug_in));
+        let (sources, dense) = view.combined_dense();
+        for (k, &s) in sources.iter().enumerate() {
+            let mut row = m.row_mut(s as usize);
+            row += &dense.row(k);
+        }
+        let rows = view.rows;
+        for j in 0..rows.len() {
+            let k = view.coef[rows.group[j] as usize];
+            let (a, d) = rows.view(j, j + 1);
+            let mut row = m.row_mut(rows.source[j] as usize);
+            let row = row.as_slice_mut().expect("invariant: standard layout");
+            for (o, &dv) in d.row(0).iter().enumerate() {
+                let dk = dv.widen() * k;
+                for (i, &av) in a.row(0).iter().enumerate() {
+                    row[o * aug_in + i] += dk * av.widen();
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    /// The residual of layer `layer` (updates credited to no source), summed over segments.
+    ///
+    /// # Errors
+    /// [`Error::IndexOutOfRange`] for a bad layer index.
+    pub fn residual(&self, layer: usize) -> Result<Array2<f64>> {
+        Ok(self.layer_view(layer, Segments::All)?.residual())
+    }
+
+    /// Per layer, the balance of parameters:
+    /// `‖W₀ + Σ G + residual − W_T‖ / ‖W_T − W₀‖` (0 when nothing changed).
+    ///
+    /// # Example
+    /// ```
+    /// # let (ledger, _net) = refinement_ledger::doc_fixture()?;
+    /// assert!(ledger.parameter_balance().iter().all(|&e| e < 1e-9));
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
+    pub fn parameter_balance(&self) -> Vec<f64> {
+        (0..self.layers.len())
+            .map(|l| {
+                let mut prev_end = &self.initial[l];
+                let mut change_norm2 = 0.0;
+                let mut sum = self.initial[l].clone();
+                for (k, seg) in self.segments.iter().enumerate() {
+                    let view = self
+                        .layer_view(l, Segments::One(k))
+                        .expect("invariant: in range");
+                    sum += &view.total_account();
+                    sum += &seg.layers[l].residual;
+                    change_norm2 += sq_norm(&(&seg.end[l] - prev_end).view());
+                    prev_end = &seg.end[l];
+                }
+                let err = sq_norm(&(&sum - prev_end).view()).sqrt();
+                let scale = change_norm2.sqrt();
+                if scale == 0.0 { err } else { err / scale }
+            })
+            .collect()
+    }
+
+    /// Relative size of the residual per layer: `‖residual‖ / ‖W_T − W₀‖`.
+    ///
+    /// # Example
+    /// ```
+    /// # let (ledger, _net) = refinement_ledger::doc_fixture()?;
+    /// // Plain SGD in f64: every update is credited, the residual is rounding.
+    /// assert!(ledger.residual_fraction().iter().all(|&r| r < 1e-9));
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
+    pub fn residual_fraction(&self) -> Vec<f64> {
+        (0..self.layers.len())
+            .map(|l| {
+                let res = self.whole_layer(l).residual();
+                let change = &self.segments[self.segments.len() - 1].end[l] - &self.initial[l];
+                let (c, r) = (sq_norm(&change.view()).sqrt(), sq_norm(&res.view()).sqrt());
+                if c == 0.0 { r } else { r / c }
+            })
+            .collect()
+    }
+
+    /// The number of sources and a CRC-32 of the source ids, every segment's
+    /// coefficients and the final parameters: a cheap identity of a ledger.
+    pub(crate) fn fingerprint(&self) -> (usize, u32) {
+        let mut h = crc32fast::Hasher::new();
+        for s in &self.sources {
+            h.update(format!("{:?}", s.id).as_bytes());
+        }
+        for seg in &self.segments {
+            seg.coef.iter().for_each(|c| h.update(&c.to_le_bytes()));
+        }
+        for p in &self.segments[self.segments.len() - 1].end {
+            p.iter().for_each(|v| h.update(&v.to_le_bytes()));
+        }
+        (self.sources.len(), h.finalize())
+    }
+}
+
+fn sq_norm(m: &ArrayView2<'_, f64>) -> f64 {
+    m.iter().map(|v| v * v).sum()
+}
