@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use common::{
     Model, Recipe, accuracy, gradient_query, representation_query, text_art, train_traced,
 };
+use refinement_ledger::Scorer;
 use refinement_ledger::data::{ClassPureSampler, Dataset};
 use refinement_ledger::nn::Sequential;
 use refinement_ledger::optim::AdamConfig;
@@ -84,19 +85,6 @@ fn thumbs(train: &Dataset<f32>, infs: &[Influence]) -> Result<Vec<Thumb>> {
         .collect()
 }
 
-fn top_k(scores: ndarray::ArrayView1<'_, f64>, ledger: &Ledger<f32>, k: usize) -> Vec<Influence> {
-    let mut idx: Vec<usize> = (0..scores.len()).collect();
-    idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-    idx.into_iter()
-        .take(k)
-        .map(|i| Influence {
-            source: ledger.sources()[i].id,
-            label: ledger.sources()[i].label,
-            score: scores[i],
-        })
-        .collect()
-}
-
 fn explain_model(
     model: Model,
     net: &mut Sequential<f32>,
@@ -112,7 +100,8 @@ fn explain_model(
     let tops = ledger.top_k_influences(&query, Lens::Influence, 5)?;
     let attribution = ledger.class_attribution(&query, None)?;
     let gq = gradient_query(net, picked.x(), &pred)?;
-    let ridge = RidgeLens::fit(ledger, ridge_c(model))?.scores(ledger, &gq)?;
+    let ridge_lens = RidgeLens::fit(ledger, ridge_c(model))?;
+    let ridge = ridge_lens.scores(&gq)?;
     let cos_last = ledger.scores(
         &query,
         Lens::Cos,
@@ -184,11 +173,11 @@ fn explain_model(
         );
         report.image_grid(
             "Looks like: cos at the last layer, top proponents",
-            &thumbs(train, &top_k(cos_last.row(qi), ledger, 8))?,
+            &thumbs(train, &cos_last.top_k(qi, 8)?.proponents)?,
         );
         report.image_grid(
             "Caused by: ridge lens, top proponents",
-            &thumbs(train, &top_k(ridge.row(qi), ledger, 8))?,
+            &thumbs(train, &ridge.top_k(qi, 8)?.proponents)?,
         );
         report.begin_row();
         for (l, meta) in ledger.layers().iter().enumerate() {

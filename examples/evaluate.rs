@@ -23,8 +23,10 @@ use refinement_ledger::metrics::{
     class_agreement, mean_and_standard_error, recall_at_fraction, roc_auc,
 };
 use refinement_ledger::nn::Sequential;
-use refinement_ledger::query::RidgeLens;
-use refinement_ledger::{LayerSel, Ledger, Lens, Query, Result, SourceId, write_params};
+use refinement_ledger::query::{Pairing, RidgeLens, Targets};
+use refinement_ledger::{
+    Influence, LayerSel, Ledger, Lens, Query, Result, Scorer, Scores, SourceId,
+};
 use serde_json::{Value, json};
 
 #[derive(Clone, Copy)]
@@ -48,85 +50,58 @@ struct Row {
     seconds: Option<f64>,
 }
 
-/// Gradient queries at each segment's start and end parameters.
-type StartsAndEnds = (Vec<Query<f32>>, Vec<Query<f32>>);
-
-/// A model at every segment boundary: the parameters each segment started and ended at.
-fn boundary_queries(
-    model: Model,
-    ledger: &Ledger<f32>,
-    x: &ndarray::ArrayD<f32>,
-    targets: &[usize],
-) -> Result<StartsAndEnds> {
-    let mut net = model.build(0)?;
-    let n_l = ledger.layers().len();
-    let params = |k: Option<usize>| -> Result<Vec<Array2<f64>>> {
-        (0..n_l)
-            .map(|l| {
-                Ok(match k {
-                    None => ledger.initial_params(l)?.clone(),
-                    Some(k) => ledger.segment_end_params(k, l)?.clone(),
-                })
-            })
-            .collect()
-    };
-    let (mut starts, mut ends) = (Vec::new(), Vec::new());
-    for k in 0..ledger.n_segments() {
-        write_params(&mut net.traceables_mut(), &params(k.checked_sub(1))?)?;
-        starts.push(gradient_query(&mut net, x, targets)?);
-        write_params(&mut net.traceables_mut(), &params(Some(k))?)?;
-        ends.push(gradient_query(&mut net, x, targets)?);
-    }
-    Ok((starts, ends))
-}
-
 /// Every lens's proponent scores `[n_q, n_sources]` for queries `x` with targets `targets`, timed.
-fn all_lenses(
-    model: Model,
+fn all_lenses<'a>(
     net: &mut Sequential<f32>,
-    ledger: &Ledger<f32>,
+    ledger: &'a Ledger<f32>,
     x: &ndarray::ArrayD<f32>,
     targets: &[usize],
-    ridge: &RidgeLens,
-) -> Result<Vec<(String, Array2<f64>, f64)>> {
+    ridge: &RidgeLens<'_>,
+) -> Result<Vec<(String, Scores<'a>, f64)>> {
     let mut out = Vec::new();
     let q = representation_query(net, x)?;
     let n_l = ledger.layers().len();
     let mut timed = |name: String, f: &mut dyn FnMut() -> Result<Array2<f64>>| -> Result<()> {
         let t = Instant::now();
         let s = f()?;
-        out.push((name, s, t.elapsed().as_secs_f64()));
+        let secs = t.elapsed().as_secs_f64();
+        out.push((name, Scores::from_values(s, ledger.sources())?, secs));
         Ok(())
     };
     for (lens, tag) in [(Lens::Influence, "influence"), (Lens::Cos, "cos")] {
         for l in 0..n_l {
             timed(format!("{tag}/{}", ledger.layers()[l].id), &mut || {
-                ledger.scores(&q, lens, LayerSel::Layer(l))
+                Ok(ledger.scores(&q, lens, LayerSel::Layer(l))?.into_values())
             })?;
         }
         timed(format!("{tag}/all"), &mut || {
-            ledger.scores(&q, lens, LayerSel::All)
+            Ok(ledger.scores(&q, lens, LayerSel::All)?.into_values())
         })?;
     }
     timed("share/all".into(), &mut || {
-        ledger.scores(&q, Lens::Share, LayerSel::All)
+        Ok(ledger.scores(&q, Lens::Share, LayerSel::All)?.into_values())
     })?;
     timed("margin".into(), &mut || {
-        ledger.scores(&q, Lens::Margin, LayerSel::All)
+        Ok(ledger
+            .scores(&q, Lens::Margin, LayerSel::All)?
+            .into_values())
     })?;
     let gq = gradient_query(net, x, targets)?;
     timed("loss/final".into(), &mut || {
-        ledger.scores(&gq, Lens::Loss, LayerSel::All)
+        Ok(ledger.scores(&gq, Lens::Loss, LayerSel::All)?.into_values())
     })?;
-    timed("loss/epoch".into(), &mut || {
-        let (_, ends) = boundary_queries(model, ledger, x, targets)?;
-        ledger.loss_scores_by_segment(&ends, LayerSel::All)
-    })?;
-    timed("loss/midpoint".into(), &mut || {
-        let (starts, ends) = boundary_queries(model, ledger, x, targets)?;
-        ledger.loss_scores_midpoint(&starts, &ends, LayerSel::All)
-    })?;
-    timed("ridge".into(), &mut || ridge.scores(ledger, &gq))?;
+    for (pairing, name) in [
+        (Pairing::SegmentEnd, "loss/epoch"),
+        (Pairing::Midpoint, "loss/midpoint"),
+    ] {
+        timed(name.into(), &mut || {
+            let paired = Query::paired(net, x.view(), Targets::Labels(targets), ledger, pairing)?;
+            Ok(ledger
+                .scores(&paired, Lens::Loss, LayerSel::All)?
+                .into_values())
+        })?;
+    }
+    timed("ridge".into(), &mut || Ok(ridge.scores(&gq)?.into_values()))?;
     let n_src = ledger.sources().len();
     timed("random".into(), &mut || {
         let mut rng = ChaCha8Rng::seed_from_u64(99);
@@ -137,11 +112,9 @@ fn all_lenses(
     Ok(out)
 }
 
-fn top(scores: ndarray::ArrayView1<'_, f64>, k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..scores.len()).collect();
-    idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-    idx.truncate(k);
-    idx
+/// The top `k` proponents of query `q` (ties broken by source id).
+fn top(scores: &Scores<'_>, q: usize, k: usize) -> Result<Vec<Influence>> {
+    Ok(scores.top_k(q, k)?.proponents)
 }
 
 /// Logit margin `z[ŷ] − max_{c≠ŷ} z[c]` and probability of `ŷ` for one input.
@@ -177,10 +150,11 @@ fn deletion_drop(
     Ok((base.0 - m, base.1 - p))
 }
 
-fn rows_of(ledger: &Ledger<f32>, train: &Dataset<f32>, sources: &[usize]) -> Vec<usize> {
+/// The training rows of the example sources among `sources`.
+fn rows_of(train: &Dataset<f32>, sources: &[Influence]) -> Vec<usize> {
     sources
         .iter()
-        .filter_map(|&s| match ledger.sources()[s].id {
+        .filter_map(|inf| match inf.source {
             SourceId::Example(e) => train.ids().iter().position(|&id| id == e),
             _ => None,
         })
@@ -230,7 +204,7 @@ fn evaluate(model: Model, opts: Opts) -> Result<(BTreeMap<String, Row>, Value)> 
     let mut best = (f64::NEG_INFINITY, 1e-3);
     for c in RIDGE_GRID {
         let ridge = base_ridge.with_c(c)?;
-        let alpha = ridge.scores(&ledger, &vq)?;
+        let alpha = ridge.scores(&vq)?;
         let drops: Vec<f64> = (0..valid.len())
             .into_par_iter()
             .map(|i| -> Result<f64> {
@@ -238,7 +212,7 @@ fn evaluate(model: Model, opts: Opts) -> Result<(BTreeMap<String, Row>, Value)> 
                 let mut full = model.build(1)?;
                 train_bare(&mut full, &train, &recipe, &[])?;
                 let base = margin_and_prob(&mut full, &xi, vpred[i])?;
-                let removed = rows_of(&ledger, &train, &top(alpha.row(i), opts.removed));
+                let removed = rows_of(&train, &top(&alpha, i, opts.removed)?);
                 Ok(deletion_drop(model, &train, &recipe, &xi, vpred[i], base, &removed)?.0)
             })
             .collect::<Result<_>>()?;
@@ -256,19 +230,17 @@ fn evaluate(model: Model, opts: Opts) -> Result<(BTreeMap<String, Row>, Value)> 
     );
 
     // (a) agreement and (d) time.
-    let lenses = all_lenses(model, &mut net, &ledger, eval.x(), &pred, &ridge)?;
+    let lenses = all_lenses(&mut net, &ledger, eval.x(), &pred, &ridge)?;
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
     for (name, scores, secs) in &lenses {
         let t = Instant::now();
         let agreement: Vec<f64> = (0..eval.len())
             .map(|q| {
-                let labels: Vec<Option<usize>> = top(scores.row(q), 10)
-                    .iter()
-                    .map(|&s| ledger.sources()[s].label)
-                    .collect();
-                class_agreement(&labels, pred[q])
+                let labels: Vec<Option<usize>> =
+                    top(scores, q, 10)?.iter().map(|inf| inf.label).collect();
+                Ok(class_agreement(&labels, pred[q]))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let rank_secs = t.elapsed().as_secs_f64();
         let row = rows.entry(name.clone()).or_default();
         row.agreement = Some(mean_and_standard_error(&agreement).0);
@@ -314,25 +286,26 @@ fn evaluate(model: Model, opts: Opts) -> Result<(BTreeMap<String, Row>, Value)> 
         "loss/final".into(),
         noisy_ledger.self_scores(&gq, &ids, Lens::Loss)?.to_vec(),
     ));
-    let col: Vec<usize> = ids
-        .iter()
-        .map(|&s| noisy_ledger.source_index(s))
-        .collect::<Result<_>>()?;
-    let diag = |m: &Array2<f64>| -> Vec<f64> { (0..col.len()).map(|i| m[[i, col[i]]]).collect() };
-    let (starts, ends) = boundary_queries(model, &noisy_ledger, noisy.x(), noisy.labels())?;
-    self_scores.push((
-        "loss/epoch".into(),
-        diag(&noisy_ledger.loss_scores_by_segment(&ends, LayerSel::All)?),
-    ));
-    self_scores.push((
-        "loss/midpoint".into(),
-        diag(&noisy_ledger.loss_scores_midpoint(&starts, &ends, LayerSel::All)?),
-    ));
+    for (pairing, name) in [
+        (Pairing::SegmentEnd, "loss/epoch"),
+        (Pairing::Midpoint, "loss/midpoint"),
+    ] {
+        let paired = Query::paired(
+            &mut noisy_net,
+            noisy.x().view(),
+            Targets::Labels(noisy.labels()),
+            &noisy_ledger,
+            pairing,
+        )?;
+        self_scores.push((
+            name.into(),
+            noisy_ledger
+                .self_scores(&paired, &ids, Lens::Loss)?
+                .to_vec(),
+        ));
+    }
     let noisy_ridge = RidgeLens::fit(&noisy_ledger, best.1)?;
-    self_scores.push((
-        "ridge".into(),
-        diag(&noisy_ridge.scores(&noisy_ledger, &gq)?),
-    ));
+    self_scores.push(("ridge".into(), noisy_ridge.self_scores(&gq, &ids)?.to_vec()));
     self_scores.push((
         "random".into(),
         (0..train.len()).map(|_| rng.random::<f64>()).collect(),
@@ -360,11 +333,7 @@ fn evaluate(model: Model, opts: Opts) -> Result<(BTreeMap<String, Row>, Value)> 
     for name in DELETION_LENSES {
         let s = score_of(name).expect("lens computed");
         for &q in &points {
-            jobs.push((
-                name.into(),
-                q,
-                rows_of(&ledger, &train, &top(s.row(q), opts.removed)),
-            ));
+            jobs.push((name.into(), q, rows_of(&train, &top(s, q, opts.removed)?)));
         }
     }
     let mut rrng = ChaCha8Rng::seed_from_u64(23);

@@ -13,12 +13,14 @@ use std::path::Path;
 use std::time::Instant;
 
 use fashion::{cnn, data, gemm_s, mlp, step_times, stream_read_s};
-use ndarray::Array2;
 use refinement_ledger::data::{Dataset, IdxSplit, ShuffledSampler};
 use refinement_ledger::nn::Sequential;
 use refinement_ledger::optim::SgdConfig;
 use refinement_ledger::query::{LedgerSketch, RidgeLens, SketchConfig};
-use refinement_ledger::{Batch, ExampleId, LayerSel, Ledger, Lens, OptimizerHook, Query, Result};
+use refinement_ledger::{
+    Batch, ExampleId, LayerSel, Ledger, Lens, OptimizerHook, Query, Result, Scorer, Scores,
+    SourceId,
+};
 use serde_json::json;
 
 /// Peak resident memory of this process (Linux `VmHWM`), if known.
@@ -30,21 +32,17 @@ fn peak_rss_bytes() -> Option<u64> {
 }
 
 /// Mean fraction of the exact top 10 (highest scores) that the approximate top 10 recovers.
-fn top10_overlap(exact: &Array2<f64>, approx: &Array2<f64>) -> f64 {
-    let top = |row: ndarray::ArrayView1<'_, f64>| {
-        let mut idx: Vec<usize> = (0..row.len()).collect();
-        idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
-        idx.truncate(10);
-        idx
+fn top10_overlap(exact: &Scores<'_>, approx: &Scores<'_>) -> f64 {
+    let ids = |s: &Scores<'_>| -> Vec<Vec<SourceId>> {
+        s.top_k_all(10)
+            .into_iter()
+            .map(|r| r.proponents.iter().map(|i| i.source).collect())
+            .collect()
     };
-    let total: usize = exact
-        .rows()
-        .into_iter()
-        .zip(approx.rows())
-        .map(|(e, a)| {
-            let (te, ta) = (top(e), top(a));
-            te.iter().filter(|i| ta.contains(i)).count()
-        })
+    let total: usize = ids(exact)
+        .iter()
+        .zip(ids(approx))
+        .map(|(e, a)| e.iter().filter(|i| a.contains(i)).count())
         .sum();
     total as f64 / (10 * exact.nrows()) as f64
 }
@@ -116,9 +114,11 @@ fn scenario(train: &Dataset<f32>, test: &Dataset<f32>, epochs: u64) -> Result<se
         let t = Instant::now();
         let top = ledger.top_k_influences(&q, Lens::Influence, 10)?;
         let exact_top_s = t.elapsed().as_secs_f64();
-        let exact_inf = ledger.scores(&q, Lens::Influence, LayerSel::All)?;
+        let exact_inf = ledger
+            .scores(&q, Lens::Influence, LayerSel::All)?
+            .into_values();
         let t = Instant::now();
-        let exact_loss = ledger.scores(&g, Lens::Loss, LayerSel::All)?;
+        let exact_loss = ledger.scores(&g, Lens::Loss, LayerSel::All)?.into_values();
         let exact_loss_s = t.elapsed().as_secs_f64();
         // Compact mode as a ledger too large for memory would use it: saved,
         // memory-mapped, sketched; the shortlist re-scored from the map.
@@ -131,11 +131,18 @@ fn scenario(train: &Dataset<f32>, test: &Dataset<f32>, epochs: u64) -> Result<se
         let residual_fraction = ledger.residual_fraction();
         drop(ledger);
         let ledger = Ledger::<f32>::load(&path)?;
+        let exact_inf = Scores::from_values(exact_inf, ledger.sources())?;
+        let exact_loss = Scores::from_values(exact_loss, ledger.sources())?;
         let t = Instant::now();
         let sketch = LedgerSketch::build(&ledger, &SketchConfig::with_ratio(4.0))?;
         let sketch_build_s = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let reranked = sketch.top_k_reranked(&ledger, &q, Lens::Influence, 10, 100)?;
+        let reranked = sketch.scores(&q, Lens::Influence, LayerSel::All)?.rerank(
+            &ledger.lens(Lens::Influence),
+            &q,
+            10,
+            100,
+        )?;
         let rerank_s = t.elapsed().as_secs_f64();
         let rerank_overlap = reranked
             .iter()
@@ -180,7 +187,7 @@ fn scenario(train: &Dataset<f32>, test: &Dataset<f32>, epochs: u64) -> Result<se
             let ridge = sketch.ridge(1.0)?;
             let fit_s = t.elapsed().as_secs_f64();
             let t = Instant::now();
-            let alpha = ridge.scores(&sketch, &g)?;
+            let alpha = ridge.scores(&g)?;
             rec["sketch_ridge"] = json!({
                 "fit_s": fit_s, "100_queries_s": t.elapsed().as_secs_f64(),
                 "sources": alpha.ncols(),
@@ -296,11 +303,13 @@ fn ridge_agreement(
         &test.subset(&(0..100.min(test.len())).collect::<Vec<_>>())?,
     )?;
     let t = Instant::now();
-    let exact = RidgeLens::fit(&ledger, 1.0)?.scores(&ledger, &g)?;
+    let exact_lens = RidgeLens::fit(&ledger, 1.0)?;
+    let exact = exact_lens.scores(&g)?;
     let exact_s = t.elapsed().as_secs_f64();
     let sketch = LedgerSketch::build(&ledger, &SketchConfig::with_ratio(4.0))?;
     let t = Instant::now();
-    let approx = sketch.ridge(1.0)?.scores(&sketch, &g)?;
+    let approx_lens = sketch.ridge(1.0)?;
+    let approx = approx_lens.scores(&g)?;
     let sketch_s = t.elapsed().as_secs_f64();
     let rec = json!({
         "sources": n, "dims": sketch.dims(), "exact_s": exact_s, "sketch_s": sketch_s,

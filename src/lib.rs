@@ -71,6 +71,7 @@ mod error;
 mod float;
 mod hook;
 pub mod ledger;
+mod linalg;
 pub mod metrics;
 pub mod nn;
 pub mod optim;
@@ -86,10 +87,12 @@ pub use hook::{Batch, Credit, HookConfig, OptimizerHook};
 pub use ledger::Ledger;
 pub use optim::{LinearRule, Optimizer};
 pub use query::{
-    ClassAttribution, Explanation, Influence, Influences, LayerSel, Lens, Query, Ranking,
+    ClassAttribution, Explanation, Influence, Influences, LayerSel, Lens, Query, Ranking, Scorer,
+    Scores,
 };
 pub use trace::{
-    ExampleId, LayerId, ParamId, ParamMut, SourceId, Traceable, TracedShape, write_params,
+    ExampleId, LayerId, ParamId, ParamMut, SourceId, Traceable, TracedModel, TracedShape,
+    write_params,
 };
 
 /// A small trained network and its ledger, for the documentation's examples:

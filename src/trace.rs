@@ -250,3 +250,32 @@ pub fn write_params<F: Float>(
     }
     Ok(())
 }
+
+/// A network whose traced layers queries can be run through, so the crate can
+/// build a query from an input for you ([`Query::forward`](crate::Query::forward),
+/// [`Query::gradients`](crate::Query::gradients)). The built-in
+/// [`Sequential`](crate::nn::Sequential) implements it; implement it for your
+/// own network (a forward pass, and a forward and backward pass of the summed
+/// loss).
+pub trait TracedModel<F: Float = f32> {
+    /// The traced layers, in the order the ledger knows them.
+    fn traced(&self) -> Vec<&dyn Traceable<F>>;
+    /// The traced layers, mutably (to run the model at other parameters).
+    fn traced_mut(&mut self) -> Vec<&mut dyn Traceable<F>>;
+    /// Runs the network on the batch `x`, caching every traced layer's patches;
+    /// returns the logits `[batch, classes]`.
+    ///
+    /// # Errors
+    /// Shape and non-finite errors of the network.
+    fn run(&mut self, x: ArrayViewD<'_, F>) -> Result<ndarray::Array2<F>>;
+    /// Forward and backward of the *summed* loss against `targets`, so every
+    /// traced layer's deltas are per-example loss gradients; returns the logits.
+    ///
+    /// # Errors
+    /// Shape, label and non-finite errors of the network and its loss.
+    fn run_loss_gradients(
+        &mut self,
+        x: ArrayViewD<'_, F>,
+        targets: &[usize],
+    ) -> Result<ndarray::Array2<F>>;
+}

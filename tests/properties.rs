@@ -153,8 +153,8 @@ proptest! {
         model.forward(x.view()).unwrap();
         let q = Query::from_layers(&model.traceables()).unwrap();
         for lens in [Lens::Cos, Lens::Share] {
-            let a: Array2<f64> = ledger.scores(&q, lens, LayerSel::All).unwrap();
-            let b = loaded.scores(&q, lens, LayerSel::All).unwrap();
+            let a: Array2<f64> = ledger.scores(&q, lens, LayerSel::All).unwrap().into_values();
+            let b = loaded.scores(&q, lens, LayerSel::All).unwrap().into_values();
             prop_assert!(a == b, "{lens:?} differs after a round trip");
         }
     }

@@ -3,11 +3,12 @@
 
 mod common;
 
-use common::{Run, assert_allclose, blobs, cnn, gradient_query, images, mlp, query, train};
+use common::{Run, assert_allclose, blobs, gradient_query, mlp, query, train};
 use ndarray::{Array1, Array2, Axis, s};
 use refinement_ledger::nn::Sequential;
 use refinement_ledger::optim::SgdConfig;
-use refinement_ledger::{LayerSel, Ledger, Lens, OptimizerHook, Query, write_params};
+use refinement_ledger::query::{Pairing, Targets};
+use refinement_ledger::{LayerSel, Ledger, Lens, OptimizerHook, Query, Scorer, write_params};
 
 /// Trained CNN (conv layers hold dense accounts, the dense layer factored rows).
 fn trained_cnn(segments: bool) -> (Ledger<f64>, Sequential<f64>, ndarray::ArrayD<f64>) {
@@ -93,7 +94,7 @@ fn representation_lenses_match_direct_computation() {
                 (Lens::Cos, &dot / &(&norm * &rc)),
             ];
             for (lens, want) in expect {
-                let got = ex.scores(lens, LayerSel::Layer(l)).unwrap();
+                let got = ex.scores(lens, LayerSel::Layer(l)).unwrap().into_values();
                 assert_allclose(
                     &got.clone().into_dyn(),
                     &want.clone().into_dyn(),
@@ -102,7 +103,10 @@ fn representation_lenses_match_direct_computation() {
                     &format!("{lens:?} explain"),
                 );
                 // The fast path gives the same numbers.
-                let fast = ledger.scores(&q, lens, LayerSel::Layer(l)).unwrap();
+                let fast = ledger
+                    .scores(&q, lens, LayerSel::Layer(l))
+                    .unwrap()
+                    .into_values();
                 assert_allclose(
                     &fast.into_dyn(),
                     &want.into_dyn(),
@@ -114,12 +118,19 @@ fn representation_lenses_match_direct_computation() {
         }
         // Across layers: shares average, influence uses the concatenated representation.
         let mean_share = (0..3)
-            .map(|l| ex.scores(Lens::Share, LayerSel::Layer(l)).unwrap())
+            .map(|l| {
+                ex.scores(Lens::Share, LayerSel::Layer(l))
+                    .unwrap()
+                    .into_values()
+            })
             .fold(
                 Array2::zeros((q.len(), ledger.sources().len())),
                 |acc, s| acc + s / 3.0,
             );
-        let all = ledger.scores(&q, Lens::Share, LayerSel::All).unwrap();
+        let all = ledger
+            .scores(&q, Lens::Share, LayerSel::All)
+            .unwrap()
+            .into_values();
         assert_allclose(
             &all.into_dyn(),
             &mean_share.into_dyn(),
@@ -137,7 +148,10 @@ fn representation_lenses_match_direct_computation() {
             .fold(Array1::zeros(q.len()), |a, b| a + b)
             .mapv(f64::sqrt);
         let infl = &dot_all / &r_all.view().insert_axis(Axis(1));
-        let got = ledger.scores(&q, Lens::Influence, LayerSel::All).unwrap();
+        let got = ledger
+            .scores(&q, Lens::Influence, LayerSel::All)
+            .unwrap()
+            .into_values();
         assert_allclose(
             &got.into_dyn(),
             &infl.into_dyn(),
@@ -152,7 +166,10 @@ fn representation_lenses_match_direct_computation() {
 fn loss_lens_is_minus_account_dot_query_gradient() {
     let (ledger, mut net, test) = trained_cnn(false);
     let q = gradient_query(&mut net, &test);
-    let got = ledger.scores(&q, Lens::Loss, LayerSel::All).unwrap();
+    let got = ledger
+        .scores(&q, Lens::Loss, LayerSel::All)
+        .unwrap()
+        .into_values();
     // ∇_W ℓ(x_q) per query, direct: δᵀ ã summed over positions.
     let mut want = Array2::<f64>::zeros((q.len(), ledger.sources().len()));
     for (l, grads) in query_grads(&net).iter().enumerate() {
@@ -166,70 +183,93 @@ fn loss_lens_is_minus_account_dot_query_gradient() {
 }
 
 #[test]
-fn loss_lens_by_segment_pairs_each_segment_with_its_boundary_parameters() {
+fn paired_queries_read_each_segment_with_gradients_at_its_boundaries() {
     let (ledger, mut net, test) = trained_cnn(true);
     let n_layers = ledger.layers().len();
-    let mut queries: Vec<Query<f64>> = Vec::new();
-    let mut want = Array2::<f64>::zeros((test.shape()[0], ledger.sources().len()));
+    let targets = net.predict(test.view()).unwrap();
+    let boundary = |b: usize| -> Vec<Array2<f64>> {
+        (0..n_layers)
+            .map(|l| match b {
+                0 => ledger.initial_params(l).unwrap().clone(),
+                b => ledger.segment_end_params(b - 1, l).unwrap().clone(),
+            })
+            .collect()
+    };
+    // Direct: −⟨θ_k − θ_{k−1}, ∇ℓ(x; θ)⟩ per segment, with the gradient at
+    // either boundary of the segment.
+    let mut grads_at = Vec::new();
+    let final_params = boundary(ledger.n_segments());
+    for b in 0..=ledger.n_segments() {
+        write_params(&mut net.traceables_mut(), &boundary(b)).unwrap();
+        net.loss_gradients(test.view(), &targets).unwrap();
+        grads_at.push(query_grads(&net));
+    }
+    write_params(&mut net.traceables_mut(), &final_params).unwrap();
+    let n_q = test.shape()[0];
+    let (mut at_end, mut midpoint) = (Array1::<f64>::zeros(n_q), Array1::<f64>::zeros(n_q));
     for k in 0..ledger.n_segments() {
-        let theta: Vec<Array2<f64>> = (0..n_layers)
-            .map(|l| ledger.segment_end_params(k, l).unwrap().clone())
-            .collect();
-        write_params(&mut net.traceables_mut(), &theta).unwrap();
-        let q = gradient_query(&mut net, &test);
-        // Segment k alone: every other segment paired with a zero gradient.
-        let paired: Vec<Query<f64>> = (0..ledger.n_segments())
-            .map(|j| if j == k { q.clone() } else { zero_query(&q) })
-            .collect();
-        let seg_scores = ledger
-            .loss_scores_by_segment(&paired, LayerSel::All)
-            .unwrap();
-        // Direct: summed over sources (plus the negligible residual) it is
-        // −⟨θ_k − θ_{k−1}, ∇ℓ(x; θ_k)⟩.
-        let mut direct = Array1::<f64>::zeros(q.len());
-        for (l, grads) in query_grads(&net).iter().enumerate() {
-            let start = if k == 0 {
-                ledger.initial_params(l).unwrap()
-            } else {
-                ledger.segment_end_params(k - 1, l).unwrap()
-            };
-            let step = ledger.segment_end_params(k, l).unwrap() - start;
-            for (qi, g) in grads.iter().enumerate() {
-                direct[qi] -= (&step * g).sum();
+        for (l, (p0, p1)) in boundary(k).iter().zip(&boundary(k + 1)).enumerate() {
+            let step = p1 - p0;
+            for qi in 0..n_q {
+                let (start, end) = (&grads_at[k][l][qi], &grads_at[k + 1][l][qi]);
+                at_end[qi] -= (&step * end).sum();
+                midpoint[qi] -= 0.5 * (&step * start).sum() + 0.5 * (&step * end).sum();
             }
         }
+    }
+    for (pairing, direct) in [(Pairing::SegmentEnd, at_end), (Pairing::Midpoint, midpoint)] {
+        let q = Query::paired(
+            &mut net,
+            test.view(),
+            Targets::Labels(&targets),
+            &ledger,
+            pairing,
+        )
+        .unwrap();
+        assert_eq!(q.pairing(), pairing);
+        let got = ledger
+            .scores(&q, Lens::Loss, LayerSel::All)
+            .unwrap()
+            .into_values();
+        // Summed over sources (plus the negligible residual) it is the direct sum.
         assert_allclose(
-            &seg_scores.sum_axis(Axis(1)).into_dyn(),
+            &got.sum_axis(Axis(1)).into_dyn(),
             &direct.into_dyn(),
             1e-8,
             1e-12,
-            "segment total",
+            &format!("{pairing:?} total"),
         );
-        want += &seg_scores;
-        queries.push(q);
+        // Per source, the one-call scorer with the same pairing agrees.
+        let one_call = ledger.lens(Lens::Loss).pairing(pairing);
+        let again = one_call.query(&mut net, test.view()).unwrap();
+        assert_eq!(
+            ledger
+                .scores(&again, Lens::Loss, LayerSel::All)
+                .unwrap()
+                .into_values(),
+            got
+        );
     }
-    let got = ledger
-        .loss_scores_by_segment(&queries, LayerSel::All)
-        .unwrap();
-    assert_allclose(
-        &got.into_dyn(),
-        &want.into_dyn(),
-        1e-9,
-        1e-14,
-        "segments add up",
-    );
-    // With one segment's query for all segments, it equals the final-parameter loss lens.
-    let last = queries.last().unwrap();
-    let one = ledger.scores(last, Lens::Loss, LayerSel::All).unwrap();
-    let all_last = ledger
-        .loss_scores_by_segment(&vec![last.clone(); ledger.n_segments()], LayerSel::All)
-        .unwrap();
-    assert_allclose(
-        &one.into_dyn(),
-        &all_last.into_dyn(),
-        1e-12,
-        1e-15,
-        "single pairing",
+    // The model is left at its own parameters: a final-pairing query equals the
+    // plain loss lens.
+    let plain = gradient_query(&mut net, &test);
+    let fin = Query::paired(
+        &mut net,
+        test.view(),
+        Targets::Predicted,
+        &ledger,
+        Pairing::Final,
+    )
+    .unwrap();
+    assert_eq!(
+        ledger
+            .scores(&plain, Lens::Loss, LayerSel::All)
+            .unwrap()
+            .into_values(),
+        ledger
+            .scores(&fin, Lens::Loss, LayerSel::All)
+            .unwrap()
+            .into_values()
     );
 }
 
@@ -250,23 +290,6 @@ fn query_grads(net: &Sequential<f64>) -> Vec<Vec<Array2<f64>>> {
                 .collect()
         })
         .collect()
-}
-
-/// A query whose gradients are zero (so a segment paired with it scores 0).
-fn zero_query(q: &Query<f64>) -> Query<f64> {
-    let mut net = cnn::<f64>(4, 2);
-    let (test, _) = images::<f64>(1, 4, 9);
-    net.forward(test.view()).unwrap();
-    let logits = net.logits(test.view()).unwrap();
-    net.backward(
-        ndarray::Array2::<f64>::zeros(logits.raw_dim())
-            .view()
-            .into_dyn(),
-    )
-    .unwrap();
-    let z = Query::with_gradients(&net.traceables()).unwrap();
-    assert_eq!(z.len(), q.len());
-    z
 }
 
 #[test]
@@ -307,7 +330,10 @@ fn self_scores_match_the_diagonal_of_full_scores() {
         Lens::Share,
         Lens::Loss,
     ] {
-        let full = ledger.scores(&q, lens, LayerSel::All).unwrap();
+        let full = ledger
+            .scores(&q, lens, LayerSel::All)
+            .unwrap()
+            .into_values();
         let diag: Array1<f64> = (0..y.len()).map(|i| full[[i, col[i]]]).collect();
         let got = ledger.self_scores(&q, &ids, lens).unwrap();
         assert_allclose(
@@ -327,7 +353,10 @@ fn top_k_is_sorted_deterministic_and_matches_scores() {
     let a = ledger.top_k_influences(&q, Lens::Influence, 5).unwrap();
     let b = ledger.top_k_influences(&q, Lens::Influence, 5).unwrap();
     assert_eq!(a, b);
-    let all = ledger.scores(&q, Lens::Influence, LayerSel::All).unwrap();
+    let all = ledger
+        .scores(&q, Lens::Influence, LayerSel::All)
+        .unwrap()
+        .into_values();
     for inf in &a {
         let row = all.row(inf.query);
         let max = row.fold(f64::NEG_INFINITY, |m, &v| m.max(v));
@@ -359,7 +388,10 @@ fn margin_lens_is_the_winning_margin_of_each_contribution() {
     let (ledger, mut net, test) = trained_cnn(false);
     let q = query(&mut net, &test);
     let logits = net.logits(test.view()).unwrap();
-    let got = ledger.scores(&q, Lens::Margin, LayerSel::All).unwrap();
+    let got = ledger
+        .scores(&q, Lens::Margin, LayerSel::All)
+        .unwrap()
+        .into_values();
     let (cs, _) = &direct(&ledger, &net)[2];
     for qi in 0..q.len() {
         let mut order: Vec<usize> = (0..4).collect();
@@ -391,7 +423,7 @@ fn ridge_lens_solves_the_regularised_gram_system() {
     let q = gradient_query(&mut net, &test);
     let c = 1e-2;
     let ridge = refinement_ledger::query::RidgeLens::fit(&ledger, c).unwrap();
-    let got = ridge.scores(&ledger, &q).unwrap();
+    let got = ridge.scores(&q).unwrap().into_values();
     // Direct: L from the dense accounts, K = L Lᵀ, λ = c·tr(K)/N, solve by Gaussian elimination.
     let n = ledger.sources().len();
     let rows: Vec<Vec<f64>> = ledger
@@ -411,7 +443,10 @@ fn ridge_lens_solves_the_regularised_gram_system() {
     }
     let lambda = c * k.diag().sum() / n as f64;
     assert!((ridge.lambda() - lambda).abs() <= 1e-12 * lambda);
-    let lg = ledger.scores(&q, Lens::Loss, LayerSel::All).unwrap();
+    let lg = ledger
+        .scores(&q, Lens::Loss, LayerSel::All)
+        .unwrap()
+        .into_values();
     for qi in 0..q.len() {
         // Solve (K + λI) x = lg[qi] with partial pivoting.
         let mut m = k.clone();
@@ -452,21 +487,14 @@ fn ridge_lens_solves_the_regularised_gram_system() {
 }
 
 #[test]
-fn ridge_lens_refuses_a_ledger_it_was_not_fitted_on() {
-    let (ledger, mut net, test) = trained_cnn(false);
-    let (other, _, _) = trained_cnn(true);
-    let ridge = refinement_ledger::query::RidgeLens::fit(&ledger, 0.1).unwrap();
-    let q = gradient_query(&mut net, &test);
-    let e = ridge.scores(&other, &q).unwrap_err();
-    assert!(e.to_string().contains("fitted on"), "{e}");
-}
-
-#[test]
 fn top_k_for_loss_and_margin_lenses_matches_their_scores() {
     let (ledger, mut net, test) = trained_cnn(true);
     let g = gradient_query(&mut net, &test);
     let loss = ledger.top_k_influences(&g, Lens::Loss, 3).unwrap();
-    let all = ledger.scores(&g, Lens::Loss, LayerSel::All).unwrap();
+    let all = ledger
+        .scores(&g, Lens::Loss, LayerSel::All)
+        .unwrap()
+        .into_values();
     for inf in &loss {
         assert_eq!(inf.per_layer.len(), 3);
         let max = all.row(inf.query).fold(f64::NEG_INFINITY, |m, &v| m.max(v));

@@ -117,9 +117,19 @@ fn queries_are_identical_for_one_and_many_threads() {
         pool.install(|| {
             let mut out = Vec::new();
             for lens in [Lens::Cos, Lens::Influence, Lens::Norm, Lens::Margin] {
-                out.push(ledger.scores(&q, lens, LayerSel::All).unwrap());
+                out.push(
+                    ledger
+                        .scores(&q, lens, LayerSel::All)
+                        .unwrap()
+                        .into_values(),
+                );
             }
-            out.push(ledger.scores(&g, Lens::Loss, LayerSel::All).unwrap());
+            out.push(
+                ledger
+                    .scores(&g, Lens::Loss, LayerSel::All)
+                    .unwrap()
+                    .into_values(),
+            );
             out.push(
                 ledger.explain(&q).unwrap().layers[0]
                     .balance_error

@@ -8,8 +8,8 @@ use common::{Run, blobs, gradient_query, mlp, query, train, trained_cnn};
 use ndarray::Array2;
 use refinement_ledger::nn::Sequential;
 use refinement_ledger::optim::SgdConfig;
-use refinement_ledger::query::{LedgerSketch, RidgeLens, SketchConfig};
-use refinement_ledger::{Error, LayerSel, Ledger, Lens, OptimizerHook, Query};
+use refinement_ledger::query::{LedgerSketch, Pairing, RidgeLens, SketchConfig, Targets};
+use refinement_ledger::{Error, LayerSel, Ledger, Lens, OptimizerHook, Query, Scorer};
 
 fn trained_mlp() -> (Ledger<f64>, Sequential<f64>) {
     let (x, y) = blobs::<f64>(30, 3, 10, 4);
@@ -44,10 +44,13 @@ fn sketch_estimates_every_linear_lens_and_sharpens_with_k() {
         (Lens::Loss, &g),
     ] {
         for layers in [LayerSel::All, LayerSel::Layer(0), LayerSel::Layer(1)] {
-            let exact = ledger.scores(query, lens, layers).unwrap();
+            let exact = ledger.scores(query, lens, layers).unwrap().into_values();
             let err = |k: usize| {
                 let sketch = LedgerSketch::build(&ledger, &SketchConfig::with_dims(k)).unwrap();
-                rel_err(&sketch.scores(query, lens, layers).unwrap(), &exact)
+                rel_err(
+                    &sketch.scores(query, lens, layers).unwrap().into_values(),
+                    &exact,
+                )
             };
             let (coarse, fine) = (err(16), err(8192));
             println!("{lens:?} {layers:?}: relative error k=16 {coarse:.3}, k=8192 {fine:.4}");
@@ -66,20 +69,35 @@ fn sketch_serves_convolutions_and_balances() {
     let (ledger, mut net, test) = trained_cnn::<f32>(true);
     let q = query(&mut net, &test);
     let sketch = LedgerSketch::build(&ledger, &SketchConfig::with_dims(8192)).unwrap();
-    let exact = ledger.scores(&q, Lens::Influence, LayerSel::All).unwrap();
+    let exact = ledger
+        .scores(&q, Lens::Influence, LayerSel::All)
+        .unwrap()
+        .into_values();
     let err = rel_err(
-        &sketch.scores(&q, Lens::Influence, LayerSel::All).unwrap(),
+        &sketch
+            .scores(&q, Lens::Influence, LayerSel::All)
+            .unwrap()
+            .into_values(),
         &exact,
     );
     assert!(err < 0.05, "CNN influence relative error {err}");
     let balance = sketch.balance_error();
     println!("CNN sketch balance error per layer: {balance:?}");
     assert!(balance.iter().all(|&e| e < 1e-2), "{balance:?}");
-    // Top-k comes back in the exact ledger's shape.
-    let top = sketch.top_k_influences(&q, Lens::Influence, 3).unwrap();
+    // Rankings come from the same result type as the exact ledger's.
+    let top = sketch
+        .scores(&q, Lens::Influence, LayerSel::All)
+        .unwrap()
+        .top_k_all(3);
     assert_eq!(top.len(), q.len());
-    assert_eq!(top[0].per_layer.len(), ledger.layers().len());
-    assert_eq!(top[0].combined.proponents.len(), 3);
+    assert_eq!(top[0].proponents.len(), 3);
+    // A lens the sketch cannot serve is an error, never a fallback.
+    for lens in [Lens::Cos, Lens::Norm, Lens::Margin] {
+        assert!(matches!(
+            sketch.scores(&q, lens, LayerSel::All),
+            Err(Error::InvalidConfig { .. })
+        ));
+    }
 }
 
 #[test]
@@ -106,14 +124,15 @@ fn sketched_ridge_tracks_the_exact_ridge_lens() {
     let g = gradient_query(&mut net, &test);
     let exact = RidgeLens::fit(&ledger, 0.1)
         .unwrap()
-        .scores(&ledger, &g)
-        .unwrap();
+        .scores(&g)
+        .unwrap()
+        .into_values();
     let err = |k: usize| {
         let sketch = LedgerSketch::build(&ledger, &SketchConfig::with_dims(k)).unwrap();
         let ridge = sketch.ridge(0.1).unwrap();
         assert_eq!(ridge.c(), 0.1);
         assert!(ridge.lambda() > 0.0);
-        rel_err(&ridge.scores(&sketch, &g).unwrap(), &exact)
+        rel_err(&ridge.scores(&g).unwrap().into_values(), &exact)
     };
     let (coarse, fine) = (err(16), err(1024));
     println!("ridge relative error k=16 {coarse:.3}, k=1024 {fine:.4}");
@@ -133,7 +152,10 @@ fn sketch_is_deterministic_across_seeds_and_threads() {
         pool.install(|| {
             let sketch =
                 LedgerSketch::build(&ledger, &SketchConfig::with_dims(256).seed(seed)).unwrap();
-            sketch.scores(&q, Lens::Dot, LayerSel::All).unwrap()
+            sketch
+                .scores(&q, Lens::Dot, LayerSel::All)
+                .unwrap()
+                .into_values()
         })
     };
     assert!(run(1, 1) == run(4, 1), "1 vs 4 threads differ");
@@ -178,13 +200,20 @@ fn sketch_errors_say_what_was_wrong() {
     other.forward(test.view()).unwrap();
     let bad = Query::from_layers(&other.traceables()).unwrap();
     assert!(sketch.scores(&bad, Lens::Dot, LayerSel::All).is_err());
-    // A ridge system fitted on another sketch.
-    let g = gradient_query(&mut net, &test);
-    let ridge = sketch.ridge(0.1).unwrap();
-    let wider = LedgerSketch::build(&ledger, &SketchConfig::with_dims(64)).unwrap();
+    // A sketch sums segments: a query paired with segments is refused.
+    let (seg_ledger, mut seg_net, seg_test) = trained_cnn::<f64>(true);
+    let seg_sketch = LedgerSketch::build(&seg_ledger, &SketchConfig::with_dims(8)).unwrap();
+    let paired = Query::paired(
+        &mut seg_net,
+        seg_test.view(),
+        Targets::Predicted,
+        &seg_ledger,
+        Pairing::Midpoint,
+    )
+    .unwrap();
     assert!(matches!(
-        ridge.scores(&wider, &g),
-        Err(Error::ShapeMismatch { .. })
+        seg_sketch.scores(&paired, Lens::Loss, LayerSel::All),
+        Err(Error::InvalidConfig { .. })
     ));
 }
 
@@ -205,7 +234,8 @@ fn reranking_a_shortlist_recovers_the_exact_top_k() {
         let exact = ledger.top_k_influences(query, lens, 5).unwrap();
         // With the whole ledger as shortlist the answer is the exact one, even
         // from a coarse 16-dimensional sketch.
-        let reranked = sketch.top_k_reranked(&ledger, query, lens, 5, n).unwrap();
+        let approx = sketch.scores(query, lens, LayerSel::All).unwrap();
+        let reranked = approx.rerank(&ledger.lens(lens), query, 5, n).unwrap();
         for (e, r) in exact.iter().zip(&reranked) {
             let ids =
                 |v: &[refinement_ledger::Influence]| v.iter().map(|i| i.source).collect::<Vec<_>>();
@@ -219,8 +249,11 @@ fn reranking_a_shortlist_recovers_the_exact_top_k() {
             }
         }
         // A short list returns exact scores for the sources it keeps.
-        let short = sketch.top_k_reranked(&ledger, query, lens, 5, 10).unwrap();
-        let full = ledger.scores(query, lens, LayerSel::All).unwrap();
+        let short = approx.rerank(&ledger.lens(lens), query, 5, 10).unwrap();
+        let full = ledger
+            .scores(query, lens, LayerSel::All)
+            .unwrap()
+            .into_values();
         for (qi, r) in short.iter().enumerate() {
             for inf in &r.proponents {
                 let col = ledger.source_index(inf.source).unwrap();
@@ -230,7 +263,12 @@ fn reranking_a_shortlist_recovers_the_exact_top_k() {
     }
     let (other, mut cnn, test) = trained_cnn::<f64>(true);
     assert!(matches!(
-        sketch.top_k_reranked(&other, &q, Lens::Dot, 5, 10),
+        sketch.scores(&q, Lens::Dot, LayerSel::All).unwrap().rerank(
+            &other.lens(Lens::Dot),
+            &q,
+            5,
+            10
+        ),
         Err(Error::ShapeMismatch { .. })
     ));
     // Convolutions: dense accounts over several segments, many positions.
@@ -238,7 +276,9 @@ fn reranking_a_shortlist_recovers_the_exact_top_k() {
     let sketch = LedgerSketch::build(&other, &SketchConfig::with_dims(16)).unwrap();
     let exact = other.top_k_influences(&qc, Lens::Influence, 4).unwrap();
     let reranked = sketch
-        .top_k_reranked(&other, &qc, Lens::Influence, 4, other.sources().len())
+        .scores(&qc, Lens::Influence, LayerSel::All)
+        .unwrap()
+        .rerank(&other.lens(Lens::Influence), &qc, 4, other.sources().len())
         .unwrap();
     for (e, r) in exact.iter().zip(&reranked) {
         for (a, b) in e.combined.proponents.iter().zip(&r.proponents) {
@@ -263,8 +303,11 @@ fn a_saved_sketch_loads_identical_and_corruption_is_an_error() {
     assert_eq!(back.balance_error(), sketch.balance_error());
     for lens in [Lens::Dot, Lens::Influence, Lens::Share] {
         assert_eq!(
-            back.scores(&q, lens, LayerSel::All).unwrap(),
-            sketch.scores(&q, lens, LayerSel::All).unwrap()
+            back.scores(&q, lens, LayerSel::All).unwrap().into_values(),
+            sketch
+                .scores(&q, lens, LayerSel::All)
+                .unwrap()
+                .into_values()
         );
     }
     let bytes = std::fs::read(&path).unwrap();

@@ -62,7 +62,7 @@ impl<F: Float> Ledger<F> {
     /// The ledger as the bytes of a safetensors file (see [`save`](Self::save)).
     ///
     /// # Errors
-    /// [`Error::CorruptLedger`] if serialisation fails (it does not for a valid ledger).
+    /// [`Error::CorruptLedger`](crate::Error::CorruptLedger) if serialisation fails (it does not for a valid ledger).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let (tensors, json) = self.tensors()?;
         encode(tensors, FORMAT, VERSION, json)
@@ -128,7 +128,7 @@ impl<F: Float> Ledger<F> {
     /// half-written ledger under `path`.
     ///
     /// # Errors
-    /// [`Error::Io`] when the file cannot be written.
+    /// [`Error::Io`](crate::Error::Io) when the file cannot be written.
     pub fn save(&self, path: &Path) -> Result<()> {
         let (tensors, json) = self.tensors()?;
         save_atomic(path, tensors, FORMAT, VERSION, json)
@@ -139,7 +139,7 @@ impl<F: Float> Ledger<F> {
     /// every shape, finiteness, and the consistency of indices.
     ///
     /// # Errors
-    /// [`Error::Io`] when the file cannot be opened; [`Error::CorruptLedger`]
+    /// [`Error::Io`](crate::Error::Io) when the file cannot be opened; [`Error::CorruptLedger`](crate::Error::CorruptLedger)
     /// for a truncated, corrupted or foreign file, or one saved with the other float type.
     pub fn load(path: &Path) -> Result<Self> {
         let map = map_file(path)?;
@@ -149,7 +149,7 @@ impl<F: Float> Ledger<F> {
     /// Parses the bytes of a safetensors ledger (see [`load`](Self::load)).
     ///
     /// # Errors
-    /// [`Error::CorruptLedger`] for anything that is not a valid ledger of float type `F`.
+    /// [`Error::CorruptLedger`](crate::Error::CorruptLedger) for anything that is not a valid ledger of float type `F`.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         Self::parse(bytes, None)
     }

@@ -22,25 +22,6 @@ use super::accounts::{DenseAccounts, Rows};
 use super::segment::Segment;
 use crate::{Error, Float, Result, SourceId};
 
-/// One selected segment of one layer.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct SegmentLayer<'a> {
-    first_group: u32,
-    coef: &'a [f64],
-    /// The segment's dense accounts and residual of the layer.
-    pub(crate) dense: &'a DenseAccounts,
-}
-
-impl SegmentLayer<'_> {
-    /// The segment's coefficient of group `g` (0 outside its range).
-    pub(crate) fn coef_of(&self, g: u32) -> f64 {
-        g.checked_sub(self.first_group)
-            .and_then(|i| self.coef.get(i as usize))
-            .copied()
-            .unwrap_or(0.0)
-    }
-}
-
 /// One traced layer of a ledger over a set of segments, read-only.
 #[derive(Clone, Debug)]
 pub(crate) struct LayerView<'a, F> {
@@ -48,17 +29,17 @@ pub(crate) struct LayerView<'a, F> {
     pub(crate) rows: &'a Rows<F>,
     /// Per global step group, its coefficient summed over the selected segments.
     pub(crate) coef: Vec<f64>,
-    /// The selected segments.
-    pub(crate) segments: Vec<SegmentLayer<'a>>,
+    /// The layer's dense accounts (and residual) in each selected segment.
+    pub(crate) dense: Vec<&'a DenseAccounts>,
 }
 
 impl<'a, F: Float> LayerView<'a, F> {
     /// The layer's residual summed over the selected segments.
     pub(crate) fn residual(&self) -> Array2<f64> {
-        let acc = self.segments[0].dense;
+        let acc = self.dense[0];
         let mut out = Array2::zeros((acc.fan_out, acc.aug_in));
-        for seg in &self.segments {
-            out += &seg.dense.residual;
+        for acc in &self.dense {
+            out += &acc.residual;
         }
         out
     }
@@ -66,8 +47,8 @@ impl<'a, F: Float> LayerView<'a, F> {
     /// `Σ_s G_s`: every credited account summed (rows and dense accounts).
     pub(crate) fn total_account(&self) -> Array2<f64> {
         let mut total = self.rows.sum(0, self.rows.len(), |g| self.coef[g as usize]);
-        for seg in &self.segments {
-            total += &seg.dense.total();
+        for acc in &self.dense {
+            total += &acc.total();
         }
         total
     }
@@ -76,31 +57,28 @@ impl<'a, F: Float> LayerView<'a, F> {
     /// `(sources, [n, fan_out·aug_in])`, sources ascending. One segment's accounts
     /// are borrowed as they are (no copy of what can be gigabytes).
     pub(crate) fn combined_dense(&self) -> (Cow<'a, [u32]>, CowArray<'a, f64, Ix2>) {
-        if let [seg] = self.segments.as_slice() {
-            if seg.dense.sorted {
-                return (
-                    Cow::Borrowed(&seg.dense.source),
-                    CowArray::from(seg.dense.stack()),
-                );
+        if let [acc] = self.dense.as_slice() {
+            if acc.sorted {
+                return (Cow::Borrowed(&acc.source), CowArray::from(acc.stack()));
             }
         }
-        let acc0 = self.segments[0].dense;
+        let acc0 = self.dense[0];
         let size = acc0.fan_out * acc0.aug_in;
         let mut sources: Vec<u32> = self
-            .segments
+            .dense
             .iter()
-            .flat_map(|s| s.dense.source.iter().copied())
+            .flat_map(|acc| acc.source.iter().copied())
             .collect();
         sources.sort_unstable();
         sources.dedup();
         let mut out = Array2::<f64>::zeros((sources.len(), size));
-        for seg in &self.segments {
-            for (k, &src) in seg.dense.source.iter().enumerate() {
+        for acc in &self.dense {
+            for (k, &src) in acc.source.iter().enumerate() {
                 let row = sources
                     .binary_search(&src)
                     .expect("invariant: source collected");
                 let mut dst = out.row_mut(row);
-                dst += &seg.dense.stack().row(k);
+                dst += &acc.stack().row(k);
             }
         }
         (Cow::Owned(sources), CowArray::from(out))
@@ -109,16 +87,16 @@ impl<'a, F: Float> LayerView<'a, F> {
     /// The whole account of source index `s` as a dense `[fan_out, aug_in]` matrix.
     pub(crate) fn account(&self, s: u32) -> Array2<f64> {
         let rows = self.rows;
-        let mut acc = Array2::zeros((rows.fan_out, rows.aug_in));
+        let mut out = Array2::zeros((rows.fan_out, rows.aug_in));
         for j in (0..rows.len()).filter(|&j| rows.source[j] == s) {
-            acc += &rows.sum(j, j + 1, |g| self.coef[g as usize]);
+            out += &rows.sum(j, j + 1, |g| self.coef[g as usize]);
         }
-        for seg in &self.segments {
-            if let Some(d) = seg.dense.get(s) {
-                acc += &d;
+        for acc in &self.dense {
+            if let Some(d) = acc.get(s) {
+                out += &d;
             }
         }
-        acc
+        out
     }
 }
 
@@ -157,14 +135,7 @@ impl<F: Float> Ledger<F> {
         Ok(LayerView {
             rows: &self.rows[l],
             coef: self.coef_table(&segs),
-            segments: segs
-                .iter()
-                .map(|s| SegmentLayer {
-                    first_group: s.first_group,
-                    coef: &s.coef,
-                    dense: &s.layers[l],
-                })
-                .collect(),
+            dense: segs.iter().map(|s| &s.layers[l]).collect(),
         })
     }
 
@@ -292,22 +263,6 @@ impl<F: Float> Ledger<F> {
                 if c == 0.0 { r } else { r / c }
             })
             .collect()
-    }
-
-    /// The number of sources and a CRC-32 of the source ids, every segment's
-    /// coefficients and the final parameters: a cheap identity of a ledger.
-    pub(crate) fn fingerprint(&self) -> (usize, u32) {
-        let mut h = crc32fast::Hasher::new();
-        for s in &self.sources {
-            h.update(format!("{:?}", s.id).as_bytes());
-        }
-        for seg in &self.segments {
-            seg.coef.iter().for_each(|c| h.update(&c.to_le_bytes()));
-        }
-        for p in &self.segments[self.segments.len() - 1].end {
-            p.iter().for_each(|v| h.update(&v.to_le_bytes()));
-        }
-        (self.sources.len(), h.finalize())
     }
 }
 

@@ -238,3 +238,18 @@ pub fn argmax_rows<F: Float>(x: ArrayView2<'_, F>) -> Vec<usize> {
         })
         .collect()
 }
+
+impl<F: Float> crate::trace::TracedModel<F> for Sequential<F> {
+    fn traced(&self) -> Vec<&dyn Traceable<F>> {
+        self.traceables()
+    }
+    fn traced_mut(&mut self) -> Vec<&mut dyn Traceable<F>> {
+        self.traceables_mut()
+    }
+    fn run(&mut self, x: ArrayViewD<'_, F>) -> Result<Array2<F>> {
+        self.logits(x)
+    }
+    fn run_loss_gradients(&mut self, x: ArrayViewD<'_, F>, targets: &[usize]) -> Result<Array2<F>> {
+        self.loss_gradients(x, targets)
+    }
+}

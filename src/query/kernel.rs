@@ -126,7 +126,7 @@ pub(crate) fn materialize<F: Float>(
 ) -> Materialized {
     let width = input.n_q * input.positions;
     let (fan_out, aug_in) = (input.target.ncols(), input.a64.ncols());
-    let dot = dots(layer, &[input], n_src, input.n_q);
+    let dot = dots(layer, input, n_src, input.n_q);
     let rows = layer.rows;
     let total_account = layer.total_account();
     let mut has_rows = vec![false; n_src];
@@ -249,8 +249,7 @@ pub(crate) fn chunk_contributions<F: Float>(
             j = e;
         }
     }
-    for seg in &layer.segments {
-        let acc = seg.dense;
+    for &acc in &layer.dense {
         let (k0, k1) = slot_range(acc, s0 as u32, s1 as u32);
         if k1 > k0 {
             let aug_in = acc.aug_in;
@@ -274,42 +273,25 @@ pub(crate) fn chunk_contributions<F: Float>(
 /// Rows per parallel block of [`dots`].
 const ROW_BLOCK: usize = 4096;
 
-/// `⟨c_s, t⟩` for every source, `[n_src, n_q]`. With one input, every segment of
-/// `layer` is read with it (rows weighted by the summed coefficients, dense
-/// accounts summed first); with one input per segment, segment `k` is read
-/// with `inputs[k]` (TracIn per segment).
+/// `⟨c_s, t⟩` for every source over the view's segments, `[n_src, n_q]`: rows
+/// weighted by the view's coefficients (rows of other segments skipped), dense
+/// accounts summed first.
 pub(crate) fn dots<F: Float>(
     layer: &LayerView<'_, F>,
-    inputs: &[&LayerInput<F>],
+    input: &LayerInput<F>,
     n_src: usize,
     n_q: usize,
 ) -> Array2<f64> {
     let mut out = Array2::<f64>::zeros((n_src, n_q));
     let rows = layer.rows;
-    if inputs.len() == 1 {
-        row_dots(rows, None, &layer.coef, inputs[0], &mut out);
-        if !layer.segments.is_empty() {
-            let (sources, dense) = layer.combined_dense();
-            if !sources.is_empty() {
-                dense_dots(&mut out, &sources, dense.view(), inputs[0]);
-            }
-        }
-        return out;
-    }
-    debug_assert_eq!(inputs.len(), layer.segments.len());
-    for (k, input) in inputs.iter().enumerate() {
-        let seg = &layer.segments[k];
-        let idx: Vec<usize> = (0..rows.len())
-            .filter(|&j| seg.coef_of(rows.group[j]) != 0.0)
-            .collect();
-        let coef: Vec<f64> = (0..layer.coef.len() as u32)
-            .map(|g| seg.coef_of(g))
-            .collect();
-        row_dots(rows, Some(&idx), &coef, input, &mut out);
-        let acc = seg.dense;
-        if acc.n_slots() > 0 {
-            dense_dots(&mut out, &acc.source, acc.stack(), input);
-        }
+    let active: Vec<usize> = (0..rows.len())
+        .filter(|&j| layer.coef[rows.group[j] as usize] != 0.0)
+        .collect();
+    let idx = (active.len() < rows.len()).then_some(active.as_slice());
+    row_dots(rows, idx, &layer.coef, input, &mut out);
+    let (sources, dense) = layer.combined_dense();
+    if !sources.is_empty() {
+        dense_dots(&mut out, &sources, dense.view(), input);
     }
     out
 }
@@ -336,8 +318,7 @@ pub(crate) fn dots_for<F: Float>(
     }
     let q = query_matrices(input);
     let q = q.row(0);
-    for seg in &layer.segments {
-        let acc = seg.dense;
+    for &acc in &layer.dense {
         for &s in cand {
             if let Some(g) = acc.get(s as u32) {
                 out[[s, 0]] += g.iter().zip(q.iter()).map(|(a, b)| a * b).sum::<f64>();

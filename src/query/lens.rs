@@ -1,0 +1,230 @@
+//! The lenses: each described once, in [`Lens::spec`], and read by every
+//! scorer (exact ledger, sketch, self-scores, re-ranking).
+//!
+//! Per traced layer `l`, a scorer computes for every query and source the
+//! *parts* `⟨c, t⟩`, `‖c‖²` (only when the lens needs it) and `‖t‖²`, where
+//! `c` is the source's contribution and `t` the lens's target at that layer.
+//! A lens is then a formula of those parts and a rule for combining layers.
+//! Adding a lens means adding its variant and its [`LensSpec`] here (and its
+//! tests); every scorer picks it up.
+
+use ndarray::{Array1, Array2, Zip};
+use serde::{Deserialize, Serialize};
+
+use crate::Result;
+use crate::error::Error;
+
+/// How a source is scored for a query. See the [module docs](crate::query)
+/// for the question each lens answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Lens {
+    /// `⟨c, r⟩`.
+    Dot,
+    /// `‖c‖`.
+    Norm,
+    /// `⟨c, r⟩ / (‖c‖ ‖r‖)`: representativeness — "which training examples does
+    /// this look like?" without gradients; use it at the last layer (digits:
+    /// agreement@10 0.86 MLP / 0.88 CNN; earlier layers much lower).
+    Cos,
+    /// `⟨c, r⟩ / ‖r‖`: the paper's ranking of influential examples. Weak on its
+    /// own (digits: agreement@10 0.55; deletion drop far below the ridge lens).
+    Influence,
+    /// `⟨c, r⟩ / ‖r‖²`: the paper's share of the refinement (sums to 1 with the
+    /// residual); summed per class it is the class attribution. As a self-score it
+    /// ranks mislabelled examples in reverse (digits: AUC 0.17 MLP).
+    Share,
+    /// `−⟨G, ∇_W ℓ(x)⟩`: the exact TracIn sum over every step. Needs a query
+    /// with gradients ([`Query::gradients`](crate::Query::gradients)). With a
+    /// segment per epoch and a query paired with the segments
+    /// ([`Pairing::Midpoint`](crate::query::Pairing)) it answers "which examples
+    /// does this look like?" best (digits: agreement@10 0.97–0.98), and its
+    /// self-score finds mislabelled examples (ROC AUC 0.995 MLP, 0.998 CNN).
+    Loss,
+    /// `c_s[ŷ] − c_s[runner-up]` at the last traced layer, which must output the
+    /// logits: how much a source's updates widened the query's winning margin
+    /// (digits: deletion drop 1.8 / 2.4, below the ridge lens's 4.1 / 3.6).
+    Margin,
+}
+
+/// The target `t` a lens scores contributions against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// The refinement `r = (W_T − W₀) ⊛ a` of each layer.
+    Refinement,
+    /// The negative per-example loss gradient `−∇_z ℓ` (needs query gradients).
+    LossGradient,
+    /// `e_ŷ − e_runner-up` at the last layer, from the final logits.
+    Margin,
+}
+
+/// How per-layer parts make one score across layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Combine {
+    /// The layers as one concatenated representation: parts add, then the formula.
+    Concat,
+    /// The formula per layer, then the mean over layers.
+    MeanOfLayers,
+    /// Only the last traced layer exists for this lens.
+    LastLayer,
+}
+
+/// Everything a scorer needs to know about a lens.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LensSpec {
+    pub(crate) target: Target,
+    /// Whether the formula reads `‖c‖²` (not linear in the account: exact ledgers only).
+    pub(crate) needs_norm: bool,
+    pub(crate) combine: Combine,
+    /// The score from `(⟨c, t⟩, ‖c‖², ‖t‖²)`.
+    pub(crate) formula: fn(f64, f64, f64) -> f64,
+}
+
+/// `x / y`, 0 where `y` is 0.
+fn div(x: f64, y: f64) -> f64 {
+    if y == 0.0 { 0.0 } else { x / y }
+}
+
+impl Lens {
+    /// The lens's description: its target, what it needs, its formula and how
+    /// layers combine. The one place a lens is defined.
+    pub(crate) fn spec(self) -> LensSpec {
+        use Combine::*;
+        let spec = |target, needs_norm, combine, formula| LensSpec {
+            target,
+            needs_norm,
+            combine,
+            formula,
+        };
+        match self {
+            Lens::Dot => spec(Target::Refinement, false, Concat, |d, _, _| d),
+            Lens::Norm => spec(Target::Refinement, true, Concat, |_, n2, _| n2.sqrt()),
+            Lens::Cos => spec(Target::Refinement, true, Concat, |d, n2, t2| {
+                div(d, n2.sqrt() * t2.sqrt())
+            }),
+            Lens::Influence => spec(Target::Refinement, false, Concat, |d, _, t2| {
+                div(d, t2.sqrt())
+            }),
+            Lens::Share => spec(Target::Refinement, false, MeanOfLayers, |d, _, t2| {
+                div(d, t2)
+            }),
+            Lens::Loss => spec(Target::LossGradient, false, Concat, |d, _, _| d),
+            Lens::Margin => spec(Target::Margin, false, LastLayer, |d, _, _| d),
+        }
+    }
+
+    /// Whether the lens scores a source's contribution against the refinement
+    /// (`Dot`, `Norm`, `Cos`, `Influence`, `Share`) — the paper's lenses.
+    pub fn is_representation(self) -> bool {
+        self.spec().target == Target::Refinement
+    }
+
+    /// Whether the lens needs a query with loss gradients.
+    pub fn needs_gradients(self) -> bool {
+        self.spec().target == Target::LossGradient
+    }
+}
+
+/// Which layers a score covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LayerSel {
+    /// One traced layer, by index.
+    Layer(usize),
+    /// All traced layers combined (as the lens combines layers).
+    All,
+}
+
+impl LayerSel {
+    /// The layer indices selected among `n` traced layers for `lens` (a lens
+    /// that lives on the last layer gets only that one).
+    pub(crate) fn resolve(self, n: usize, lens: Lens, op: &'static str) -> Result<Vec<usize>> {
+        match self {
+            LayerSel::Layer(l) if l >= n => Err(Error::IndexOutOfRange {
+                op,
+                what: "layer",
+                index: l,
+                len: n,
+            }),
+            _ if lens.spec().combine == Combine::LastLayer => Ok(vec![n - 1]),
+            LayerSel::Layer(l) => Ok(vec![l]),
+            LayerSel::All => Ok((0..n).collect()),
+        }
+    }
+}
+
+/// One layer's parts for a batch of queries: `[n_q, n_src]` each (`norm2` only
+/// when the lens needs it) and `‖t‖²` per query.
+#[derive(Clone, Debug)]
+pub(crate) struct Parts {
+    pub(crate) dot: Array2<f64>,
+    pub(crate) norm2: Option<Array2<f64>>,
+    pub(crate) t2: Array1<f64>,
+}
+
+impl LensSpec {
+    /// The scores `[n_q, n_src]` from the parts of the selected layers.
+    pub(crate) fn scores(&self, parts: &[Parts]) -> Array2<f64> {
+        let apply = |p: &Parts| -> Array2<f64> {
+            let mut out = p.dot.clone();
+            for (q, mut row) in out.rows_mut().into_iter().enumerate() {
+                let t2 = p.t2[q];
+                match &p.norm2 {
+                    Some(n2) => Zip::from(&mut row)
+                        .and(n2.row(q))
+                        .for_each(|v, &n| *v = (self.formula)(*v, n, t2)),
+                    None => row.mapv_inplace(|v| (self.formula)(v, 0.0, t2)),
+                }
+            }
+            out
+        };
+        match (self.combine, parts) {
+            (_, [one]) => apply(one),
+            (Combine::MeanOfLayers, _) => {
+                let mut acc = apply(&parts[0]);
+                for p in &parts[1..] {
+                    acc += &apply(p);
+                }
+                acc / parts.len() as f64
+            }
+            _ => {
+                let mut sum = parts[0].clone();
+                for p in &parts[1..] {
+                    sum.dot += &p.dot;
+                    sum.t2 += &p.t2;
+                    if let (Some(a), Some(b)) = (&mut sum.norm2, &p.norm2) {
+                        *a += b;
+                    }
+                }
+                apply(&sum)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formulas_follow_their_definitions() {
+        let parts = |d: f64, n2: f64, t2: f64| Parts {
+            dot: ndarray::array![[d]],
+            norm2: Some(ndarray::array![[n2]]),
+            t2: ndarray::array![t2],
+        };
+        let one = |lens: Lens, p: &[Parts]| lens.spec().scores(p)[[0, 0]];
+        let p = [parts(3.0, 4.0, 9.0)];
+        assert_eq!(one(Lens::Dot, &p), 3.0);
+        assert_eq!(one(Lens::Norm, &p), 2.0);
+        assert!((one(Lens::Cos, &p) - 0.5).abs() < 1e-15);
+        assert!((one(Lens::Influence, &p) - 1.0).abs() < 1e-15);
+        assert!((one(Lens::Share, &p) - 1.0 / 3.0).abs() < 1e-15);
+        // Two layers: shares average, influence concatenates.
+        let two = [parts(3.0, 4.0, 9.0), parts(1.0, 1.0, 16.0)];
+        assert!((one(Lens::Share, &two) - (1.0 / 3.0 + 1.0 / 16.0) / 2.0).abs() < 1e-15);
+        assert!((one(Lens::Influence, &two) - 4.0 / 5.0).abs() < 1e-15);
+        assert!((one(Lens::Cos, &two) - 4.0 / (5.0f64.sqrt() * 5.0)).abs() < 1e-15);
+        // A zero target scores 0, never NaN.
+        assert_eq!(one(Lens::Share, &[parts(1.0, 1.0, 0.0)]), 0.0);
+    }
+}

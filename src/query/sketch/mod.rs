@@ -1,0 +1,251 @@
+//! Compact mode: a seeded random-projection sketch of every account.
+//!
+//! Each traced layer's account `G_s` (`fan_out × aug_in`) is projected to `k`
+//! numbers
+//!
+//! ```text
+//! φ(G)_m = l_mᵀ G r_m / √k,   l_m ∈ {±1}^fan_out,  r_m ∈ {±1}^aug_in  (seeded Rademacher)
+//! ```
+//!
+//! a tensor (Khatri–Rao) sketch: a factored row `d ãᵀ` maps to `(L d) ⊙ (R ã) / √k`
+//! without forming the outer product, and `E⟨φ(X), φ(Y)⟩ = ⟨X, Y⟩`. Every lens
+//! that is linear in the account — [`Lens::Dot`], [`Lens::Influence`],
+//! [`Lens::Share`], [`Lens::Loss`] — is therefore estimated from the sketch
+//! alone, with an error of order `‖Q‖ ‖G_s‖ / √k` per score. The norm lenses
+//! ([`Lens::Norm`], [`Lens::Cos`]) are not linear and are not served.
+//!
+//! The sketch is stored in `bf16` (`2k` bytes per source per layer, any
+//! number of epochs or segments), so it answers queries for ledgers whose exact
+//! form would not fit in memory: save the ledger, [`Ledger::load`] it
+//! (memory-mapped), build the sketch, and drop the ledger. Because `φ` is
+//! linear, the sketch balances like the ledger: `Σ_s φ(G_s) + φ(residual) =
+//! φ(W_T − W₀)` up to the `bf16` rounding, which [`LedgerSketch::balance_error`]
+//! reports.
+//!
+//! The same features serve the ridge lens at any `N`: with `S = [φ₁(G) … φ_L(G)]`
+//! (`N × Σk`), `K ≈ S Sᵀ` and `(K + λI)⁻¹ S g = S (SᵀS + λI)⁻¹ g` needs only a
+//! `Σk × Σk` solve ([`SketchRidge`]).
+
+mod build;
+mod persist;
+mod ridge;
+mod score;
+
+pub use ridge::SketchRidge;
+pub use score::SketchLens;
+
+use half::bf16;
+use half::slice::HalfFloatSliceExt;
+use ndarray::{Array1, Array2, ArrayView2, Axis, s};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use super::kernel::LayerInput;
+use crate::float::Float;
+use crate::ledger::{LayerMeta, SourceMeta};
+
+/// How many sketch dimensions each layer gets.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Dims {
+    Fixed(usize),
+    Ratio(f64),
+}
+
+/// Configuration of a [`LedgerSketch`]: its size and seed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SketchConfig {
+    dims: Dims,
+    seed: u64,
+}
+
+impl SketchConfig {
+    /// `k` dimensions for every layer (past a layer's `fan_out · aug_in` the
+    /// exact dense form is smaller; the error falls as `1/√k`).
+    pub fn with_dims(k: usize) -> Self {
+        Self {
+            dims: Dims::Fixed(k),
+            seed: 0x5EED,
+        }
+    }
+
+    /// Per layer, as many dimensions as make the sketch (with the parameter
+    /// change it keeps) `ratio` times smaller than that layer's exact ledger
+    /// bytes (at least 1, at most `fan_out · aug_in`).
+    pub fn with_ratio(ratio: f64) -> Self {
+        Self {
+            dims: Dims::Ratio(ratio),
+            seed: 0x5EED,
+        }
+    }
+
+    /// The seed of the projections (default `0x5EED`).
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+}
+
+/// A compact, approximate ledger: every account projected to `k` numbers per
+/// layer (see the [module docs](crate::query) and the estimator below).
+///
+/// # Example
+/// ```
+/// use ndarray::array;
+/// use rand::{SeedableRng, rngs::StdRng};
+/// use refinement_ledger::nn::{DenseConfig, Sequential};
+/// use refinement_ledger::query::{LedgerSketch, SketchConfig};
+/// use refinement_ledger::{Batch, ExampleId, LayerSel, Lens, OptimizerHook, Query, optim::SgdConfig};
+/// let mut rng = StdRng::seed_from_u64(0);
+/// let mut net = Sequential::<f64>::new().with(DenseConfig::new(2, 2).build("fc", &mut rng)?);
+/// let mut hook = OptimizerHook::new(SgdConfig::new(0.1).build()?, &net.traceables())?;
+/// let x = array![[1.0, 0.0], [0.0, 1.0]].into_dyn();
+/// for _ in 0..5 {
+///     net.train_batch(x.view(), &[0, 1])?;
+///     hook.step(&mut net.traceables_mut(), &Batch::new(&[ExampleId(0), ExampleId(1)], &[0, 1]))?;
+/// }
+/// let ledger = hook.finish();
+/// let sketch = LedgerSketch::build(&ledger, &SketchConfig::with_dims(64))?;
+/// net.forward(array![[1.0, 0.2]].into_dyn().view())?;
+/// let query = Query::from_layers(&net.traceables())?;
+/// let approx = sketch.scores(&query, Lens::Dot, LayerSel::All)?;
+/// let exact = ledger.scores(&query, Lens::Dot, LayerSel::All)?;
+/// assert_eq!(approx.dim(), exact.dim());
+/// assert!(sketch.balance_error().iter().all(|&e| e < 1e-2));
+/// # Ok::<(), refinement_ledger::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct LedgerSketch {
+    layers: Vec<LayerMeta>,
+    sources: Vec<SourceMeta>,
+    seed: u64,
+    dims: Vec<usize>,
+    /// `W_T − W₀` per layer, for the refinement.
+    change: Vec<Array2<f64>>,
+    /// Per layer, `[N, k]` row-major.
+    sketch: Vec<Vec<bf16>>,
+    /// Per layer, `φ(residual)`.
+    residual: Vec<Array1<f64>>,
+    exact_bytes: Vec<usize>,
+}
+
+/// Sources per parallel chunk when building and scoring.
+const SOURCE_CHUNK: usize = 512;
+/// Factored rows per GEMM block when building.
+const ROW_BLOCK: usize = 2048;
+
+/// The seeded Rademacher operators `L` (`k × fan_out`) and `R` (`k × aug_in`) of layer `l`.
+fn operators(seed: u64, l: usize, k: usize, fan_out: usize, aug_in: usize) -> [Array2<f64>; 2] {
+    let mut rng =
+        ChaCha8Rng::seed_from_u64(seed ^ (l as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut sign = |_: (usize, usize)| if rng.random::<bool>() { 1.0 } else { -1.0 };
+    let lm = Array2::from_shape_fn((k, fan_out), &mut sign);
+    let rm = Array2::from_shape_fn((k, aug_in), &mut sign);
+    [lm, rm]
+}
+
+/// `φ(M)` of a dense `[fan_out, aug_in]` matrix.
+fn sketch_dense(m: ArrayView2<'_, f64>, lm: &Array2<f64>, rm: &Array2<f64>) -> Array1<f64> {
+    let t = m.dot(&rm.t()); // [fan_out, k]
+    (&t * &lm.t()).sum_axis(Axis(0)) / (lm.nrows() as f64).sqrt()
+}
+
+impl LedgerSketch {
+    /// The traced layers, in order.
+    pub fn layers(&self) -> &[LayerMeta] {
+        &self.layers
+    }
+
+    /// Every source, in column order of scores.
+    pub fn sources(&self) -> &[SourceMeta] {
+        &self.sources
+    }
+
+    /// Sketch dimensions per layer.
+    pub fn dims(&self) -> &[usize] {
+        &self.dims
+    }
+
+    /// Bytes of the sketch per layer (`2k` per source, plus the layer's
+    /// parameter change kept for the refinement).
+    pub fn bytes_per_layer(&self) -> Vec<usize> {
+        self.sketch
+            .iter()
+            .zip(&self.change)
+            .map(|(s, c)| s.len() * 2 + c.len() * 8)
+            .collect()
+    }
+
+    /// Bytes per layer of the exact ledger the sketch was built from.
+    pub fn exact_bytes_per_layer(&self) -> &[usize] {
+        &self.exact_bytes
+    }
+
+    /// Per layer, `‖Σ_s φ(G_s) + φ(residual) − φ(W_T − W₀)‖ / ‖φ(W_T − W₀)‖`:
+    /// the balance error the compact form introduces (`bf16` rounding of the
+    /// stored sketches; the projection itself is linear and keeps the balance).
+    pub fn balance_error(&self) -> Vec<f64> {
+        (0..self.layers.len())
+            .map(|l| {
+                let k = self.dims[l];
+                let [lm, rm] = self.operators(l);
+                let target = sketch_dense(self.change[l].view(), &lm, &rm);
+                let mut total = self.residual[l].clone();
+                let mut row = vec![0f32; k];
+                for chunk in self.sketch[l].chunks_exact(k) {
+                    chunk.convert_to_f32_slice(&mut row);
+                    for (t, &v) in total.iter_mut().zip(&row) {
+                        *t += f64::from(v);
+                    }
+                }
+                let norm = target.dot(&target).sqrt();
+                let err = (&total - &target).mapv(|v| v * v).sum().sqrt();
+                if norm == 0.0 { err } else { err / norm }
+            })
+            .collect()
+    }
+
+    fn operators(&self, l: usize) -> [Array2<f64>; 2] {
+        let shape = &self.layers[l].shape;
+        operators(self.seed, l, self.dims[l], shape.fan_out, shape.aug_in())
+    }
+
+    /// `φ(Q_q)` for every query of layer `l`: `[n_q, k]`.
+    fn sketch_queries<F: Float>(&self, l: usize, input: &LayerInput<F>) -> Array2<f64> {
+        let [lm, rm] = self.operators(l);
+        let ra = input.a64.dot(&rm.t()); // [n_q·P, k]
+        let lt = input.target.dot(&lm.t());
+        let prod = ra * lt;
+        let k = self.dims[l];
+        let mut out = Array2::zeros((input.n_q, k));
+        for (r, row) in prod.rows().into_iter().enumerate() {
+            let mut o = out.row_mut(r / input.positions);
+            o += &row;
+        }
+        out / (k as f64).sqrt()
+    }
+
+    /// `⟨φ(Q_q), φ(G_s)⟩` of layer `l`: `[n_q, N]`.
+    fn sketch_dots(&self, l: usize, phi_q: &Array2<f64>) -> Array2<f64> {
+        let k = self.dims[l];
+        let n = self.sources.len();
+        let qf = phi_q.mapv(|v| v as f32);
+        let parts: Vec<Array2<f32>> = self.sketch[l]
+            .par_chunks(SOURCE_CHUNK * k)
+            .map(|chunk| {
+                let mut f = vec![0f32; chunk.len()];
+                chunk.convert_to_f32_slice(&mut f);
+                let m = Array2::from_shape_vec((chunk.len() / k, k), f)
+                    .expect("invariant: chunk holds whole sources");
+                qf.dot(&m.t())
+            })
+            .collect();
+        let mut out = Array2::zeros((phi_q.nrows(), n));
+        for (i, p) in parts.iter().enumerate() {
+            let s0 = i * SOURCE_CHUNK;
+            out.slice_mut(s![.., s0..s0 + p.ncols()])
+                .assign(&p.mapv(f64::from));
+        }
+        out
+    }
+}
