@@ -155,7 +155,7 @@ pub(crate) trait FiniteScan<F> {
     fn scan(&self) -> F;
 }
 
-impl<F: crate::Float> FiniteScan<F> for [F] {
+impl<F: crate::float::Float> FiniteScan<F> for [F] {
     fn scan(&self) -> F {
         // Sixteen independent lanes: no addition waits on the previous one.
         let mut acc = [F::zero(); 16];
@@ -174,7 +174,7 @@ impl<F: crate::Float> FiniteScan<F> for [F] {
 
 impl<F, S, D> FiniteScan<F> for ndarray::ArrayBase<S, D>
 where
-    F: crate::Float,
+    F: crate::float::Float,
     S: ndarray::Data<Elem = F>,
     D: ndarray::Dimension,
 {
@@ -187,7 +187,7 @@ where
 }
 
 /// Returns `Err(NonFinite)` when any value is NaN or infinite.
-pub(crate) fn check_finite<F: crate::Float, V: FiniteScan<F> + ?Sized>(
+pub(crate) fn check_finite<F: crate::float::Float, V: FiniteScan<F> + ?Sized>(
     values: &V,
     op: &'static str,
     what: &str,

@@ -17,9 +17,33 @@
 //! * [`Ledger`]: per layer and source, the sum of credited updates; it balances
 //!   (`W₀ + Σ G + residual = W_T`, and every query's refinement splits exactly
 //!   into per-source contributions).
-//! * [`Query`] and [`Lens`]: score every source for a batch of queries by
-//!   matrix products; [`Ledger::top_k_influences`], [`Ledger::class_attribution`],
-//!   [`Ledger::self_scores`].
+//! * [`Scorer`]: one query surface — a [`Lens`] over the ledger
+//!   ([`Ledger::lens`]), over a compact sketch ([`query::LedgerSketch`]), or the
+//!   ridge lens ([`query::RidgeLens`]) — turning a [`Query`] (built from your
+//!   network and input: [`Query::forward`], [`Query::gradients`],
+//!   [`Query::paired`]) into [`Scores`] that rank, look up and re-rank.
+//!   [`Ledger::explain`] and [`Ledger::class_attribution`] give the paper's
+//!   full per-layer answer.
+//!
+//! Which lens answers which question: "which examples caused this
+//! prediction?" — [`query::RidgeLens`]; "which does it look like?" — the loss
+//! lens read at each segment's midpoint ([`query::Pairing::Midpoint`]), or
+//! [`Lens::Cos`] at the last layer without gradients; "which are mislabelled?"
+//! — the loss lens's self-score ([`Ledger::self_scores`]); "which classes
+//! built it?" — [`Ledger::class_attribution`].
+//!
+//! # Where things go
+//! * A new layer: implement [`Traceable`] (and [`nn::Layer`] for the built-in
+//!   network) in its own file under `nn/`; test its backward pass against
+//!   finite differences and the ledger's balance on a real training run.
+//! * A new optimizer: implement [`Optimizer`] in `optim/`; report a
+//!   [`LinearRule`] only if its step is exactly that rule (then it is credited
+//!   per example; otherwise per batch); golden values for two or three steps.
+//! * A new lens: a [`Lens`] variant and its description in `query/lens.rs`
+//!   (target, whether it needs norms, formula, how layers combine) — every
+//!   scorer reads it; test it against a direct computation from the accounts.
+//! * The ledger's state changes only through its booking interface
+//!   (`ledger/book.rs`); readers use read-only layer views (`ledger/view.rs`).
 //!
 //! # Example
 //! ```
@@ -27,7 +51,7 @@
 //! use rand::{SeedableRng, rngs::StdRng};
 //! use refinement_ledger::nn::{DenseConfig, Relu, Sequential};
 //! use refinement_ledger::optim::SgdConfig;
-//! use refinement_ledger::{Batch, ExampleId, Lens, OptimizerHook, Query};
+//! use refinement_ledger::{Batch, ExampleId, Lens, OptimizerHook, Query, Scorer};
 //!
 //! // Two classes of points: class 0 near (−1, −1), class 1 near (1, 1).
 //! let x = Array2::from_shape_fn((8, 2), |(i, j)| if i % 2 == 0 { -1.0 } else { 1.0 } + 0.1 * (i + j) as f32);
@@ -51,12 +75,13 @@
 //! }
 //! let ledger = hook.finish();
 //!
-//! // Explain the prediction for a new point near class 1.
-//! let q = ndarray::array![[0.9f32, 1.2]].into_dyn();
-//! net.forward(q.view())?;
-//! let query = Query::from_layers(&net.traceables())?;
-//! let top = &ledger.top_k_influences(&query, Lens::Cos, 3)?[0];
-//! assert_eq!(top.per_layer[1].1.proponents[0].label, Some(1));
+//! // Explain the prediction for a new point near class 1: which training
+//! // examples does its last-layer representation look like?
+//! let x_query = ndarray::array![[0.9f32, 1.2]].into_dyn();
+//! let cos = ledger.lens(Lens::Cos).layers(refinement_ledger::LayerSel::Layer(1));
+//! let top = &cos.top_k(&mut net, x_query.view(), 3)?[0];
+//! assert_eq!(top.proponents[0].label, Some(1));
+//! let query = Query::forward(&mut net, x_query.view())?;
 //! // The ledger balances: contributions add up to the refinement.
 //! let explanation = ledger.explain(&query)?;
 //! assert!(explanation.layers.iter().all(|l| l.balance_error[0] < 1e-4));
@@ -126,3 +151,8 @@ pub fn doc_fixture() -> Result<(Ledger<f64>, nn::Sequential<f64>)> {
     }
     Ok((hook.finish(), net))
 }
+
+/// The README's code blocks, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

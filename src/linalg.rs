@@ -3,8 +3,8 @@
 
 use ndarray::{Array1, Array2};
 
-use crate::Result;
 use crate::error::Error;
+use crate::error::Result;
 
 /// Lower Cholesky factor of a symmetric positive definite matrix
 /// (row-oriented, each entry a dot product of two contiguous row prefixes).

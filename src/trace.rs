@@ -17,7 +17,8 @@ use std::fmt;
 use ndarray::{ArrayView1, ArrayView3, ArrayViewD, ArrayViewMutD};
 use serde::{Deserialize, Serialize};
 
-use crate::{Float, Result};
+use crate::error::Result;
+use crate::float::Float;
 
 /// The name of a traced layer (`"fc1"`, `"conv2"`); unique within a network.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

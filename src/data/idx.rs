@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use ndarray::{ArrayD, IxDyn};
 
 use super::Dataset;
-use crate::{Error, ExampleId, Float, Result};
+use crate::error::{Error, Result};
+use crate::float::Float;
+use crate::trace::ExampleId;
 
 /// Which part of an MNIST-format folder to read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -12,7 +12,9 @@ use ndarray::{Array2, ArrayD, Axis, IxDyn};
 use rand::{SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha8Rng;
 
-use crate::{Error, ExampleId, Float, Result};
+use crate::error::{Error, Result};
+use crate::float::Float;
+use crate::trace::ExampleId;
 
 /// The UCI digits as shipped with scikit-learn: 1,797 8×8 images, pixels 0–16,
 /// label last (CC BY 4.0; see `data/NOTICE`).

@@ -3,7 +3,7 @@
 use rand::{Rng, SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha8Rng;
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Shuffled mini-batches: every epoch a fresh seeded permutation, cut into batches.
 ///

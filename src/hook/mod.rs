@@ -23,7 +23,7 @@ use std::collections::HashSet;
 
 use ndarray::Array2;
 
-use crate::Result;
+use crate::error::Result;
 use crate::error::{Error, FiniteScan, check_finite, shape_str};
 use crate::float::Float;
 use crate::ledger::Ledger;
@@ -335,6 +335,24 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
     }
 
     /// Ends tracing and returns the ledger (see the type's example).
+    ///
+    /// # Example
+    /// ```
+    /// use ndarray::array;
+    /// use rand::{SeedableRng, rngs::StdRng};
+    /// use refinement_ledger::{Batch, ExampleId, OptimizerHook, nn::{DenseConfig, Sequential}, optim::AdamConfig};
+    /// let mut rng = StdRng::seed_from_u64(0);
+    /// let mut net = Sequential::<f64>::new().with(DenseConfig::new(2, 2).build("fc", &mut rng)?);
+    /// // Adam has no linear rule: each step's exact update is credited to its batch.
+    /// let mut hook = OptimizerHook::new(AdamConfig::new(0.01).build()?, &net.traceables())?;
+    /// assert!(!hook.is_per_example());
+    /// net.train_batch(array![[1.0, 0.0]].into_dyn().view(), &[0])?;
+    /// hook.step(&mut net.traceables_mut(), &Batch::new(&[ExampleId(0)], &[0]))?;
+    /// let ledger = hook.finish();
+    /// assert_eq!(ledger.sources()[0].id, refinement_ledger::SourceId::Batch(0));
+    /// assert!(ledger.residual_fraction()[0] < 1e-12);
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
     pub fn finish(mut self) -> Ledger<F> {
         self.shares.book_pending(&mut self.ledger);
         self.ledger.finish(&self.current);

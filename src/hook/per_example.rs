@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use ndarray::{Array2, ArrayView3, Axis, s};
 
 use super::Batch;
-use crate::Result;
+use crate::error::Result;
 use crate::float::Float;
 use crate::ledger::Ledger;
 use crate::optim::LinearRule;

@@ -18,8 +18,8 @@ use std::collections::HashMap;
 use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2, s};
 use rayon::prelude::*;
 
-use super::buf::Buf;
 use crate::float::Float;
+use crate::storage::Buf;
 
 /// The factored rows of one layer.
 #[derive(Clone, Debug)]

@@ -18,7 +18,9 @@ use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2};
 
 use super::segment::Segment;
 use super::{Ledger, SourceMeta};
-use crate::{Error, ExampleId, Float, Result, SourceId};
+use crate::error::{Error, Result};
+use crate::float::Float;
+use crate::trace::{ExampleId, SourceId};
 
 impl<F: Float> Ledger<F> {
     /// The label `id` was registered with: `None` for a new source.

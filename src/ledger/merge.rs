@@ -10,7 +10,9 @@
 use std::collections::HashMap;
 
 use super::Ledger;
-use crate::{Error, Float, Result, SourceId};
+use crate::error::{Error, Result};
+use crate::float::Float;
+use crate::trace::SourceId;
 
 fn mismatch(reason: String) -> Error {
     Error::InvalidConfig {
@@ -26,6 +28,37 @@ impl<F: Float> Ledger<F> {
     /// # Errors
     /// [`Error::InvalidConfig`] naming the first thing that differs (layers,
     /// parameters, segment structure, coefficients, or a source in both shards).
+    ///
+    /// # Example
+    /// ```
+    /// use ndarray::array;
+    /// use rand::{SeedableRng, rngs::StdRng};
+    /// use refinement_ledger::{Batch, ExampleId, OptimizerHook, nn::{DenseConfig, Sequential}, optim::SgdConfig};
+    /// // Two ranks apply the same update of a global batch of two; each credits
+    /// // its own example and marks the other's row a ghost (its share lands in
+    /// // the rank's residual).
+    /// let build = || -> refinement_ledger::Result<Sequential<f64>> {
+    ///     let mut rng = StdRng::seed_from_u64(0);
+    ///     Ok(Sequential::new().with(DenseConfig::new(2, 2).build("fc", &mut rng)?))
+    /// };
+    /// let (mut net0, mut net1) = (build()?, build()?);
+    /// let mut rank0 = OptimizerHook::new(SgdConfig::new(0.1).build()?, &net0.traceables())?;
+    /// let mut rank1 = OptimizerHook::new(SgdConfig::new(0.1).build()?, &net1.traceables())?;
+    /// let x = array![[1.0, 0.0], [0.0, 1.0]].into_dyn();
+    /// let ids = [ExampleId(0), ExampleId(1)];
+    /// for _ in 0..3 {
+    ///     net0.train_batch(x.view(), &[0, 1])?;
+    ///     rank0.step(&mut net0.traceables_mut(), &Batch::new(&ids, &[0, 1]).with_ghosts(&[false, true]))?;
+    ///     net1.train_batch(x.view(), &[0, 1])?;
+    ///     rank1.step(&mut net1.traceables_mut(), &Batch::new(&ids, &[0, 1]).with_ghosts(&[true, false]))?;
+    /// }
+    /// let (shard0, shard1) = (rank0.finish(), rank1.finish());
+    /// assert!(shard0.residual_fraction()[0] > 0.1); // the other rank's share
+    /// let merged = shard0.merge(&shard1)?;
+    /// assert_eq!(merged.sources().len(), 2);
+    /// assert!(merged.residual_fraction()[0] < 1e-12);
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
     pub fn merge(&self, other: &Ledger<F>) -> Result<Ledger<F>> {
         if self.layers != other.layers {
             return Err(mismatch("the shards trace different layers".into()));

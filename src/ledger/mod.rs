@@ -17,13 +17,11 @@
 
 pub(crate) mod accounts;
 mod book;
-mod buf;
 mod merge;
 mod persist;
 mod segment;
 mod view;
 
-pub(crate) use buf::Buf;
 pub use persist::{FORMAT, VERSION};
 pub(crate) use view::{LayerView, Segments};
 
@@ -33,9 +31,9 @@ use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 
 use crate::error::shape_str;
+use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::trace::{ExampleId, LayerId, SourceId, Traceable, TracedShape};
-use crate::{Error, Result};
 use accounts::{Rows, augmented};
 use segment::Segment;
 

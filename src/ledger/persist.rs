@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use super::accounts::{DenseAccounts, Rows};
 use super::segment::Segment;
 use super::{LayerMeta, Ledger, SourceMeta};
-use crate::Result;
+use crate::error::Result;
 use crate::float::Float;
 use crate::storage::{
     Reader, Tensor, corrupt, decode, dtype, encode, floats, map_file, matrix, save_atomic, u32s,
@@ -63,6 +63,21 @@ impl<F: Float> Ledger<F> {
     ///
     /// # Errors
     /// [`Error::CorruptLedger`](crate::Error::CorruptLedger) if serialisation fails (it does not for a valid ledger).
+    ///
+    /// # Example
+    /// ```
+    /// # let (ledger, _net) = refinement_ledger::doc_fixture()?;
+    /// use refinement_ledger::Ledger;
+    /// let bytes = ledger.to_bytes()?;
+    /// let back = Ledger::<f64>::from_bytes(&bytes)?;
+    /// assert_eq!(back.sources(), ledger.sources());
+    /// // A flipped bit is an error, never another ledger.
+    /// let mut bad = bytes.clone();
+    /// let last = bad.len() - 1;
+    /// bad[last] ^= 1;
+    /// assert!(Ledger::<f64>::from_bytes(&bad).is_err());
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let (tensors, json) = self.tensors()?;
         encode(tensors, FORMAT, VERSION, json)
@@ -129,6 +144,19 @@ impl<F: Float> Ledger<F> {
     ///
     /// # Errors
     /// [`Error::Io`](crate::Error::Io) when the file cannot be written.
+    ///
+    /// # Example
+    /// ```
+    /// # let (ledger, mut net) = refinement_ledger::doc_fixture()?;
+    /// use refinement_ledger::{LayerSel, Ledger, Lens, Query};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("run.ledger");
+    /// ledger.save(&path)?;
+    /// let loaded = Ledger::<f64>::load(&path)?; // memory-mapped
+    /// let q = Query::forward(&mut net, ndarray::array![[1.0, 0.9]].view().into_dyn())?;
+    /// assert_eq!(loaded.scores(&q, Lens::Cos, LayerSel::All)?, ledger.scores(&q, Lens::Cos, LayerSel::All)?);
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
     pub fn save(&self, path: &Path) -> Result<()> {
         let (tensors, json) = self.tensors()?;
         save_atomic(path, tensors, FORMAT, VERSION, json)
@@ -141,6 +169,23 @@ impl<F: Float> Ledger<F> {
     /// # Errors
     /// [`Error::Io`](crate::Error::Io) when the file cannot be opened; [`Error::CorruptLedger`](crate::Error::CorruptLedger)
     /// for a truncated, corrupted or foreign file, or one saved with the other float type.
+    ///
+    /// # Example
+    /// ```
+    /// # let (ledger, _net) = refinement_ledger::doc_fixture()?;
+    /// use refinement_ledger::Ledger;
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("run.ledger");
+    /// ledger.save(&path)?;
+    /// let loaded = Ledger::<f64>::load(&path)?;
+    /// assert_eq!(loaded.parameter_balance(), ledger.parameter_balance());
+    /// assert!(loaded.mapped_bytes() > 0);
+    /// // The other float type, or a file that is not a ledger, is an error.
+    /// assert!(Ledger::<f32>::load(&path).is_err());
+    /// std::fs::write(&path, b"not a ledger").unwrap();
+    /// assert!(Ledger::<f64>::load(&path).is_err());
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
     pub fn load(path: &Path) -> Result<Self> {
         let map = map_file(path)?;
         Self::parse(&map, Some(&map))
@@ -150,6 +195,16 @@ impl<F: Float> Ledger<F> {
     ///
     /// # Errors
     /// [`Error::CorruptLedger`](crate::Error::CorruptLedger) for anything that is not a valid ledger of float type `F`.
+    ///
+    /// # Example
+    /// ```
+    /// # let (ledger, _net) = refinement_ledger::doc_fixture()?;
+    /// use refinement_ledger::Ledger;
+    /// let back = Ledger::<f64>::from_bytes(&ledger.to_bytes()?)?;
+    /// assert_eq!(back.steps_per_segment(), ledger.steps_per_segment());
+    /// assert!(Ledger::<f64>::from_bytes(&[0u8; 16]).is_err());
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         Self::parse(bytes, None)
     }
@@ -166,108 +221,106 @@ impl<F: Float> Ledger<F> {
                 F::DTYPE
             )));
         }
-        Reader { st: &st, map }.ledger(header)
+        read_ledger(&Reader { st: &st, map }, header)
     }
 }
 
-impl Reader<'_> {
-    fn ledger<F: Float>(&self, header: Header) -> Result<Ledger<F>> {
-        let n_src = u32::try_from(header.sources.len()).map_err(|_| corrupt("too many sources"))?;
-        let mut index = HashMap::new();
-        for (i, s) in header.sources.iter().enumerate() {
-            if index.insert(s.id, i as u32).is_some() {
-                return Err(corrupt(format!("source {} listed twice", s.id)));
-            }
+/// A ledger from a decoded file: every tensor checked against the header.
+fn read_ledger<F: Float>(reader: &Reader<'_>, header: Header) -> Result<Ledger<F>> {
+    let n_src = u32::try_from(header.sources.len()).map_err(|_| corrupt("too many sources"))?;
+    let mut index = HashMap::new();
+    for (i, s) in header.sources.iter().enumerate() {
+        if index.insert(s.id, i as u32).is_some() {
+            return Err(corrupt(format!("source {} listed twice", s.id)));
         }
-        let dt = dtype::<F>();
-        let mut initial = Vec::new();
-        let mut rows = Vec::new();
+    }
+    let dt = dtype::<F>();
+    let mut initial = Vec::new();
+    let mut rows = Vec::new();
+    for (l, m) in header.layers.iter().enumerate() {
+        let (fo, ai) = (m.shape.fan_out, m.shape.aug_in());
+        if fo == 0
+            || m.shape.fan_in == 0
+            || m.shape.weight_shape.iter().product::<usize>() != fo * m.shape.fan_in
+        {
+            return Err(corrupt(format!(
+                "layer {l}: inconsistent shape {:?}",
+                m.shape
+            )));
+        }
+        initial.push(reader.matrix(&format!("layer.{l}.initial"), (fo, ai))?);
+        let (n, a) = reader.leading(&format!("layer.{l}.rows.a"), dt, &[ai])?;
+        let d = reader.tensor(&format!("layer.{l}.rows.d"), dt, &[n, fo])?;
+        let mut r = Rows::new(ai, fo);
+        r.a = reader.buf(&a, "rows.a")?;
+        r.d = reader.buf(&d, "rows.d")?;
+        r.source = reader.u32s(&format!("layer.{l}.rows.source"), n, n_src, "source")?;
+        r.group = reader.u32s(
+            &format!("layer.{l}.rows.group"),
+            n,
+            header.n_groups,
+            "group",
+        )?;
+        if !r.source.windows(2).all(|w| w[0] <= w[1]) {
+            return Err(corrupt(format!("layer {l}: rows not sorted by source")));
+        }
+        r.sorted = true;
+        rows.push(r);
+    }
+    let mut segments = Vec::new();
+    for (k, sh) in header.segments.iter().enumerate() {
+        let (len, c) = reader.leading(&format!("segment.{k}.coef"), Dtype::F64, &[])?;
+        if sh.first_group as u64 + len as u64 > header.n_groups as u64 {
+            return Err(corrupt(format!(
+                "segment {k}: groups {}..{} beyond {}",
+                sh.first_group,
+                sh.first_group as usize + len,
+                header.n_groups
+            )));
+        }
+        let mut seg = Segment::new(Vec::new(), sh.first_group, &header.layers);
+        seg.coef = reader.floats(&c, "coef")?;
+        seg.n_steps = sh.n_steps;
         for (l, m) in header.layers.iter().enumerate() {
             let (fo, ai) = (m.shape.fan_out, m.shape.aug_in());
-            if fo == 0
-                || m.shape.fan_in == 0
-                || m.shape.weight_shape.iter().product::<usize>() != fo * m.shape.fan_in
-            {
-                return Err(corrupt(format!(
-                    "layer {l}: inconsistent shape {:?}",
-                    m.shape
-                )));
-            }
-            initial.push(self.matrix(&format!("layer.{l}.initial"), (fo, ai))?);
-            let (n, a) = self.leading(&format!("layer.{l}.rows.a"), dt, &[ai])?;
-            let d = self.tensor(&format!("layer.{l}.rows.d"), dt, &[n, fo])?;
-            let mut r = Rows::new(ai, fo);
-            r.a = self.buf(&a, "rows.a")?;
-            r.d = self.buf(&d, "rows.d")?;
-            r.source = self.u32s(&format!("layer.{l}.rows.source"), n, n_src, "source")?;
-            r.group = self.u32s(
-                &format!("layer.{l}.rows.group"),
-                n,
-                header.n_groups,
-                "group",
+            seg.end
+                .push(reader.matrix(&format!("segment.{k}.layer.{l}.end"), (fo, ai))?);
+            let name = format!("segment.{k}.layer.{l}.dense");
+            let (slots, dense) = reader.leading(&name, Dtype::F64, &[fo, ai])?;
+            let source = reader.u32s(
+                &format!("segment.{k}.layer.{l}.dense_source"),
+                slots,
+                n_src,
+                "source",
             )?;
-            if !r.source.windows(2).all(|w| w[0] <= w[1]) {
-                return Err(corrupt(format!("layer {l}: rows not sorted by source")));
-            }
-            r.sorted = true;
-            rows.push(r);
-        }
-        let mut segments = Vec::new();
-        for (k, sh) in header.segments.iter().enumerate() {
-            let (len, c) = self.leading(&format!("segment.{k}.coef"), Dtype::F64, &[])?;
-            if sh.first_group as u64 + len as u64 > header.n_groups as u64 {
-                return Err(corrupt(format!(
-                    "segment {k}: groups {}..{} beyond {}",
-                    sh.first_group,
-                    sh.first_group as usize + len,
-                    header.n_groups
-                )));
-            }
-            let mut seg = Segment::new(Vec::new(), sh.first_group, &header.layers);
-            seg.coef = self.floats(&c, "coef")?;
-            seg.n_steps = sh.n_steps;
-            for (l, m) in header.layers.iter().enumerate() {
-                let (fo, ai) = (m.shape.fan_out, m.shape.aug_in());
-                seg.end
-                    .push(self.matrix(&format!("segment.{k}.layer.{l}.end"), (fo, ai))?);
-                let name = format!("segment.{k}.layer.{l}.dense");
-                let (slots, dense) = self.leading(&name, Dtype::F64, &[fo, ai])?;
-                let source = self.u32s(
-                    &format!("segment.{k}.layer.{l}.dense_source"),
-                    slots,
-                    n_src,
-                    "source",
-                )?;
-                let residual = self.matrix(&format!("segment.{k}.layer.{l}.residual"), (fo, ai))?;
-                seg.layers[l] =
-                    DenseAccounts::from_parts(ai, fo, source, self.buf(&dense, &name)?, residual)
-                        .ok_or_else(|| {
+            let residual = reader.matrix(&format!("segment.{k}.layer.{l}.residual"), (fo, ai))?;
+            seg.layers[l] =
+                DenseAccounts::from_parts(ai, fo, source, reader.buf(&dense, &name)?, residual)
+                    .ok_or_else(|| {
                         corrupt(format!(
                             "segment {k} layer {l}: dense sources not strictly ascending"
                         ))
                     })?;
-            }
-            segments.push(seg);
         }
-        if segments.is_empty() || header.layers.is_empty() {
-            return Err(corrupt("no layers or no segments"));
-        }
-        let expected =
-            5 * header.layers.len() + header.segments.len() * (1 + 4 * header.layers.len());
-        if self.st.len() != expected {
-            return Err(corrupt(format!(
-                "{} tensors, expected {expected}",
-                self.st.len()
-            )));
-        }
-        Ok(Ledger {
-            layers: header.layers,
-            initial,
-            sources: header.sources,
-            index,
-            rows,
-            n_groups: header.n_groups,
-            segments,
-        })
+        segments.push(seg);
     }
+    if segments.is_empty() || header.layers.is_empty() {
+        return Err(corrupt("no layers or no segments"));
+    }
+    let expected = 5 * header.layers.len() + header.segments.len() * (1 + 4 * header.layers.len());
+    if reader.st.len() != expected {
+        return Err(corrupt(format!(
+            "{} tensors, expected {expected}",
+            reader.st.len()
+        )));
+    }
+    Ok(Ledger {
+        layers: header.layers,
+        initial,
+        sources: header.sources,
+        index,
+        rows,
+        n_groups: header.n_groups,
+        segments,
+    })
 }

@@ -20,7 +20,9 @@ use ndarray::{Array2, ArrayView2, CowArray, Ix2};
 use super::Ledger;
 use super::accounts::{DenseAccounts, Rows};
 use super::segment::Segment;
-use crate::{Error, Float, Result, SourceId};
+use crate::error::{Error, Result};
+use crate::float::Float;
+use crate::trace::SourceId;
 
 /// One traced layer of a ledger over a set of segments, read-only.
 #[derive(Clone, Debug)]

@@ -7,8 +7,10 @@ use ndarray::{
 use rand::Rng;
 
 use super::{Init, Layer};
+use crate::error::{Error, Result};
 use crate::error::{check_finite, shape_str};
-use crate::{Error, Float, LayerId, ParamId, ParamMut, Result, Traceable, TracedShape};
+use crate::float::Float;
+use crate::trace::{LayerId, ParamId, ParamMut, Traceable, TracedShape};
 
 /// Configuration of a [`Conv2d`] layer.
 #[derive(Clone, Debug, PartialEq)]

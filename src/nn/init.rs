@@ -6,7 +6,8 @@ use rand::Rng;
 use rand_distr::{Normal, Uniform};
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Float, Result};
+use crate::error::{Error, Result};
+use crate::float::Float;
 
 /// How a layer's weights are drawn. Biases start at zero.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -2,8 +2,9 @@
 
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 
+use crate::error::{Error, Result};
 use crate::error::{check_finite, shape_str};
-use crate::{Error, Float, Result};
+use crate::float::Float;
 
 /// How per-example losses combine into the batch loss.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -24,7 +24,9 @@ pub use pool::{Flatten, MaxPool2d};
 use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewD, Ix2};
 
 use crate::error::shape_str;
-use crate::{Error, Float, Result, Traceable};
+use crate::error::{Error, Result};
+use crate::float::Float;
+use crate::trace::Traceable;
 
 /// A network layer with a batched forward and backward pass.
 ///

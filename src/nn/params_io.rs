@@ -11,8 +11,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::Sequential;
+use crate::error::{Error, Result};
+use crate::float::Float;
 use crate::storage::{Reader, corrupt, decode, dtype, floats_owned, save_atomic, with_mapped};
-use crate::{Error, Float, LayerId, Result, TracedShape};
+use crate::trace::{LayerId, TracedShape};
 
 /// The model file format's name.
 pub const MODEL_FORMAT: &str = "refinement-ledger-model";

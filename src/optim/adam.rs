@@ -6,7 +6,9 @@ use ndarray::{ArrayD, Zip};
 use serde::{Deserialize, Serialize};
 
 use super::{Optimizer, check_params, check_range, positive};
-use crate::{Error, Float, ParamId, ParamMut, Result};
+use crate::error::{Error, Result};
+use crate::float::Float;
+use crate::trace::{ParamId, ParamMut};
 
 /// Configuration of [`Adam`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -105,6 +107,19 @@ pub struct AdamState<F: Float = f32> {
 ///
 /// Not linear in the gradients: the hook traces it by a before/after diff
 /// credited to each step's batch.
+///
+/// # Example
+/// ```
+/// use refinement_ledger::{Optimizer, ParamId, ParamMut, optim::AdamConfig};
+/// let mut adam = AdamConfig::new(0.1).build::<f64>()?;
+/// assert!(adam.linear_rule().is_none());
+/// let mut w = ndarray::array![1.0].into_dyn();
+/// let g = ndarray::array![0.5].into_dyn();
+/// adam.step(&mut [ParamMut { id: ParamId("w".into()), value: w.view_mut(), grad: g.view() }])?;
+/// // The first bias-corrected Adam step moves by lr · sign(g).
+/// assert!((w[[0]] - 0.9).abs() < 1e-6);
+/// # Ok::<(), refinement_ledger::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct Adam<F: Float = f32> {
     config: AdamConfig,

@@ -12,8 +12,10 @@ pub use sgd::{LrSchedule, Sgd, SgdConfig, SgdState};
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Error, Result};
 use crate::error::{check_finite, shape_str};
-use crate::{Error, Float, ParamMut, Result};
+use crate::float::Float;
+use crate::trace::ParamMut;
 
 /// The next step of an SGD-family optimizer, in PyTorch's semantics:
 ///

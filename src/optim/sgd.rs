@@ -7,7 +7,9 @@ use ndarray::{ArrayD, Zip};
 use serde::{Deserialize, Serialize};
 
 use super::{LinearRule, Optimizer, check_params, check_range, positive};
-use crate::{Error, Float, ParamId, ParamMut, Result};
+use crate::error::{Error, Result};
+use crate::float::Float;
+use crate::trace::{ParamId, ParamMut};
 
 /// The learning rate as a function of the step number `t` (from 0).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -10,7 +10,7 @@ use ndarray::{Array1, Array2};
 
 use super::input::Query;
 use super::kernel::dots;
-use crate::Result;
+use crate::error::Result;
 use crate::float::Float;
 use crate::ledger::{Ledger, Segments};
 use crate::trace::LayerId;

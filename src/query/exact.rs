@@ -9,8 +9,8 @@ use super::input::{Pairing, Query, Targets};
 use super::kernel::{LayerInput, chunk_contributions, dots, dots_for, materialize};
 use super::lens::{LayerSel, Lens, LensSpec, Parts, Target};
 use super::scores::{Influences, Scores};
-use crate::Result;
 use crate::error::Error;
+use crate::error::Result;
 use crate::float::Float;
 use crate::ledger::{LayerView, Ledger, Segments, SourceMeta};
 use crate::trace::{SourceId, TracedModel};
@@ -53,8 +53,8 @@ impl<'a, F: Float> ExactLens<'a, F> {
     }
 }
 
-impl<F: Float> Scorer<F> for ExactLens<'_, F> {
-    fn sources(&self) -> &[SourceMeta] {
+impl<'a, F: Float> Scorer<'a, F> for ExactLens<'a, F> {
+    fn sources(&self) -> &'a [SourceMeta] {
         self.ledger.sources()
     }
 
@@ -74,7 +74,7 @@ impl<F: Float> Scorer<F> for ExactLens<'_, F> {
         }
     }
 
-    fn scores(&self, query: &Query<F>) -> Result<Scores<'_>> {
+    fn scores(&self, query: &Query<F>) -> Result<Scores<'a>> {
         self.ledger.scores(query, self.lens, self.layers)
     }
 
@@ -158,6 +158,16 @@ type Reading<'a, F> = (LayerView<'a, F>, LayerInput<F>, f64);
 
 impl<F: Float> Ledger<F> {
     /// The lens `lens` over this ledger, all layers: a [`Scorer`].
+    ///
+    /// # Example
+    /// ```
+    /// # let (ledger, mut net) = refinement_ledger::doc_fixture()?;
+    /// use refinement_ledger::{LayerSel, Lens, Query, Scorer};
+    /// let q = Query::forward(&mut net, ndarray::array![[1.0, 0.9]].view().into_dyn())?;
+    /// let by_lens = ledger.lens(Lens::Share).layers(LayerSel::Layer(0)).scores(&q)?;
+    /// assert_eq!(by_lens, ledger.scores(&q, Lens::Share, LayerSel::Layer(0))?);
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
     pub fn lens(&self, lens: Lens) -> ExactLens<'_, F> {
         ExactLens {
             ledger: self,
@@ -288,6 +298,20 @@ impl<F: Float> Ledger<F> {
     /// # Errors
     /// [`Error::LayerMismatch`] when the query's layers are not the ledger's;
     /// [`Error::Empty`] for a ledger without steps.
+    ///
+    /// # Example
+    /// ```
+    /// # let (ledger, mut net) = refinement_ledger::doc_fixture()?;
+    /// use refinement_ledger::Query;
+    /// let q = Query::forward(&mut net, ndarray::array![[1.0, 0.9]].view().into_dyn())?;
+    /// let ex = ledger.explain(&q)?;
+    /// assert_eq!(ex.layers.len(), 2);
+    /// // Contributions add up to the refinement, with the residual.
+    /// let layer = &ex.layers[1];
+    /// let total = layer.dot.row(0).sum() + layer.residual_dot[0];
+    /// assert!((total - layer.refinement_norm[0].powi(2)).abs() < 1e-9 * layer.refinement_norm[0].powi(2));
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
     pub fn explain(&self, query: &Query<F>) -> Result<Explanation<'_>> {
         self.check_query(query, "Ledger::explain")?;
         let n_src = self.sources().len();

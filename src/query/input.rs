@@ -12,7 +12,7 @@
 use ndarray::{Array2, Array3, ArrayViewD};
 
 use super::kernel::LayerInput;
-use crate::Result;
+use crate::error::Result;
 use crate::error::{Error, check_finite, shape_str};
 use crate::float::Float;
 use crate::ledger::{LayerMeta, Ledger, check_metas};
@@ -86,6 +86,17 @@ impl<F: Float> Query<F> {
     /// [`Error::Empty`] for no layers or no queries, [`Error::NoForwardCache`],
     /// [`Error::ShapeMismatch`] when layers disagree on the batch size,
     /// [`Error::NonFinite`].
+    ///
+    /// # Example
+    /// ```
+    /// # let (_ledger, mut net) = refinement_ledger::doc_fixture()?;
+    /// use refinement_ledger::Query;
+    /// net.forward(ndarray::array![[1.0, 0.9], [-1.0, -1.0]].view().into_dyn())?;
+    /// let q = Query::from_layers(&net.traceables())?;
+    /// assert_eq!(q.len(), 2);
+    /// assert!(!q.has_gradients());
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
     pub fn from_layers(layers: &[&dyn Traceable<F>]) -> Result<Self> {
         Self::build(layers, false)
     }
@@ -98,6 +109,16 @@ impl<F: Float> Query<F> {
     ///
     /// # Errors
     /// As [`from_layers`](Self::from_layers), and [`Error::NoBackwardCache`].
+    ///
+    /// # Example
+    /// ```
+    /// # let (_ledger, mut net) = refinement_ledger::doc_fixture()?;
+    /// use refinement_ledger::Query;
+    /// net.loss_gradients(ndarray::array![[1.0, 0.9]].view().into_dyn(), &[1])?;
+    /// let q = Query::with_gradients(&net.traceables())?;
+    /// assert!(q.has_gradients());
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
     pub fn with_gradients(layers: &[&dyn Traceable<F>]) -> Result<Self> {
         Self::build(layers, true)
     }
@@ -106,6 +127,17 @@ impl<F: Float> Query<F> {
     ///
     /// # Errors
     /// Errors of the model's forward pass; as [`from_layers`](Self::from_layers).
+    ///
+    /// # Example
+    /// ```
+    /// # let (ledger, mut net) = refinement_ledger::doc_fixture()?;
+    /// use refinement_ledger::{Lens, Query};
+    /// let q = Query::forward(&mut net, ndarray::array![[1.0, 0.9]].view().into_dyn())?;
+    /// assert!(ledger.explain(&q)?.layers.iter().all(|l| l.balance_error[0] < 1e-9));
+    /// // The loss lens needs gradients, and says so.
+    /// assert!(ledger.top_k_influences(&q, Lens::Loss, 3).is_err());
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
     pub fn forward(model: &mut dyn TracedModel<F>, x: ArrayViewD<'_, F>) -> Result<Self> {
         model.run(x)?;
         Self::from_layers(&model.traced())
@@ -117,6 +149,21 @@ impl<F: Float> Query<F> {
     /// # Errors
     /// [`Error::ShapeMismatch`] when the labels are not one per input; errors
     /// of the model's passes; as [`with_gradients`](Self::with_gradients).
+    ///
+    /// # Example
+    /// ```
+    /// # let (ledger, mut net) = refinement_ledger::doc_fixture()?;
+    /// use refinement_ledger::{LayerSel, Lens, Query, query::Targets};
+    /// let x = ndarray::array![[1.0, 0.9]];
+    /// let at_label = Query::gradients(&mut net, x.view().into_dyn(), Targets::Labels(&[1]))?;
+    /// let predicted = Query::gradients(&mut net, x.view().into_dyn(), Targets::Predicted)?;
+    /// // The network predicts class 1 here: the two queries agree.
+    /// assert_eq!(
+    ///     ledger.scores(&at_label, Lens::Loss, LayerSel::All)?,
+    ///     ledger.scores(&predicted, Lens::Loss, LayerSel::All)?
+    /// );
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
     pub fn gradients(
         model: &mut dyn TracedModel<F>,
         x: ArrayViewD<'_, F>,

@@ -11,8 +11,8 @@
 use ndarray::{Array1, Array2, Zip};
 use serde::{Deserialize, Serialize};
 
-use crate::Result;
 use crate::error::Error;
+use crate::error::Result;
 
 /// How a source is scored for a query. See the [module docs](crate::query)
 /// for the question each lens answers.

@@ -56,7 +56,7 @@ pub use sketch::{LedgerSketch, SketchConfig, SketchLens, SketchRidge};
 
 use ndarray::{Array1, ArrayViewD};
 
-use crate::Result;
+use crate::error::Result;
 use crate::float::Float;
 use crate::ledger::SourceMeta;
 use crate::trace::{SourceId, TracedModel};
@@ -71,16 +71,16 @@ use crate::trace::{SourceId, TracedModel};
 /// use refinement_ledger::{Lens, Scorer, query::RidgeLens};
 /// let x = ndarray::array![[1.0, 0.9]];
 /// let ridge = RidgeLens::fit(&ledger, 0.1)?;
-/// let scorers: [&dyn Scorer<f64>; 2] = [&ledger.lens(Lens::Loss), &ridge];
+/// let scorers: [&dyn Scorer<'_, f64>; 2] = [&ledger.lens(Lens::Loss), &ridge];
 /// for scorer in scorers {
 ///     let ranking = &scorer.top_k(&mut net, x.view().into_dyn(), 4)?[0];
 ///     assert_eq!(ranking.proponents.len(), 4);
 /// }
 /// # Ok::<(), refinement_ledger::Error>(())
 /// ```
-pub trait Scorer<F: Float = f32> {
+pub trait Scorer<'a, F: Float = f32> {
     /// The sources, in the column order of scores.
-    fn sources(&self) -> &[SourceMeta];
+    fn sources(&self) -> &'a [SourceMeta];
 
     /// Whether queries must carry loss gradients.
     fn needs_gradients(&self) -> bool;
@@ -90,7 +90,7 @@ pub trait Scorer<F: Float = f32> {
     /// # Errors
     /// A query of other layers, without the gradients the scorer needs, or a
     /// lens the scorer cannot serve.
-    fn scores(&self, query: &Query<F>) -> Result<Scores<'_>>;
+    fn scores(&self, query: &Query<F>) -> Result<Scores<'a>>;
 
     /// The query this scorer needs for inputs `x`: a forward pass, and for a
     /// gradient scorer the loss gradients at the predicted class.

@@ -24,8 +24,8 @@ use super::Scorer;
 use super::input::Query;
 use super::lens::{LayerSel, Lens};
 use super::scores::Scores;
-use crate::Result;
 use crate::error::Error;
+use crate::error::Result;
 use crate::float::Float;
 use crate::ledger::{Ledger, SourceMeta};
 use crate::linalg::{cholesky, solve_cholesky};
@@ -112,6 +112,17 @@ impl<'a, F: Float> RidgeLens<'a, F> {
     ///
     /// # Errors
     /// As [`fit`](Self::fit).
+    ///
+    /// # Example
+    /// ```
+    /// # let (ledger, _net) = refinement_ledger::doc_fixture()?;
+    /// use refinement_ledger::query::RidgeLens;
+    /// let ridge = RidgeLens::fit(&ledger, 0.1)?;
+    /// let stronger = ridge.with_c(1.0)?; // the Gram matrix is reused
+    /// assert!(stronger.lambda() > ridge.lambda());
+    /// assert!(ridge.with_c(0.0).is_err());
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
     pub fn with_c(&self, c: f64) -> Result<Self> {
         Self::from_gram(self.ledger, self.gram.clone(), c)
     }
@@ -129,8 +140,8 @@ impl<'a, F: Float> RidgeLens<'a, F> {
 
 /// `α = (K + λI)⁻¹ L g(x)` for every query, `[n_queries, n_sources]`, where
 /// `L g(x)` is the loss lens's scores for the query (with the query's pairing).
-impl<F: Float> Scorer<F> for RidgeLens<'_, F> {
-    fn sources(&self) -> &[SourceMeta] {
+impl<'a, F: Float> Scorer<'a, F> for RidgeLens<'a, F> {
+    fn sources(&self) -> &'a [SourceMeta] {
         self.ledger.sources()
     }
 
@@ -138,7 +149,7 @@ impl<F: Float> Scorer<F> for RidgeLens<'_, F> {
         true
     }
 
-    fn scores(&self, query: &Query<F>) -> Result<Scores<'_>> {
+    fn scores(&self, query: &Query<F>) -> Result<Scores<'a>> {
         let mut out = self
             .ledger
             .scores(query, Lens::Loss, LayerSel::All)?

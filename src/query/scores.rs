@@ -8,8 +8,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::Query;
-use crate::Result;
 use crate::error::Error;
+use crate::error::Result;
 use crate::float::Float;
 use crate::ledger::SourceMeta;
 use crate::trace::{LayerId, SourceId};
@@ -57,6 +57,16 @@ impl<'a> Scores<'a> {
     ///
     /// # Errors
     /// [`Error::ShapeMismatch`] unless there is one column per source.
+    ///
+    /// # Example
+    /// ```
+    /// # let (ledger, _net) = refinement_ledger::doc_fixture()?;
+    /// use refinement_ledger::Scores;
+    /// let baseline = Scores::from_values(ndarray::array![[0.1, 0.4, 0.3, 0.2]], ledger.sources())?;
+    /// assert_eq!(baseline.top_k(0, 1)?.proponents[0].source, ledger.sources()[1].id);
+    /// assert!(Scores::from_values(ndarray::array![[0.1]], ledger.sources()).is_err());
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
     pub fn from_values(values: Array2<f64>, sources: &'a [SourceMeta]) -> Result<Self> {
         if values.ncols() != sources.len() {
             return Err(Error::ShapeMismatch {
@@ -122,6 +132,18 @@ impl<'a> Scores<'a> {
     }
 
     /// [`top_k`](Self::top_k) of every query.
+    ///
+    /// # Example
+    /// ```
+    /// # let (ledger, mut net) = refinement_ledger::doc_fixture()?;
+    /// use refinement_ledger::{LayerSel, Lens, Query};
+    /// let q = Query::forward(&mut net, ndarray::array![[1.0, 0.9], [-1.0, -1.0]].view().into_dyn())?;
+    /// let all = ledger.scores(&q, Lens::Influence, LayerSel::All)?.top_k_all(1);
+    /// assert_eq!(all.len(), 2);
+    /// assert_eq!(all[0].proponents[0].label, Some(1));
+    /// assert_eq!(all[1].proponents[0].label, Some(0));
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
     pub fn top_k_all(&self, k: usize) -> Vec<Ranking> {
         (0..self.n_queries())
             .map(|q| rank(self.values.row(q), self.sources, k))
@@ -143,6 +165,19 @@ impl<'a> Scores<'a> {
     /// # Errors
     /// [`Error::ShapeMismatch`] when there is not one source per query;
     /// [`Error::UnknownSource`].
+    ///
+    /// # Example
+    /// ```
+    /// # let (ledger, mut net) = refinement_ledger::doc_fixture()?;
+    /// use refinement_ledger::{ExampleId, LayerSel, Lens, Query, SourceId};
+    /// let x = ndarray::array![[-1.0, -0.8], [0.9, 1.1]]; // training examples 0 and 1
+    /// let q = Query::forward(&mut net, x.view().into_dyn())?;
+    /// let ids = [SourceId::Example(ExampleId(0)), SourceId::Example(ExampleId(1))];
+    /// let own = ledger.scores(&q, Lens::Share, LayerSel::All)?.diagonal(&ids)?;
+    /// let direct = ledger.self_scores(&q, &ids, Lens::Share)?;
+    /// assert!((own[0] - direct[0]).abs() < 1e-12);
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
     pub fn diagonal(&self, sources: &[SourceId]) -> Result<Array1<f64>> {
         const OP: &str = "Scores::diagonal";
         if sources.len() != self.n_queries() {
@@ -168,9 +203,23 @@ impl<'a> Scores<'a> {
     /// # Errors
     /// [`Error::ShapeMismatch`] when `exact` scores other sources; any error of
     /// `exact` for this query.
+    ///
+    /// # Example
+    /// ```
+    /// # let (ledger, mut net) = refinement_ledger::doc_fixture()?;
+    /// use refinement_ledger::{LayerSel, Lens, Query, query::{LedgerSketch, SketchConfig}};
+    /// let q = Query::forward(&mut net, ndarray::array![[1.0, 0.9]].view().into_dyn())?;
+    /// let sketch = LedgerSketch::build(&ledger, &SketchConfig::with_dims(4))?;
+    /// let approx = sketch.scores(&q, Lens::Influence, LayerSel::All)?;
+    /// // With every source on the shortlist the re-ranked answer is the exact one.
+    /// let exact = ledger.scores(&q, Lens::Influence, LayerSel::All)?.top_k(0, 2)?;
+    /// let reranked = approx.rerank(&ledger.lens(Lens::Influence), &q, 2, 4)?;
+    /// assert_eq!(reranked[0].proponents, exact.proponents);
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
     pub fn rerank<F: Float>(
         &self,
-        exact: &(dyn super::Scorer<F> + Sync),
+        exact: &(dyn super::Scorer<'_, F> + Sync),
         query: &Query<F>,
         k: usize,
         shortlist: usize,

@@ -7,8 +7,8 @@ use std::path::Path;
 use base64::Engine as _;
 use plotters::prelude::*;
 
+use crate::error::{Error, Result};
 use crate::query::ClassDistributions;
-use crate::{Error, Result};
 
 fn plot_err(what: &'static str) -> impl Fn(String) -> Error {
     move |reason| Error::Report { what, reason }

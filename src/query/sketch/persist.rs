@@ -7,7 +7,7 @@ use ndarray::Array1;
 use serde::{Deserialize, Serialize};
 
 use super::LedgerSketch;
-use crate::Result;
+use crate::error::Result;
 use crate::ledger::{LayerMeta, SourceMeta};
 use crate::storage::{Reader, bf16s, decode, floats, matrix, save_atomic, with_mapped};
 
@@ -33,6 +33,20 @@ impl LedgerSketch {
     ///
     /// # Errors
     /// [`Error::Io`](crate::Error::Io) when the file cannot be written.
+    ///
+    /// # Example
+    /// ```
+    /// # let (ledger, mut net) = refinement_ledger::doc_fixture()?;
+    /// use refinement_ledger::{LayerSel, Lens, Query, query::{LedgerSketch, SketchConfig}};
+    /// let sketch = LedgerSketch::build(&ledger, &SketchConfig::with_dims(8))?;
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("run.sketch");
+    /// sketch.save(&path)?;
+    /// let back = LedgerSketch::load(&path)?;
+    /// let q = Query::forward(&mut net, ndarray::array![[1.0, 0.9]].view().into_dyn())?;
+    /// assert_eq!(back.scores(&q, Lens::Dot, LayerSel::All)?, sketch.scores(&q, Lens::Dot, LayerSel::All)?);
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
     pub fn save(&self, path: &Path) -> Result<()> {
         let header = SketchHeader {
             layers: self.layers.clone(),
@@ -65,6 +79,14 @@ impl LedgerSketch {
     /// # Errors
     /// [`Error::Io`](crate::Error::Io) when the file cannot be opened; [`Error::CorruptLedger`](crate::Error::CorruptLedger)
     /// for a truncated, corrupted or foreign file.
+    ///
+    /// # Example
+    /// ```
+    /// use refinement_ledger::query::LedgerSketch;
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("missing.sketch");
+    /// assert!(LedgerSketch::load(&path).is_err());
+    /// ```
     pub fn load(path: &Path) -> Result<Self> {
         with_mapped(path, Self::from_bytes)
     }
@@ -73,6 +95,12 @@ impl LedgerSketch {
     ///
     /// # Errors
     /// [`Error::CorruptLedger`](crate::Error::CorruptLedger) for anything that is not a valid sketch.
+    ///
+    /// # Example
+    /// ```
+    /// use refinement_ledger::query::LedgerSketch;
+    /// assert!(LedgerSketch::from_bytes(b"not a sketch").is_err());
+    /// ```
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let (st, json) = decode(bytes, SKETCH_FORMAT, SKETCH_VERSION)?;
         let h: SketchHeader = serde_json::from_str(&json)

@@ -5,8 +5,8 @@ use ndarray::{Array2, ArrayView2, s};
 use rayon::prelude::*;
 
 use super::{LedgerSketch, SOURCE_CHUNK};
-use crate::Result;
 use crate::error::Error;
+use crate::error::Result;
 use crate::float::Float;
 use crate::ledger::SourceMeta;
 use crate::linalg::{cholesky, solve_cholesky};
@@ -20,6 +20,17 @@ impl LedgerSketch {
     /// # Errors
     /// [`Error::InvalidConfig`] for `c ≤ 0` or a singular system;
     /// [`Error::Empty`] for a sketch without sources.
+    ///
+    /// # Example
+    /// ```
+    /// # let (ledger, mut net) = refinement_ledger::doc_fixture()?;
+    /// use refinement_ledger::{Scorer, query::{LedgerSketch, SketchConfig}};
+    /// let sketch = LedgerSketch::build(&ledger, &SketchConfig::with_dims(16))?;
+    /// let ridge = sketch.ridge(0.1)?;
+    /// let top = ridge.top_k(&mut net, ndarray::array![[1.0, 0.9]].view().into_dyn(), 2)?;
+    /// assert_eq!(top[0].proponents.len(), 2);
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
     pub fn ridge(&self, c: f64) -> Result<SketchRidge<'_>> {
         let n = self.sources.len();
         if n == 0 {
@@ -97,8 +108,8 @@ impl SketchRidge<'_> {
     }
 }
 
-impl<F: Float> Scorer<F> for SketchRidge<'_> {
-    fn sources(&self) -> &[SourceMeta] {
+impl<'a, F: Float> Scorer<'a, F> for SketchRidge<'a> {
+    fn sources(&self) -> &'a [SourceMeta] {
         &self.sketch.sources
     }
 
@@ -106,7 +117,7 @@ impl<F: Float> Scorer<F> for SketchRidge<'_> {
         true
     }
 
-    fn scores(&self, query: &Query<F>) -> Result<Scores<'_>> {
+    fn scores(&self, query: &Query<F>) -> Result<Scores<'a>> {
         const OP: &str = "SketchRidge::scores";
         let sketch = self.sketch;
         let all: Vec<usize> = (0..sketch.layers.len()).collect();

@@ -3,8 +3,8 @@
 use ndarray::Array2;
 
 use super::LedgerSketch;
-use crate::Result;
 use crate::error::Error;
+use crate::error::Result;
 use crate::float::Float;
 use crate::ledger::SourceMeta;
 use crate::query::lens::{LayerSel, Lens, Parts, Target};
@@ -31,6 +31,18 @@ impl SketchLens<'_> {
 
 impl LedgerSketch {
     /// The lens `lens` over this sketch, all layers: a [`Scorer`].
+    ///
+    /// # Example
+    /// ```
+    /// # let (ledger, mut net) = refinement_ledger::doc_fixture()?;
+    /// use refinement_ledger::{Lens, Query, Scorer, query::{LedgerSketch, SketchConfig}};
+    /// let sketch = LedgerSketch::build(&ledger, &SketchConfig::with_dims(16))?;
+    /// let q = Query::forward(&mut net, ndarray::array![[1.0, 0.9]].view().into_dyn())?;
+    /// assert_eq!(sketch.lens(Lens::Share).scores(&q)?.dim(), (1, 4));
+    /// // Norm lenses are not linear in the account: refused, never approximated.
+    /// assert!(sketch.lens(Lens::Cos).scores(&q).is_err());
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
     pub fn lens(&self, lens: Lens) -> SketchLens<'_> {
         SketchLens {
             sketch: self,
@@ -129,8 +141,8 @@ fn unserved(op: &'static str, reason: &str) -> Error {
     }
 }
 
-impl<F: Float> Scorer<F> for SketchLens<'_> {
-    fn sources(&self) -> &[SourceMeta] {
+impl<'a, F: Float> Scorer<'a, F> for SketchLens<'a> {
+    fn sources(&self) -> &'a [SourceMeta] {
         &self.sketch.sources
     }
 
@@ -138,7 +150,7 @@ impl<F: Float> Scorer<F> for SketchLens<'_> {
         self.lens.needs_gradients()
     }
 
-    fn scores(&self, query: &Query<F>) -> Result<Scores<'_>> {
+    fn scores(&self, query: &Query<F>) -> Result<Scores<'a>> {
         self.sketch.scores(query, self.lens, self.layers)
     }
 }

@@ -1,6 +1,10 @@
 //! Safetensors files with a format name, a version, a JSON payload and a CRC-32:
 //! the shared plumbing of ledger and model files.
 
+mod buf;
+
+pub(crate) use buf::Buf;
+
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
@@ -8,7 +12,8 @@ use std::path::Path;
 use ndarray::Array2;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-use crate::{Error, Float, Result};
+use crate::error::{Error, Result};
+use crate::float::Float;
 
 pub(crate) fn corrupt(reason: impl Into<String>) -> Error {
     Error::CorruptLedger {
@@ -348,20 +353,13 @@ impl Reader<'_> {
     }
 
     /// A float tensor checked for finiteness, served from the map when possible.
-    pub(crate) fn buf<T: Float>(
-        &self,
-        t: &TensorView<'_>,
-        name: &str,
-    ) -> Result<crate::ledger::Buf<T>> {
-        if let Some(b) = self
-            .map
-            .and_then(|m| crate::ledger::Buf::<T>::mapped(m, t.data()))
-        {
+    pub(crate) fn buf<T: Float>(&self, t: &TensorView<'_>, name: &str) -> Result<Buf<T>> {
+        if let Some(b) = self.map.and_then(|m| Buf::<T>::mapped(m, t.data())) {
             crate::error::check_finite(&b[..], "Ledger::load", name)
                 .map_err(|_| corrupt(format!("tensor {name}: non-finite value")))?;
             return Ok(b);
         }
-        Ok(crate::ledger::Buf::Owned(self.floats(t, name)?))
+        Ok(Buf::Owned(self.floats(t, name)?))
     }
 
     pub(crate) fn matrix(&self, name: &str, shape: (usize, usize)) -> Result<Array2<f64>> {

@@ -1,4 +1,4 @@
-//! Account storage that is either owned or served from a memory-mapped file.
+//! Array storage that is either owned or served from a memory-mapped file.
 
 use std::ops::Deref;
 use std::sync::Arc;
