@@ -3,8 +3,7 @@
 
 use ndarray::{Array1, Array2};
 
-use crate::error::Error;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Lower Cholesky factor of a symmetric positive definite matrix
 /// (row-oriented, each entry a dot product of two contiguous row prefixes).

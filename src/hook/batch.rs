@@ -8,8 +8,7 @@ use std::collections::HashSet;
 use ndarray::Array2;
 
 use super::Batch;
-use crate::error::Error;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::ledger::Ledger;
 use crate::trace::{ExampleId, SourceId, Traceable, TracedShape};

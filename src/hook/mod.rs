@@ -23,8 +23,7 @@ use std::collections::HashSet;
 
 use ndarray::Array2;
 
-use crate::error::Result;
-use crate::error::{Error, FiniteScan, check_finite, shape_str};
+use crate::error::{Error, FiniteScan, Result, check_finite, shape_str};
 use crate::float::Float;
 use crate::ledger::Ledger;
 use crate::optim::Optimizer;

@@ -30,8 +30,7 @@ use std::collections::HashMap;
 use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 
-use crate::error::shape_str;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, shape_str};
 use crate::float::Float;
 use crate::trace::{ExampleId, LayerId, SourceId, Traceable, TracedShape};
 use accounts::{Rows, augmented};

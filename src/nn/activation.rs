@@ -3,8 +3,7 @@
 use ndarray::{ArrayD, ArrayViewD, Zip};
 
 use super::Layer;
-use crate::error::{Error, Result};
-use crate::error::{check_finite, shape_str};
+use crate::error::{Error, Result, check_finite, shape_str};
 use crate::float::Float;
 
 /// Caches what an activation's backward pass needs and checks the gradient's shape.

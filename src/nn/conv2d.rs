@@ -7,8 +7,7 @@ use ndarray::{
 use rand::Rng;
 
 use super::{Init, Layer};
-use crate::error::{Error, Result};
-use crate::error::{check_finite, shape_str};
+use crate::error::{Error, Result, check_finite, shape_str};
 use crate::float::Float;
 use crate::trace::{LayerId, ParamId, ParamMut, Traceable, TracedShape};
 

@@ -4,8 +4,7 @@ use ndarray::{Array1, Array2, ArrayD, ArrayView1, ArrayView3, ArrayViewD, Axis, 
 use rand::Rng;
 
 use super::{Init, Layer, as_2d};
-use crate::error::{Error, Result};
-use crate::error::{check_finite, shape_str};
+use crate::error::{Error, Result, check_finite, shape_str};
 use crate::float::Float;
 use crate::trace::{LayerId, ParamId, ParamMut, Traceable, TracedShape};
 

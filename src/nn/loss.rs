@@ -2,8 +2,7 @@
 
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 
-use crate::error::{Error, Result};
-use crate::error::{check_finite, shape_str};
+use crate::error::{Error, Result, check_finite, shape_str};
 use crate::float::Float;
 
 /// How per-example losses combine into the batch loss.

@@ -23,8 +23,7 @@ pub use pool::{Flatten, MaxPool2d};
 
 use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewD, Ix2};
 
-use crate::error::shape_str;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, shape_str};
 use crate::float::Float;
 use crate::trace::Traceable;
 

@@ -3,8 +3,7 @@
 use ndarray::{Array4, ArrayD, ArrayViewD, Ix4, IxDyn};
 
 use super::Layer;
-use crate::error::{Error, Result};
-use crate::error::{check_finite, shape_str};
+use crate::error::{Error, Result, check_finite, shape_str};
 use crate::float::Float;
 
 /// 2-d max pooling over `kernel_size × kernel_size` windows with stride `kernel_size`.

@@ -12,8 +12,7 @@ pub use sgd::{LrSchedule, Sgd, SgdConfig, SgdState};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
-use crate::error::{check_finite, shape_str};
+use crate::error::{Error, Result, check_finite, shape_str};
 use crate::float::Float;
 use crate::trace::ParamMut;
 

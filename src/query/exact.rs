@@ -9,8 +9,7 @@ use super::input::{Pairing, Query, Targets};
 use super::kernel::{LayerInput, chunk_contributions, dots, dots_for, materialize};
 use super::lens::{LayerSel, Lens, LensSpec, Parts, Target};
 use super::scores::{Influences, Scores};
-use crate::error::Error;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::ledger::{LayerView, Ledger, Segments, SourceMeta};
 use crate::trace::{SourceId, TracedModel};
@@ -401,19 +400,25 @@ impl<F: Float> Ledger<F> {
         op: &'static str,
     ) -> Result<Parts> {
         let (n_src, n_q) = (self.sources().len(), query.len());
-        let mut dot = Array2::<f64>::zeros((n_src, n_q));
+        let mut dot: Option<Array2<f64>> = None; // [n_src, n_q]
         let mut norm2 = None;
         let mut t2 = Array1::zeros(n_q);
         for (view, input, w) in self.readings(query, l, spec, op)? {
-            if spec.needs_norm {
+            let d = if spec.needs_norm {
                 let m = materialize(&view, n_src, &input);
-                dot.scaled_add(w, &m.dot);
                 norm2 = Some(m.norm2.t().as_standard_layout().into_owned());
+                m.dot
             } else {
-                dot.scaled_add(w, &dots(&view, &input, n_src, n_q));
+                dots(&view, &input, n_src, n_q)
+            };
+            match &mut dot {
+                None if w == 1.0 => dot = Some(d),
+                None => dot = Some(d * w),
+                Some(acc) => acc.scaled_add(w, &d),
             }
             t2 = input.per_query_dot(input.target.view(), input.target.view());
         }
+        let dot = dot.expect("invariant: a layer is read at least once");
         Ok(Parts {
             dot: dot.t().as_standard_layout().into_owned(),
             norm2,

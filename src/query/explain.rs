@@ -6,8 +6,7 @@ use ndarray::{Array1, Array2};
 
 use super::lens::{LayerSel, Lens, Parts};
 use super::scores::{Influences, Scores};
-use crate::error::Error;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ledger::SourceMeta;
 use crate::trace::LayerId;
 

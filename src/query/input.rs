@@ -12,8 +12,7 @@
 use ndarray::{Array2, Array3, ArrayViewD};
 
 use super::kernel::LayerInput;
-use crate::error::Result;
-use crate::error::{Error, check_finite, shape_str};
+use crate::error::{Error, Result, check_finite, shape_str};
 use crate::float::Float;
 use crate::ledger::{LayerMeta, Ledger, check_metas};
 use crate::nn::argmax_rows;

@@ -11,8 +11,7 @@
 use ndarray::{Array1, Array2, Zip};
 use serde::{Deserialize, Serialize};
 
-use crate::error::Error;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// How a source is scored for a query. See the [module docs](crate::query)
 /// for the question each lens answers.
@@ -164,40 +163,45 @@ pub(crate) struct Parts {
 impl LensSpec {
     /// The scores `[n_q, n_src]` from the parts of the selected layers.
     pub(crate) fn scores(&self, parts: &[Parts]) -> Array2<f64> {
-        let apply = |p: &Parts| -> Array2<f64> {
-            let mut out = p.dot.clone();
-            for (q, mut row) in out.rows_mut().into_iter().enumerate() {
-                let t2 = p.t2[q];
-                match &p.norm2 {
-                    Some(n2) => Zip::from(&mut row)
-                        .and(n2.row(q))
-                        .for_each(|v, &n| *v = (self.formula)(*v, n, t2)),
-                    None => row.mapv_inplace(|v| (self.formula)(v, 0.0, t2)),
-                }
+        if self.combine == Combine::MeanOfLayers && parts.len() > 1 {
+            let mut acc = self.apply(parts[0].dot.clone(), parts[0].norm2.as_ref(), &parts[0].t2);
+            for p in &parts[1..] {
+                acc += &self.apply(p.dot.clone(), p.norm2.as_ref(), &p.t2);
             }
-            out
-        };
-        match (self.combine, parts) {
-            (_, [one]) => apply(one),
-            (Combine::MeanOfLayers, _) => {
-                let mut acc = apply(&parts[0]);
-                for p in &parts[1..] {
-                    acc += &apply(p);
-                }
-                acc / parts.len() as f64
-            }
-            _ => {
-                let mut sum = parts[0].clone();
-                for p in &parts[1..] {
-                    sum.dot += &p.dot;
-                    sum.t2 += &p.t2;
-                    if let (Some(a), Some(b)) = (&mut sum.norm2, &p.norm2) {
-                        *a += b;
-                    }
-                }
-                apply(&sum)
+            return acc / parts.len() as f64;
+        }
+        // One layer, or the layers as one concatenated representation: the
+        // parts add, then the formula.
+        let mut dot = parts[0].dot.clone();
+        let mut t2 = parts[0].t2.clone();
+        let mut norm2 = parts[0].norm2.clone();
+        for p in &parts[1..] {
+            dot += &p.dot;
+            t2 += &p.t2;
+            if let (Some(a), Some(b)) = (&mut norm2, &p.norm2) {
+                *a += b;
             }
         }
+        self.apply(dot, norm2.as_ref(), &t2)
+    }
+
+    /// The formula applied in place to `dot` (`[n_q, n_src]`).
+    fn apply(
+        &self,
+        mut dot: Array2<f64>,
+        norm2: Option<&Array2<f64>>,
+        t2: &Array1<f64>,
+    ) -> Array2<f64> {
+        for (q, mut row) in dot.rows_mut().into_iter().enumerate() {
+            let t2 = t2[q];
+            match norm2 {
+                Some(n2) => Zip::from(&mut row)
+                    .and(n2.row(q))
+                    .for_each(|v, &n| *v = (self.formula)(*v, n, t2)),
+                None => row.mapv_inplace(|v| (self.formula)(v, 0.0, t2)),
+            }
+        }
+        dot
     }
 }
 

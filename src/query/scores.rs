@@ -8,8 +8,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::Query;
-use crate::error::Error;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::ledger::SourceMeta;
 use crate::trace::{LayerId, SourceId};

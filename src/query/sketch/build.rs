@@ -7,8 +7,7 @@ use ndarray::{Array2, ArrayView2, Axis, s};
 use rayon::prelude::*;
 
 use super::{Dims, LedgerSketch, ROW_BLOCK, SOURCE_CHUNK, SketchConfig, operators, sketch_dense};
-use crate::error::Error;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::ledger::{LayerView, Ledger};
 

@@ -5,8 +5,7 @@ use ndarray::{Array2, ArrayView2, s};
 use rayon::prelude::*;
 
 use super::{LedgerSketch, SOURCE_CHUNK};
-use crate::error::Error;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::ledger::SourceMeta;
 use crate::linalg::{cholesky, solve_cholesky};

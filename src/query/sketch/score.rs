@@ -3,8 +3,7 @@
 use ndarray::Array2;
 
 use super::LedgerSketch;
-use crate::error::Error;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::ledger::SourceMeta;
 use crate::query::lens::{LayerSel, Lens, Parts, Target};
