@@ -8,7 +8,7 @@
 //! Adding a lens means adding its variant and its [`LensSpec`] here (and its
 //! tests); every scorer picks it up.
 
-use ndarray::{Array1, Array2, Zip};
+use ndarray::{Array1, Array2, ArrayView1, ArrayViewMut1};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -68,6 +68,54 @@ pub(crate) enum Combine {
     LastLayer,
 }
 
+/// A lens's score from the parts `⟨c, t⟩`, `‖c‖²`, `‖t‖²` (0 where a
+/// denominator is 0, never NaN).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Formula {
+    /// `⟨c, t⟩`.
+    Dot,
+    /// `‖c‖`.
+    Norm,
+    /// `⟨c, t⟩ / ‖t‖`.
+    DotPerTargetNorm,
+    /// `⟨c, t⟩ / ‖t‖²`.
+    DotPerTargetNorm2,
+    /// `⟨c, t⟩ / (‖c‖ ‖t‖)`.
+    Cosine,
+}
+
+impl Formula {
+    /// Whether the formula reads `‖c‖²` (not linear in the account: exact ledgers only).
+    pub(crate) fn needs_norm(self) -> bool {
+        matches!(self, Formula::Norm | Formula::Cosine)
+    }
+
+    /// Applies the formula to one query's row of dot products `dot` (in
+    /// place), with that row's `‖c‖²` and the query's `‖t‖²`; per-query
+    /// factors are computed once per row.
+    fn apply_row(
+        self,
+        mut dot: ArrayViewMut1<'_, f64>,
+        norm2: Option<ArrayView1<'_, f64>>,
+        t2: f64,
+    ) {
+        let t = t2.sqrt();
+        let div = |x: f64, y: f64| if y == 0.0 { 0.0 } else { x / y };
+        match (self, norm2) {
+            (Formula::Dot, _) => {}
+            (Formula::DotPerTargetNorm, _) => dot.mapv_inplace(|d| div(d, t)),
+            (Formula::DotPerTargetNorm2, _) => dot.mapv_inplace(|d| div(d, t2)),
+            (Formula::Norm, Some(n2)) => dot.zip_mut_with(&n2, |d, &n| *d = n.sqrt()),
+            (Formula::Cosine, Some(n2)) => {
+                dot.zip_mut_with(&n2, |d, &n| *d = div(*d, n.sqrt() * t))
+            }
+            (Formula::Norm | Formula::Cosine, None) => {
+                unreachable!("invariant: scorers compute norms for the lenses that need them")
+            }
+        }
+    }
+}
+
 /// Everything a scorer needs to know about a lens.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct LensSpec {
@@ -75,13 +123,8 @@ pub(crate) struct LensSpec {
     /// Whether the formula reads `‖c‖²` (not linear in the account: exact ledgers only).
     pub(crate) needs_norm: bool,
     pub(crate) combine: Combine,
-    /// The score from `(⟨c, t⟩, ‖c‖², ‖t‖²)`.
-    pub(crate) formula: fn(f64, f64, f64) -> f64,
-}
-
-/// `x / y`, 0 where `y` is 0.
-fn div(x: f64, y: f64) -> f64 {
-    if y == 0.0 { 0.0 } else { x / y }
+    /// The score from the parts.
+    pub(crate) formula: Formula,
 }
 
 impl Lens {
@@ -89,26 +132,21 @@ impl Lens {
     /// layers combine. The one place a lens is defined.
     pub(crate) fn spec(self) -> LensSpec {
         use Combine::*;
-        let spec = |target, needs_norm, combine, formula| LensSpec {
+        use Formula::*;
+        let spec = |target, combine, formula: Formula| LensSpec {
             target,
-            needs_norm,
+            needs_norm: formula.needs_norm(),
             combine,
             formula,
         };
         match self {
-            Lens::Dot => spec(Target::Refinement, false, Concat, |d, _, _| d),
-            Lens::Norm => spec(Target::Refinement, true, Concat, |_, n2, _| n2.sqrt()),
-            Lens::Cos => spec(Target::Refinement, true, Concat, |d, n2, t2| {
-                div(d, n2.sqrt() * t2.sqrt())
-            }),
-            Lens::Influence => spec(Target::Refinement, false, Concat, |d, _, t2| {
-                div(d, t2.sqrt())
-            }),
-            Lens::Share => spec(Target::Refinement, false, MeanOfLayers, |d, _, t2| {
-                div(d, t2)
-            }),
-            Lens::Loss => spec(Target::LossGradient, false, Concat, |d, _, _| d),
-            Lens::Margin => spec(Target::Margin, false, LastLayer, |d, _, _| d),
+            Lens::Dot => spec(Target::Refinement, Concat, Dot),
+            Lens::Norm => spec(Target::Refinement, Concat, Norm),
+            Lens::Cos => spec(Target::Refinement, Concat, Cosine),
+            Lens::Influence => spec(Target::Refinement, Concat, DotPerTargetNorm),
+            Lens::Share => spec(Target::Refinement, MeanOfLayers, DotPerTargetNorm2),
+            Lens::Loss => spec(Target::LossGradient, Concat, Dot),
+            Lens::Margin => spec(Target::Margin, LastLayer, Dot),
         }
     }
 
@@ -192,14 +230,9 @@ impl LensSpec {
         norm2: Option<&Array2<f64>>,
         t2: &Array1<f64>,
     ) -> Array2<f64> {
-        for (q, mut row) in dot.rows_mut().into_iter().enumerate() {
-            let t2 = t2[q];
-            match norm2 {
-                Some(n2) => Zip::from(&mut row)
-                    .and(n2.row(q))
-                    .for_each(|v, &n| *v = (self.formula)(*v, n, t2)),
-                None => row.mapv_inplace(|v| (self.formula)(v, 0.0, t2)),
-            }
+        for (q, row) in dot.rows_mut().into_iter().enumerate() {
+            self.formula
+                .apply_row(row, norm2.map(|n2| n2.row(q)), t2[q]);
         }
         dot
     }
