@@ -84,6 +84,22 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
     /// [`Error::Empty`] without layers, [`Error::InvalidConfig`] for duplicate
     /// layer ids, a bad tolerance, or [`Credit::PerExample`] with an optimizer
     /// that has no [`LinearRule`](crate::LinearRule); [`Error::NonFinite`] for non-finite parameters.
+    ///
+    /// # Example
+    /// ```
+    /// use rand::{SeedableRng, rngs::StdRng};
+    /// use refinement_ledger::{Credit, HookConfig, OptimizerHook, nn::{DenseConfig, Sequential}, optim::{AdamConfig, SgdConfig}};
+    /// let mut rng = StdRng::seed_from_u64(0);
+    /// let net = Sequential::<f64>::new().with(DenseConfig::new(2, 2).build("fc", &mut rng)?);
+    /// // The paper's class-pure batch protocol credits each batch, even for SGD.
+    /// let config = HookConfig::default().with_credit(Credit::Batch);
+    /// let hook = OptimizerHook::with_config(SgdConfig::new(0.1).build()?, &net.traceables(), config)?;
+    /// assert!(!hook.is_per_example());
+    /// // Per-example crediting needs a linear rule; Adam has none.
+    /// let per_example = HookConfig::default().with_credit(Credit::PerExample);
+    /// assert!(OptimizerHook::with_config(AdamConfig::new(0.01).build()?, &net.traceables(), per_example).is_err());
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
     pub fn with_config(
         optimizer: O,
         layers: &[&dyn Traceable<F>],

@@ -62,6 +62,22 @@ pub struct SourceMeta {
 /// [`OptimizerHook::snapshot`](crate::OptimizerHook::snapshot); queried with
 /// [`explain`](Self::explain), [`top_k_influences`](Self::top_k_influences),
 /// [`class_attribution`](Self::class_attribution) and friends.
+///
+/// # Example
+/// ```
+/// # let (ledger, _net) = refinement_ledger::doc_fixture()?;
+/// use refinement_ledger::{ExampleId, LayerId, SourceId};
+/// assert_eq!(ledger.layers().len(), 2);
+/// assert_eq!(ledger.layer_index(&LayerId::new("fc2"))?, 1);
+/// assert_eq!(ledger.sources().len(), 4); // one source per training example
+/// assert_eq!(ledger.source_index(SourceId::Example(ExampleId(3)))?, 3);
+/// assert_eq!(ledger.steps_per_segment(), vec![20, 20]); // a segment per 10 epochs
+/// assert_eq!(ledger.segment_end_params(1, 0)?, ledger.final_params(0)?);
+/// assert_eq!(ledger.initial_params(0)?.dim(), (4, 3));
+/// assert!(ledger.bytes_per_layer().iter().all(|&b| b > 0));
+/// assert_eq!(ledger.mapped_bytes(), 0); // in memory, not loaded from a file
+/// # Ok::<(), refinement_ledger::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct Ledger<F: Float = f32> {
     layers: Vec<LayerMeta>,

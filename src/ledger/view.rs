@@ -183,6 +183,16 @@ impl<F: Float> Ledger<F> {
     ///
     /// # Errors
     /// [`Error::IndexOutOfRange`] for a bad layer index.
+    ///
+    /// # Example
+    /// ```
+    /// # let (ledger, _net) = refinement_ledger::doc_fixture()?;
+    /// let m = ledger.account_matrix(1)?; // fc2: 2 outputs × (4 inputs + bias)
+    /// assert_eq!(m.dim(), (ledger.sources().len(), 2 * 5));
+    /// let g = ledger.account(1, ledger.sources()[0].id)?;
+    /// assert!((m[[0, 4]] - g[[0, 4]]).abs() < 1e-15);
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
     pub fn account_matrix(&self, layer: usize) -> Result<Array2<f64>> {
         let view = self.layer_view(layer, Segments::All)?;
         let (fan_out, aug_in) = self.initial[layer].dim();
@@ -212,6 +222,18 @@ impl<F: Float> Ledger<F> {
     ///
     /// # Errors
     /// [`Error::IndexOutOfRange`] for a bad layer index.
+    ///
+    /// # Example
+    /// ```
+    /// # let (ledger, _net) = refinement_ledger::doc_fixture()?;
+    /// // W₀ + Σ G + residual = W_T.
+    /// let mut sum = ledger.initial_params(0)? + &ledger.residual(0)?;
+    /// for s in ledger.sources() {
+    ///     sum += &ledger.account(0, s.id)?;
+    /// }
+    /// assert!((&sum - ledger.final_params(0)?).iter().all(|v| v.abs() < 1e-12));
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
     pub fn residual(&self, layer: usize) -> Result<Array2<f64>> {
         Ok(self.layer_view(layer, Segments::All)?.residual())
     }

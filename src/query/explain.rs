@@ -118,6 +118,18 @@ impl Explanation<'_> {
     /// # Errors
     /// [`Error::IndexOutOfRange`] for a bad query or layer; [`Error::InvalidConfig`]
     /// for a bandwidth that is not positive.
+    ///
+    /// # Example
+    /// ```
+    /// # let (ledger, mut net) = refinement_ledger::doc_fixture()?;
+    /// use refinement_ledger::Query;
+    /// let q = Query::forward(&mut net, ndarray::array![[1.0, 0.9]].view().into_dyn())?;
+    /// let rows = ledger.explain(&q)?.class_distributions(0, 1, 2, 0.05)?;
+    /// assert_eq!(rows.density.len(), 2); // one ridge-plot row per class
+    /// // Each class's weight is its share of the total `norm` weight.
+    /// assert!((rows.weight.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
     pub fn class_distributions(
         &self,
         q: usize,
