@@ -191,3 +191,95 @@ fn model_parameters_round_trip_and_reject_other_networks() {
         Error::CorruptLedger { .. }
     ));
 }
+
+/// Which of two ledgers (an f64 and an f32 one) the file at `path` holds.
+fn which(path: &std::path::Path, a: &Ledger<f64>, b: &Ledger<f32>) -> Option<char> {
+    if let Ok(l) = Ledger::<f64>::load(path) {
+        return (l.sources() == a.sources() && l.parameter_balance() == a.parameter_balance())
+            .then_some('a');
+    }
+    let l = Ledger::<f32>::load(path).ok()?;
+    (l.sources() == b.sources() && l.parameter_balance() == b.parameter_balance()).then_some('b')
+}
+
+#[test]
+fn concurrent_saves_to_one_path_leave_one_whole_file_and_no_temporaries() {
+    let (a, _) = refinement_ledger::doc_fixture().unwrap();
+    let (b, _, _) = trained();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.ledger");
+    for trial in 0..20 {
+        std::thread::scope(|s| {
+            let ta = s.spawn(|| a.save(&path));
+            let tb = s.spawn(|| b.save(&path));
+            ta.join().unwrap().unwrap();
+            tb.join().unwrap().unwrap();
+        });
+        assert!(
+            which(&path, &a, &b).is_some(),
+            "trial {trial}: the file is neither save"
+        );
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["run.ledger".to_string()], "trial {trial}");
+    }
+}
+
+#[test]
+fn saving_follows_a_symlink_and_refuses_what_is_not_a_regular_file() {
+    let (ledger, _) = refinement_ledger::doc_fixture().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real.ledger");
+    let link = dir.path().join("link.ledger");
+    std::os::unix::fs::symlink("real.ledger", &link).unwrap();
+    ledger.save(&link).unwrap();
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(
+        Ledger::<f64>::load(&real).unwrap().sources(),
+        ledger.sources()
+    );
+    // A folder, a pipe: clear errors, nothing replaced, no temporary left.
+    let folder = dir.path().join("folder");
+    std::fs::create_dir(&folder).unwrap();
+    assert!(matches!(ledger.save(&folder), Err(Error::Io { .. })));
+    assert!(folder.is_dir());
+    let fifo = dir.path().join("pipe");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    if made.is_ok_and(|s| s.success()) {
+        assert!(matches!(ledger.save(&fifo), Err(Error::Io { .. })));
+        // Loading from a pipe is an error too, not a wait for a writer.
+        assert!(matches!(Ledger::<f64>::load(&fifo), Err(Error::Io { .. })));
+    }
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert!(names.iter().all(|n| !n.contains(".tmp-")), "{names:?}");
+}
+
+#[test]
+fn a_file_that_could_not_be_loaded_back_is_never_written() {
+    let (_, mut net) = refinement_ledger::doc_fixture().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    net.save_params(&path).unwrap();
+    let good = std::fs::read(&path).unwrap();
+    net.traceables_mut()[0].params_mut()[0].value[[0, 0]] = f64::NAN;
+    assert!(matches!(
+        net.save_params(&path),
+        Err(Error::NonFinite { .. })
+    ));
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        good,
+        "the saved file is kept"
+    );
+}

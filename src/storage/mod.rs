@@ -116,26 +116,60 @@ pub(crate) fn matrix(m: &Array2<f64>) -> Tensor<'_> {
     }
 }
 
-/// Sorts `tensors` by name and returns the metadata: `format`, `version`,
-/// `payload` (JSON) and `crc32` over the payload and every tensor's bytes in name order.
+impl Tensor<'_> {
+    /// Whether every value of a float tensor is finite (loading refuses the rest).
+    fn is_finite(&self) -> bool {
+        fn all<const N: usize>(bytes: &[u8], finite: impl Fn([u8; N]) -> bool) -> bool {
+            bytes
+                .chunks_exact(N)
+                .all(|c| finite(c.try_into().expect("invariant: N bytes")))
+        }
+        match self.dtype {
+            Dtype::F64 => match bytemuck::try_cast_slice::<u8, f64>(&self.bytes) {
+                Ok(v) if cfg!(target_endian = "little") => v.iter().all(|x| x.is_finite()),
+                _ => all(&self.bytes, |b| f64::from_le_bytes(b).is_finite()),
+            },
+            Dtype::F32 => match bytemuck::try_cast_slice::<u8, f32>(&self.bytes) {
+                Ok(v) if cfg!(target_endian = "little") => v.iter().all(|x| x.is_finite()),
+                _ => all(&self.bytes, |b| f32::from_le_bytes(b).is_finite()),
+            },
+            Dtype::BF16 => all(&self.bytes, |b| half::bf16::from_le_bytes(b).is_finite()),
+            _ => true,
+        }
+    }
+}
+
+/// Sorts `tensors` by name, checks that every float value is finite (a file
+/// the loader would refuse is never written), and returns the metadata:
+/// `format`, `version`, `payload` (JSON) and `crc32` over the payload and every
+/// tensor's bytes in name order.
+///
+/// # Errors
+/// [`Error::NonFinite`] naming the first tensor with NaN or infinity.
 fn metadata(
     tensors: &mut [(String, Tensor<'_>)],
     format: &str,
     version: u32,
     payload: String,
-) -> HashMap<String, String> {
+) -> Result<HashMap<String, String>> {
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    if let Some((name, _)) = tensors.iter().find(|(_, t)| !t.is_finite()) {
+        return Err(Error::NonFinite {
+            op: "save",
+            what: format!("tensor {name} (a file holding it could not be loaded back)"),
+        });
+    }
     let mut crc = crc32fast::Hasher::new();
     crc.update(payload.as_bytes());
     for (_, t) in tensors.iter() {
         crc.update(&t.bytes);
     }
-    HashMap::from([
+    Ok(HashMap::from([
         ("format".to_string(), format.to_string()),
         ("version".to_string(), version.to_string()),
         ("payload".to_string(), payload),
         ("crc32".to_string(), format!("{:08x}", crc.finalize())),
-    ])
+    ]))
 }
 
 /// Serialises `tensors` with their metadata (see [`metadata`]) into memory.
@@ -145,7 +179,7 @@ pub(crate) fn encode(
     version: u32,
     payload: String,
 ) -> Result<Vec<u8>> {
-    let meta = metadata(&mut tensors, format, version, payload);
+    let meta = metadata(&mut tensors, format, version, payload)?;
     safetensors::serialize(tensors.iter().map(|(n, t)| (n.clone(), t)), Some(meta))
         .map_err(|e| corrupt(format!("serialise: {e}")))
 }
@@ -159,7 +193,7 @@ pub(crate) fn save_atomic(
     version: u32,
     payload: String,
 ) -> Result<()> {
-    let meta = metadata(&mut tensors, format, version, payload);
+    let meta = metadata(&mut tensors, format, version, payload)?;
     write_atomic(path, |tmp| {
         safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.clone(), t)), Some(meta), tmp)
             .map_err(|e| Error::Io {
@@ -216,37 +250,87 @@ pub(crate) fn decode<'a>(
     Ok((st, payload))
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same folder, synced, then renamed.
+/// Writes a file to `path` atomically: `write` fills a temporary file in the
+/// same folder (a name unique to this process and call, so concurrent saves
+/// never share one), which is synced and renamed over `path`. A symbolic link
+/// is followed (the file it points to is replaced, the link kept); a target
+/// that exists but is not a regular file is an error; on any failure the
+/// temporary file is removed. A new file gets the permissions of the file it
+/// replaces, else the process's defaults for a new file.
+///
+/// # Errors
+/// [`Error::Io`] naming the path.
 pub(crate) fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let io = |e: std::io::Error, p: &Path| Error::Io {
         path: p.display().to_string(),
         source: e,
     };
-    let dir = path
+    let target = resolve_target(path)?;
+    let dir = target
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| Error::Io {
+    let name = target.file_name().ok_or_else(|| Error::Io {
         path: path.display().to_string(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
     })?;
+    let serial = SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dir.join(format!(
-        ".{}.tmp-{}",
+        ".{}.tmp-{}-{serial}",
         name.to_string_lossy(),
         std::process::id()
     ));
-    let written = write(&tmp).and_then(|()| {
-        std::fs::File::options()
-            .write(true)
-            .open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| io(e, &tmp))
-    });
-    if let Err(e) = written {
+    let written = write(&tmp)
+        .and_then(|()| {
+            let file = std::fs::File::options()
+                .write(true)
+                .open(&tmp)
+                .map_err(|e| io(e, &tmp))?;
+            if let Ok(old) = std::fs::metadata(&target) {
+                file.set_permissions(old.permissions())
+                    .map_err(|e| io(e, &tmp))?;
+            }
+            file.sync_all().map_err(|e| io(e, &tmp))
+        })
+        .and_then(|()| std::fs::rename(&tmp, &target).map_err(|e| io(e, path)));
+    if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(e);
     }
-    std::fs::rename(&tmp, path).map_err(|e| io(e, path))
+    written
+}
+
+/// The file a save to `path` replaces: `path` itself, or what a symbolic link
+/// at `path` points to. Anything there must be a regular file.
+fn resolve_target(path: &Path) -> Result<std::path::PathBuf> {
+    let not_regular = |p: &Path, kind: &str| Error::Io {
+        path: p.display().to_string(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("expected a regular file to save to, found {kind}; choose a file path"),
+        ),
+    };
+    let mut target = path.to_path_buf();
+    // Follow a bounded chain of links (a loop is an error, not a hang).
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&target) {
+            Err(_) => return Ok(target), // a new file
+            Ok(m) if m.file_type().is_symlink() => {
+                let link = std::fs::read_link(&target).map_err(|e| Error::Io {
+                    path: target.display().to_string(),
+                    source: e,
+                })?;
+                target = match target.parent() {
+                    Some(dir) if link.is_relative() => dir.join(link),
+                    _ => link,
+                };
+            }
+            Ok(m) if m.is_file() => return Ok(target),
+            Ok(m) if m.is_dir() => return Err(not_regular(path, "a folder")),
+            Ok(_) => return Err(not_regular(path, "a device, socket or pipe")),
+        }
+    }
+    Err(not_regular(path, "a loop of symbolic links"))
 }
 
 /// Maps `path` read-only.
@@ -255,6 +339,14 @@ pub(crate) fn map_file(path: &Path) -> Result<std::sync::Arc<memmap2::Mmap>> {
         path: path.display().to_string(),
         source: e,
     };
+    // Only a regular file: opening a pipe would wait for a writer.
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_file() {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "expected a regular file to load, found a folder, device, socket or pipe",
+        )));
+    }
     let file = std::fs::File::open(path).map_err(io)?;
     // SAFETY: the map is read-only and every value is checked when loaded
     // (checksum, shapes, finiteness). Like any mapped file, it must not be
