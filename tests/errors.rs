@@ -405,3 +405,139 @@ fn a_failed_optimizer_step_books_nothing_even_with_weight_decay() {
         }
     }
 }
+
+/// SGD that, when asked, leaves an infinite weight behind.
+struct Exploding(
+    refinement_ledger::optim::Sgd<f64>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+);
+
+impl refinement_ledger::Optimizer<f64> for Exploding {
+    fn step(
+        &mut self,
+        params: &mut [refinement_ledger::ParamMut<'_, f64>],
+    ) -> refinement_ledger::Result<()> {
+        self.0.step(params)?;
+        if self.1.load(std::sync::atomic::Ordering::Relaxed) {
+            params[0].value[[0, 0]] = f64::INFINITY;
+        }
+        Ok(())
+    }
+    fn linear_rule(&self) -> Option<refinement_ledger::LinearRule> {
+        self.0.linear_rule()
+    }
+}
+
+#[test]
+fn a_step_that_leaves_non_finite_parameters_spoils_none_of_the_good_steps() {
+    for decay in [0.0, 0.01] {
+        let (x, y) = blobs::<f64>(2, 3, 4, 1);
+        let mut net = mlp::<f64>(4, 3, 1);
+        let sgd = SgdConfig::new(0.1)
+            .with_momentum(0.9)
+            .with_weight_decay(decay)
+            .build()
+            .unwrap();
+        let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut hook = OptimizerHook::new(Exploding(sgd, fail.clone()), &net.traceables()).unwrap();
+        net.train_batch(rows(&x, &[0, 1]).view(), &y[..2]).unwrap();
+        hook.step(
+            &mut net.traceables_mut(),
+            &Batch::new(&ids(&[0, 1]), &y[..2]),
+        )
+        .unwrap();
+        let good = hook.snapshot();
+        fail.store(true, std::sync::atomic::Ordering::Relaxed);
+        net.train_batch(rows(&x, &[2, 3]).view(), &y[2..4]).unwrap();
+        let e = hook
+            .step(
+                &mut net.traceables_mut(),
+                &Batch::new(&ids(&[2, 3]), &y[2..4]),
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::NonFinite { .. }), "decay {decay}: {e}");
+        // The ledger is the one of the good step: finite, balanced, savable.
+        let ledger = hook.finish();
+        for l in 0..ledger.layers().len() {
+            assert_eq!(
+                ledger.final_params(l).unwrap(),
+                good.final_params(l).unwrap(),
+                "decay {decay}"
+            );
+        }
+        assert_eq!(ledger.sources(), good.sources());
+        assert!(ledger.parameter_balance().iter().all(|&b| b < 1e-12));
+        let back =
+            refinement_ledger::Ledger::<f64>::from_bytes(&ledger.to_bytes().unwrap()).unwrap();
+        assert_eq!(back.steps_per_segment(), vec![1]);
+    }
+}
+
+/// A layer that reports the traced shape of one Dense but hands out the
+/// weight (and bias) of a bigger one.
+struct Grown(Dense<f64>, Dense<f64>);
+
+impl Traceable<f64> for Grown {
+    fn layer_id(&self) -> &refinement_ledger::LayerId {
+        self.0.layer_id()
+    }
+    fn traced_shape(&self) -> refinement_ledger::TracedShape {
+        self.0.traced_shape()
+    }
+    fn weight(&self) -> ndarray::ArrayViewD<'_, f64> {
+        Traceable::weight(&self.1)
+    }
+    fn bias(&self) -> Option<ndarray::ArrayView1<'_, f64>> {
+        Traceable::bias(&self.1)
+    }
+    fn params_mut(&mut self) -> Vec<refinement_ledger::ParamMut<'_, f64>> {
+        self.1.params_mut()
+    }
+    fn input_patches(&self) -> refinement_ledger::Result<ndarray::ArrayView3<'_, f64>> {
+        self.0.input_patches()
+    }
+    fn output_deltas(&self) -> refinement_ledger::Result<ndarray::ArrayView3<'_, f64>> {
+        self.0.output_deltas()
+    }
+}
+
+#[test]
+fn a_weight_that_changed_size_behind_its_traced_shape_is_an_error_in_every_mode() {
+    for credit in [
+        refinement_ledger::Credit::Batch,
+        refinement_ledger::Credit::PerExample,
+    ] {
+        let small = Dense::from_weights("fc", Array2::ones((2, 3)), Array1::zeros(2)).unwrap();
+        let big = Dense::from_weights("fc", Array2::ones((2, 4)), Array1::zeros(2)).unwrap();
+        let mut layer = Grown(small, big);
+        let sgd = SgdConfig::new(0.1).build::<f64>().unwrap();
+        let config = refinement_ledger::HookConfig::default().with_credit(credit);
+        let mut hook =
+            OptimizerHook::with_config(sgd, &[&layer.0 as &dyn Traceable<f64>], config).unwrap();
+        layer
+            .0
+            .forward(array![[1.0, 2.0, 0.0]].into_dyn().view())
+            .unwrap();
+        layer
+            .0
+            .backward(array![[0.5, -0.5]].into_dyn().view())
+            .unwrap();
+        layer
+            .1
+            .forward(array![[1.0, 2.0, 0.0, 1.0]].into_dyn().view())
+            .unwrap();
+        layer
+            .1
+            .backward(array![[0.5, -0.5]].into_dyn().view())
+            .unwrap();
+        let e = hook
+            .step(
+                &mut [&mut layer as &mut dyn Traceable<f64>],
+                &Batch::new(&ids(&[0]), &[0]),
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::ShapeMismatch { .. }), "{credit:?}: {e}");
+        assert!(msg(e).contains("as traced"));
+        assert_eq!(hook.n_steps(), 0);
+    }
+}

@@ -15,6 +15,7 @@
 
 mod batch;
 mod config;
+mod params;
 mod per_example;
 
 pub use config::{Batch, Credit, HookConfig};
@@ -23,7 +24,7 @@ use std::collections::HashSet;
 
 use ndarray::Array2;
 
-use crate::error::{Error, FiniteScan, Result, check_finite, shape_str};
+use crate::error::{Error, Result, check_finite, shape_str};
 use crate::float::Float;
 use crate::ledger::Ledger;
 use crate::optim::Optimizer;
@@ -66,6 +67,8 @@ pub struct OptimizerHook<O, F: Float = f32> {
     current: Vec<Array2<F>>,
     /// Per layer: `[W | b]` before the last step (allocated with weight decay only).
     before: Vec<Array2<F>>,
+    /// Per layer: where a step reads the parameters before they become `current`.
+    scratch: Vec<Array2<F>>,
 }
 
 impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
@@ -137,6 +140,7 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             step: 0,
             shares: Shares::default(),
             before: Vec::new(),
+            scratch: Vec::new(),
             current,
         })
     }
@@ -159,8 +163,12 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
     /// Takes one optimizer step on `layers` (their gradients and factors from the
     /// last backward pass) and records it. `batch` names the rows of that pass.
     ///
-    /// On error nothing is recorded; the parameters are unchanged unless the
-    /// inner optimizer ran (and failed part-way, or left non-finite values).
+    /// On error nothing is recorded: the ledger, the hook's momentum shares and
+    /// its copy of the parameters stay at the last good step, so `snapshot`,
+    /// `finish` and `save` give the ledger of the steps that succeeded. The
+    /// network's parameters (and the optimizer's state) are unchanged unless
+    /// the inner optimizer ran — then they are as it left them (e.g. with
+    /// non-finite values): restore them from a checkpoint before going on.
     ///
     /// # Errors
     /// [`Error::LayerMismatch`] when `layers` are not the traced layers;
@@ -196,32 +204,31 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
         // parameters only to copy them (and, with weight decay, to credit it).
         match rule {
             None => {
-                self.refresh_current(layers)?;
+                // The parameters before the step (changes made outside the hook
+                // included), so the batch is credited with the step's update only.
+                params::read_into(self.ledger.layers(), layers, &mut self.scratch)?;
                 self.run_optimizer(layers)?;
                 batch::record_batch(
                     &mut self.ledger,
-                    &mut self.current,
+                    &mut self.scratch,
                     layers,
                     batch,
                     self.step,
                 )?;
+                std::mem::swap(&mut self.current, &mut self.scratch);
             }
             Some(rule) => {
                 let decay = rule.weight_decay != 0.0;
                 if decay {
                     // The decay's share is `λ W` at the parameters before the step.
-                    self.refresh_current(layers)?;
+                    params::read_into(self.ledger.layers(), layers, &mut self.before)?;
                 }
-                // Nothing is booked until the optimizer has stepped and the
-                // parameters it left are finite.
+                // Nothing is booked, and the hook's copy of the parameters is
+                // not replaced, until the optimizer has stepped and the
+                // parameters it left are read and finite.
                 self.run_optimizer(layers)?;
-                if decay {
-                    if self.before.is_empty() {
-                        self.before = self.current.clone();
-                    }
-                    std::mem::swap(&mut self.current, &mut self.before);
-                }
-                self.refresh_current(layers)?;
+                params::read_into(self.ledger.layers(), layers, &mut self.scratch)?;
+                std::mem::swap(&mut self.current, &mut self.scratch);
                 let sources = register_examples(&mut self.ledger, batch)?;
                 if decay {
                     self.shares
@@ -245,41 +252,6 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
         let mut params: Vec<ParamMut<'_, F>> =
             layers.iter_mut().flat_map(|l| l.params_mut()).collect();
         self.optimizer.step(&mut params)
-    }
-
-    /// Copies every layer's `[W | b]` into `current`, checking it is finite.
-    fn refresh_current(&mut self, layers: &[&mut dyn Traceable<F>]) -> Result<()> {
-        const OP: &str = "OptimizerHook::step (parameters)";
-        for (l, layer) in layers.iter().enumerate() {
-            let shape = &self.ledger.layers()[l].shape;
-            let (fan_in, aug_in) = (shape.fan_in, shape.aug_in());
-            let cur = self.current[l]
-                .as_slice_mut()
-                .expect("invariant: standard layout");
-            let w = layer.weight();
-            let w = w.as_standard_layout();
-            let w = w.as_slice().expect("invariant: standard layout");
-            // One pass that runs every step: copy a row (memcpy), then scan the
-            // copy for NaN/inf while it is still in cache.
-            let mut probe = F::zero();
-            for (dst, src) in cur.chunks_exact_mut(aug_in).zip(w.chunks_exact(fan_in)) {
-                dst[..fan_in].copy_from_slice(src);
-                probe += dst[..fan_in].scan();
-            }
-            if let Some(b) = layer.bias() {
-                for (dst, &v) in cur.chunks_exact_mut(aug_in).zip(b.iter()) {
-                    dst[fan_in] = v;
-                    probe += v * F::zero();
-                }
-            }
-            if !probe.is_finite() {
-                return Err(Error::NonFinite {
-                    op: OP,
-                    what: format!("parameters of {}", layer.layer_id()),
-                });
-            }
-        }
-        Ok(())
     }
 
     /// Closes the current segment (e.g. at an epoch's end): later steps are booked
