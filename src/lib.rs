@@ -116,8 +116,8 @@ pub use query::{
     Scores,
 };
 pub use trace::{
-    ExampleId, LayerId, ParamId, ParamMut, SourceId, Traceable, TracedModel, TracedShape,
-    write_params,
+    ExampleId, LayerId, MAX_CLASSES, ParamId, ParamMut, SourceId, Traceable, TracedModel,
+    TracedShape, write_params,
 };
 
 /// A small trained network and its ledger, for the documentation's examples:

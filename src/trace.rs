@@ -54,6 +54,10 @@ impl fmt::Display for ParamId {
     }
 }
 
+/// The largest number of classes a ledger accepts: labels are `0..MAX_CLASSES`
+/// (per-class results hold one column per class up to the largest label).
+pub const MAX_CLASSES: usize = 1 << 16;
+
 /// The caller's id of one training example (its index in the training set, say).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ExampleId(pub u64);

@@ -541,3 +541,107 @@ fn a_weight_that_changed_size_behind_its_traced_shape_is_an_error_in_every_mode(
         assert_eq!(hook.n_steps(), 0);
     }
 }
+
+/// SGD that reports a rule of its own choosing.
+struct Reporting(
+    refinement_ledger::optim::Sgd<f64>,
+    refinement_ledger::LinearRule,
+);
+
+impl refinement_ledger::Optimizer<f64> for Reporting {
+    fn step(
+        &mut self,
+        params: &mut [refinement_ledger::ParamMut<'_, f64>],
+    ) -> refinement_ledger::Result<()> {
+        self.0.step(params)
+    }
+    fn linear_rule(&self) -> Option<refinement_ledger::LinearRule> {
+        Some(self.1)
+    }
+}
+
+#[test]
+fn labels_past_the_class_limit_and_rules_out_of_range_are_errors() {
+    let (x, y) = blobs::<f64>(2, 3, 4, 1);
+    let mut net = mlp::<f64>(4, 3, 1);
+    let sgd = || SgdConfig::new(0.1).build::<f64>().unwrap();
+    let mut hook = OptimizerHook::new(sgd(), &net.traceables()).unwrap();
+    net.train_batch(rows(&x, &[0, 1]).view(), &y[..2]).unwrap();
+    for label in [refinement_ledger::MAX_CLASSES, usize::MAX] {
+        let e = hook
+            .step(
+                &mut net.traceables_mut(),
+                &Batch::new(&ids(&[0, 1]), &[0, label]),
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::LabelOutOfRange { .. }), "{e}");
+    }
+    assert!(matches!(
+        refinement_ledger::data::ClassPureSampler::new(&[0, 1_000_000_000_000], 2, 1, 0),
+        Err(Error::LabelOutOfRange { .. })
+    ));
+    let good = refinement_ledger::Optimizer::linear_rule(&sgd()).unwrap();
+    for bad in [
+        refinement_ledger::LinearRule {
+            lr: f64::NAN,
+            ..good
+        },
+        refinement_ledger::LinearRule {
+            weight_decay: f64::INFINITY,
+            ..good
+        },
+        refinement_ledger::LinearRule {
+            momentum: 1.0,
+            ..good
+        },
+    ] {
+        let mut hook = OptimizerHook::new(Reporting(sgd(), bad), &net.traceables()).unwrap();
+        let e = hook
+            .step(
+                &mut net.traceables_mut(),
+                &Batch::new(&ids(&[0, 1]), &y[..2]),
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::InvalidConfig { .. }), "{e}");
+        assert_eq!(hook.finish().steps_per_segment(), vec![0]);
+    }
+}
+
+/// A layer that reports an empty output.
+struct Empty(Dense<f64>);
+
+impl Traceable<f64> for Empty {
+    fn layer_id(&self) -> &refinement_ledger::LayerId {
+        self.0.layer_id()
+    }
+    fn traced_shape(&self) -> refinement_ledger::TracedShape {
+        refinement_ledger::TracedShape {
+            fan_out: 0,
+            weight_shape: vec![0, 3],
+            ..self.0.traced_shape()
+        }
+    }
+    fn weight(&self) -> ndarray::ArrayViewD<'_, f64> {
+        Traceable::weight(&self.0)
+    }
+    fn bias(&self) -> Option<ndarray::ArrayView1<'_, f64>> {
+        Traceable::bias(&self.0)
+    }
+    fn params_mut(&mut self) -> Vec<refinement_ledger::ParamMut<'_, f64>> {
+        self.0.params_mut()
+    }
+    fn input_patches(&self) -> refinement_ledger::Result<ndarray::ArrayView3<'_, f64>> {
+        self.0.input_patches()
+    }
+    fn output_deltas(&self) -> refinement_ledger::Result<ndarray::ArrayView3<'_, f64>> {
+        self.0.output_deltas()
+    }
+}
+
+#[test]
+fn a_layer_with_an_empty_traced_shape_is_refused_when_tracing_starts() {
+    let d = Dense::from_weights("fc", Array2::ones((2, 3)), Array1::zeros(2)).unwrap();
+    let sgd = SgdConfig::new(0.1).build::<f64>().unwrap();
+    let e = OptimizerHook::new(sgd, &[&Empty(d) as &dyn Traceable<f64>]).unwrap_err();
+    assert!(matches!(e, Error::InvalidConfig { .. }), "{e}");
+}

@@ -4,6 +4,7 @@ use rand::{Rng, SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Error, Result};
+use crate::trace::MAX_CLASSES;
 
 /// Shuffled mini-batches: every epoch a fresh seeded permutation, cut into batches.
 ///
@@ -92,6 +93,13 @@ impl ClassPureSampler {
     /// # Errors
     /// [`Error::InvalidConfig`] for a zero batch size or no labels.
     pub fn new(labels: &[usize], batch: usize, ghosts: usize, seed: u64) -> Result<Self> {
+        if let Some(&label) = labels.iter().find(|&&c| c >= MAX_CLASSES) {
+            return Err(Error::LabelOutOfRange {
+                op: "ClassPureSampler::new",
+                label,
+                n_classes: MAX_CLASSES,
+            });
+        }
         if batch == 0 || labels.is_empty() {
             return Err(Error::InvalidConfig {
                 what: "class-pure sampler",

@@ -28,7 +28,7 @@ use crate::error::{Error, Result, check_finite, shape_str};
 use crate::float::Float;
 use crate::ledger::Ledger;
 use crate::optim::Optimizer;
-use crate::trace::{ParamMut, SourceId, Traceable};
+use crate::trace::{MAX_CLASSES, ParamMut, SourceId, Traceable};
 use per_example::{Shares, register_examples};
 
 /// Wraps an [`Optimizer`] and records into a [`Ledger`] what each step did and who caused it.
@@ -187,10 +187,12 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
         }
         self.check_batch(batch)?;
         let rule = if self.per_example {
-            Some(self.optimizer.linear_rule().ok_or(Error::InvalidConfig {
+            let rule = self.optimizer.linear_rule().ok_or(Error::InvalidConfig {
                 what: "optimizer",
                 reason: "reported no linear rule in per-example mode".into(),
-            })?)
+            })?;
+            rule.validate()?;
+            Some(rule)
         } else {
             None
         };
@@ -368,6 +370,13 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
         }
         let mut seen = HashSet::with_capacity(n);
         for (i, (&id, &label)) in batch.ids.iter().zip(batch.labels).enumerate() {
+            if label >= MAX_CLASSES {
+                return Err(Error::LabelOutOfRange {
+                    op: OP,
+                    label,
+                    n_classes: MAX_CLASSES,
+                });
+            }
             if !seen.insert(id) {
                 return Err(Error::InconsistentSource {
                     op: OP,

@@ -105,6 +105,21 @@ impl<F: Float> Ledger<F> {
         for layer in layers {
             let shape = layer.traced_shape();
             let id = layer.layer_id().clone();
+            let weight_len = shape
+                .weight_shape
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d));
+            if shape.fan_in == 0
+                || shape.fan_out == 0
+                || weight_len != shape.fan_out.checked_mul(shape.fan_in)
+            {
+                return Err(Error::InvalidConfig {
+                    what: "traced shape",
+                    reason: format!(
+                        "{id}: needs fan_in > 0, fan_out > 0 and a weight of fan_out × fan_in values, found {shape:?}"
+                    ),
+                });
+            }
             if metas.iter().any(|m: &LayerMeta| m.id == id) {
                 return Err(Error::InvalidConfig {
                     what: "traced layers",

@@ -37,6 +37,7 @@ use crate::float::Float;
 use crate::storage::{
     Reader, Tensor, corrupt, decode, dtype, encode, floats, map_file, matrix, save_atomic, u32s,
 };
+use crate::trace::MAX_CLASSES;
 
 /// The file format's name, in the header.
 pub const FORMAT: &str = "refinement-ledger";
@@ -232,6 +233,12 @@ fn read_ledger<F: Float>(reader: &Reader<'_>, header: Header) -> Result<Ledger<F
     for (i, s) in header.sources.iter().enumerate() {
         if index.insert(s.id, i as u32).is_some() {
             return Err(corrupt(format!("source {} listed twice", s.id)));
+        }
+        if let Some(label) = s.label.filter(|&c| c >= MAX_CLASSES) {
+            return Err(corrupt(format!(
+                "source {} has label {label}, expected below {MAX_CLASSES}",
+                s.id
+            )));
         }
     }
     let dt = dtype::<F>();

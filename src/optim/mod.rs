@@ -52,6 +52,46 @@ impl LinearRule {
         }
     }
 
+    /// Checks that the rule is one the hook can credit: a finite learning rate
+    /// `≥ 0`, momentum in `[0, 1)`, dampening in `[0, 1]`, finite weight decay
+    /// `≥ 0`, and Nesterov only with momentum and without dampening.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming the first value out of range (an
+    /// optimizer reporting such a rule would give a ledger that cannot be saved).
+    ///
+    /// # Example
+    /// ```
+    /// use refinement_ledger::LinearRule;
+    /// let rule = LinearRule { lr: 0.1, momentum: 0.9, dampening: 0.0, nesterov: true,
+    ///                         weight_decay: 1e-4, first_step: true };
+    /// assert!(rule.validate().is_ok());
+    /// assert!(LinearRule { lr: f64::NAN, ..rule }.validate().is_err());
+    /// assert!(LinearRule { weight_decay: f64::INFINITY, ..rule }.validate().is_err());
+    /// ```
+    pub fn validate(&self) -> Result<()> {
+        check_range("linear rule lr", self.lr, 0.0, f64::MAX, true)?;
+        check_range("linear rule momentum", self.momentum, 0.0, 1.0, false)?;
+        check_range("linear rule dampening", self.dampening, 0.0, 1.0, true)?;
+        check_range(
+            "linear rule weight_decay",
+            self.weight_decay,
+            0.0,
+            f64::MAX,
+            true,
+        )?;
+        if self.nesterov && (self.momentum == 0.0 || self.dampening != 0.0) {
+            return Err(Error::InvalidConfig {
+                what: "linear rule nesterov",
+                reason: format!(
+                    "needs momentum > 0 and dampening 0, found momentum {}, dampening {}",
+                    self.momentum, self.dampening
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// One step of the momentum recursion for one value: the buffer entry
     /// becomes `μ·buf + w·g` (`w` = [`entry_weight`](Self::entry_weight)) and
     /// the update direction is returned (`g + μ·buf` with Nesterov, `buf` with
