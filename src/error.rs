@@ -41,6 +41,16 @@ pub enum Error {
         /// The operation that needed the cache.
         op: &'static str,
     },
+    /// A step on factors the previous step already booked (no backward pass since).
+    #[error(
+        "{op}: the factors of {layer} come from the backward pass the previous step booked; run forward and backward on this batch before stepping again"
+    )]
+    StalePass {
+        /// The operation.
+        op: &'static str,
+        /// The layer.
+        layer: String,
+    },
     /// A layer is not the one the ledger recorded (name or shape differs).
     #[error("layer mismatch in {op}: expected {expected}, found {got}")]
     LayerMismatch {

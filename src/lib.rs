@@ -117,7 +117,7 @@ pub use query::{
 };
 pub use trace::{
     ExampleId, LayerId, MAX_CLASSES, ParamId, ParamMut, SourceId, Traceable, TracedModel,
-    TracedShape, write_params,
+    TracedShape, next_pass_id, write_params,
 };
 
 /// A small trained network and its ledger, for the documentation's examples:

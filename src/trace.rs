@@ -190,6 +190,28 @@ pub trait Traceable<F: Float = f32> {
     /// # Errors
     /// [`Error::NoBackwardCache`](crate::Error::NoBackwardCache) before any backward pass.
     fn output_deltas(&self) -> Result<ArrayView3<'_, F>>;
+
+    /// An id of the backward pass the cached deltas come from, new for every
+    /// backward pass ([`next_pass_id`] gives one). The hook books the factors
+    /// of one pass once: a second step on the same pass (a forgotten
+    /// backward) is an [`Error::StalePass`](crate::Error::StalePass). The
+    /// default, `None`, opts out of that check.
+    fn pass_id(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// A fresh id for a backward pass, unique in the process (see
+/// [`Traceable::pass_id`]).
+///
+/// # Example
+/// ```
+/// use refinement_ledger::next_pass_id;
+/// assert_ne!(next_pass_id(), next_pass_id());
+/// ```
+pub fn next_pass_id() -> u64 {
+    static PASSES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    PASSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Writes `[W | b]` matrices (`[fan_out, aug_in]`, bias in the last column, as a

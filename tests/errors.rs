@@ -645,3 +645,36 @@ fn a_layer_with_an_empty_traced_shape_is_refused_when_tracing_starts() {
     let e = OptimizerHook::new(sgd, &[&Empty(d) as &dyn Traceable<f64>]).unwrap_err();
     assert!(matches!(e, Error::InvalidConfig { .. }), "{e}");
 }
+
+#[test]
+fn a_second_step_on_one_backward_pass_is_an_error() {
+    let (x, y) = blobs::<f64>(2, 3, 4, 1);
+    let mut net = mlp::<f64>(4, 3, 1);
+    let sgd = SgdConfig::new(0.1).with_momentum(0.9).build().unwrap();
+    let mut hook = OptimizerHook::new(sgd, &net.traceables()).unwrap();
+    net.train_batch(rows(&x, &[0, 1]).view(), &y[..2]).unwrap();
+    hook.step(
+        &mut net.traceables_mut(),
+        &Batch::new(&ids(&[0, 1]), &y[..2]),
+    )
+    .unwrap();
+    let before = hook.snapshot();
+    // The next batch is named, but no backward pass ran for it.
+    let e = hook
+        .step(
+            &mut net.traceables_mut(),
+            &Batch::new(&ids(&[2, 3]), &y[2..4]),
+        )
+        .unwrap_err();
+    assert!(matches!(e, Error::StalePass { .. }), "{e}");
+    assert!(msg(e).contains("run forward and backward"));
+    assert_eq!(hook.snapshot().sources(), before.sources());
+    // With its backward pass the step goes through.
+    net.train_batch(rows(&x, &[2, 3]).view(), &y[2..4]).unwrap();
+    hook.step(
+        &mut net.traceables_mut(),
+        &Batch::new(&ids(&[2, 3]), &y[2..4]),
+    )
+    .unwrap();
+    assert_eq!(hook.n_steps(), 2);
+}

@@ -69,6 +69,8 @@ pub struct OptimizerHook<O, F: Float = f32> {
     before: Vec<Array2<F>>,
     /// Per layer: where a step reads the parameters before they become `current`.
     scratch: Vec<Array2<F>>,
+    /// Per layer: the backward pass the last per-example step booked.
+    passes: Vec<Option<u64>>,
 }
 
 impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
@@ -141,6 +143,7 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             shares: Shares::default(),
             before: Vec::new(),
             scratch: Vec::new(),
+            passes: Vec::new(),
             current,
         })
     }
@@ -196,9 +199,18 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
         } else {
             None
         };
+        let mut passes = Vec::new();
         if rule.is_some() {
-            for layer in layers.iter() {
+            for (l, layer) in layers.iter().enumerate() {
                 self.check_factors(&**layer, batch.ids.len())?;
+                let pass = layer.pass_id();
+                if pass.is_some() && self.passes.get(l) == Some(&pass) {
+                    return Err(Error::StalePass {
+                        op: OP,
+                        layer: layer.layer_id().to_string(),
+                    });
+                }
+                passes.push(pass);
             }
         }
         // The residual is settled per segment (when it closes) as what the
@@ -247,6 +259,7 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
         }
         self.ledger.count_step();
         self.step += 1;
+        self.passes = passes;
         Ok(())
     }
 

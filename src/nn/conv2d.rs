@@ -103,6 +103,8 @@ pub struct Conv2d<F: Float = f32> {
     /// Input shape and im2col patches `[batch, positions, fan_in]` of the last forward.
     cache: Option<([usize; 4], Array3<F>)>,
     delta: Option<Array3<F>>,
+    /// Id of the backward pass `delta` comes from.
+    pass: Option<u64>,
 }
 
 impl<F: Float> Conv2d<F> {
@@ -147,6 +149,7 @@ impl<F: Float> Conv2d<F> {
             padding,
             cache: None,
             delta: None,
+            pass: None,
         })
     }
 
@@ -274,6 +277,7 @@ impl<F: Float> Layer<F> for Conv2d<F> {
             .into_owned();
         self.cache = Some(([b, c_in, h, w], cols));
         self.delta = None;
+        self.pass = None;
         Ok(z.into_dyn())
     }
 
@@ -325,6 +329,7 @@ impl<F: Float> Layer<F> for Conv2d<F> {
             .expect("invariant: standard layout");
         let grad_in = self.col2im(grad_cols, shape, ho, wo);
         self.delta = Some(delta);
+        self.pass = Some(crate::trace::next_pass_id());
         Ok(grad_in.into_dyn())
     }
 
@@ -393,5 +398,8 @@ impl<F: Float> Traceable<F> for Conv2d<F> {
                 layer: self.id.to_string(),
                 op: "output_deltas",
             })
+    }
+    fn pass_id(&self) -> Option<u64> {
+        self.pass
     }
 }

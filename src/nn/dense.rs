@@ -73,6 +73,8 @@ pub struct Dense<F: Float = f32> {
     grad_bias: Array1<F>,
     input: Option<Array2<F>>,
     delta: Option<Array2<F>>,
+    /// Id of the backward pass `delta` comes from.
+    pass: Option<u64>,
 }
 
 impl<F: Float> Dense<F> {
@@ -107,6 +109,7 @@ impl<F: Float> Dense<F> {
             bias,
             input: None,
             delta: None,
+            pass: None,
         })
     }
 
@@ -137,6 +140,7 @@ impl<F: Float> Layer<F> for Dense<F> {
         let z = x.dot(&self.weight.t()) + &self.bias;
         self.input = Some(x.to_owned());
         self.delta = None;
+        self.pass = None;
         Ok(z.into_dyn())
     }
 
@@ -160,6 +164,7 @@ impl<F: Float> Layer<F> for Dense<F> {
         self.grad_bias = delta.sum_axis(Axis(0));
         let grad_in = delta.dot(&self.weight);
         self.delta = Some(delta.to_owned());
+        self.pass = Some(crate::trace::next_pass_id());
         Ok(grad_in.into_dyn())
     }
 
@@ -227,5 +232,8 @@ impl<F: Float> Traceable<F> for Dense<F> {
                 layer: self.id.to_string(),
                 op: "output_deltas",
             })
+    }
+    fn pass_id(&self) -> Option<u64> {
+        self.pass
     }
 }
