@@ -106,6 +106,13 @@ pub mod report;
 mod storage;
 mod trace;
 
+/// The `ndarray` this crate's arrays come from, re-exported so your arrays are
+/// the same type whatever version your own manifest names.
+pub use ndarray;
+/// The `rand` this crate's initialisers take, re-exported for the same reason
+/// (`rand::rngs::StdRng` and `SeedableRng` work with every `build`).
+pub use rand;
+
 pub use error::{Error, Result};
 pub use float::Float;
 pub use hook::{Batch, Credit, HookConfig, OptimizerHook};

@@ -327,3 +327,32 @@ fn changes_made_outside_the_hook_go_to_the_residual_and_the_ledger_still_balance
     );
     assert!(ledger.residual(1).unwrap().iter().all(|v| v.abs() < 1e-12));
 }
+
+#[test]
+fn closing_a_segment_at_every_epoch_end_leaves_no_empty_trailing_segment() {
+    let (x, y) = common::blobs::<f64>(2, 3, 6, 3);
+    let mut net = common::mlp::<f64>(6, 3, 3);
+    let sgd = SgdConfig::new(0.1).with_momentum(0.9).build().unwrap();
+    let mut hook = OptimizerHook::new(sgd, &net.traceables()).unwrap();
+    let ids: Vec<refinement_ledger::ExampleId> = (0..y.len() as u64)
+        .map(refinement_ledger::ExampleId)
+        .collect();
+    for _epoch in 0..3 {
+        net.train_batch(x.view(), &y).unwrap();
+        hook.step(
+            &mut net.traceables_mut(),
+            &refinement_ledger::Batch::new(&ids, &y),
+        )
+        .unwrap();
+        hook.close_segment().unwrap();
+    }
+    let ledger = hook.finish();
+    assert_eq!(ledger.steps_per_segment(), vec![1, 1, 1]);
+    assert!(ledger.parameter_balance().iter().all(|&b| b < 1e-12));
+    // Momentum shares still pending at the end are booked in the last segment.
+    assert!(
+        ledger.residual_fraction().iter().all(|&r| r < 1e-9),
+        "{:?}",
+        ledger.residual_fraction()
+    );
+}

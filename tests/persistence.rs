@@ -283,3 +283,23 @@ fn a_file_that_could_not_be_loaded_back_is_never_written() {
         "the saved file is kept"
     );
 }
+
+#[test]
+fn a_saved_file_gets_ordinary_permissions_or_keeps_those_it_replaces() {
+    use std::os::unix::fs::PermissionsExt;
+    let (ledger, _) = refinement_ledger::doc_fixture().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let plain = dir.path().join("plain");
+    std::fs::File::create(&plain).unwrap();
+    let path = dir.path().join("run.ledger");
+    ledger.save(&path).unwrap();
+    assert_eq!(
+        mode(&path),
+        mode(&plain),
+        "a new file gets the default permissions"
+    );
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    ledger.save(&path).unwrap();
+    assert_eq!(mode(&path), 0o640, "a replaced file keeps its permissions");
+}

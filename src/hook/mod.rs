@@ -292,7 +292,7 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
     /// }
     /// assert!(hook.close_segment().is_err()); // nothing recorded since the last close
     /// let ledger = hook.finish();
-    /// assert_eq!(ledger.steps_per_segment(), vec![1, 1, 1, 0]);
+    /// assert_eq!(ledger.steps_per_segment(), vec![1, 1, 1]); // no trailing empty segment
     /// assert!(ledger.parameter_balance().iter().all(|&e| e < 1e-12));
     /// # Ok::<(), refinement_ledger::Error>(())
     /// ```

@@ -45,6 +45,9 @@ impl<F: Float> Shares<F> {
     pub(super) fn book_pending(&self, ledger: &mut Ledger<F>) {
         for p in &self.pending {
             let k = ledger.coef(p.group);
+            if k == 0.0 {
+                continue; // not weighted in this segment (yet)
+            }
             for (l, s, g) in &p.dense {
                 ledger.credit_dense(*l, *s, g.view(), k);
             }

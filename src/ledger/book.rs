@@ -153,9 +153,23 @@ impl<F: Float> Ledger<F> {
     }
 
     /// Settles the last segment at parameters `end` and compacts the storage
-    /// for queries.
+    /// for queries. A last segment in which nothing happened (closed at the
+    /// end of the last epoch: no step, no credit, no parameter change) is
+    /// dropped rather than kept empty.
     pub(crate) fn finish(&mut self, end: &[Array2<F>]) {
-        self.settle(self.segments.len() - 1, end);
+        let k = self.segments.len() - 1;
+        self.settle(k, end);
+        let last = &self.segments[k];
+        let empty = k > 0
+            && last.n_steps == 0
+            && last.coef.iter().all(|&c| c == 0.0)
+            && last
+                .layers
+                .iter()
+                .all(|a| a.n_slots() == 0 && a.residual.iter().all(|&r| r == 0.0));
+        if empty {
+            self.segments.pop();
+        }
         self.compact();
     }
 

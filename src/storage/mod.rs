@@ -281,16 +281,24 @@ pub(crate) fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>)
         name.to_string_lossy(),
         std::process::id()
     ));
-    let written = write(&tmp)
-        .and_then(|()| {
+    // Created here (never reused: `create_new`) to learn the permissions a new
+    // file gets by default; writers may replace it (safetensors writes its own
+    // temporary file and renames it, with owner-only permissions).
+    let written = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|f| f.metadata())
+        .map_err(|e| io(e, &tmp))
+        .and_then(|created| {
+            write(&tmp)?;
             let file = std::fs::File::options()
                 .write(true)
                 .open(&tmp)
                 .map_err(|e| io(e, &tmp))?;
-            if let Ok(old) = std::fs::metadata(&target) {
-                file.set_permissions(old.permissions())
-                    .map_err(|e| io(e, &tmp))?;
-            }
+            let permissions = std::fs::metadata(&target)
+                .map_or_else(|_| created.permissions(), |old| old.permissions());
+            file.set_permissions(permissions).map_err(|e| io(e, &tmp))?;
             file.sync_all().map_err(|e| io(e, &tmp))
         })
         .and_then(|()| std::fs::rename(&tmp, &target).map_err(|e| io(e, path)));
