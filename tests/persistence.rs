@@ -303,3 +303,106 @@ fn a_saved_file_gets_ordinary_permissions_or_keeps_those_it_replaces() {
     ledger.save(&path).unwrap();
     assert_eq!(mode(&path), 0o640, "a replaced file keeps its permissions");
 }
+
+/// Re-encodes a saved ledger after `edit` changed its header or tensors, with
+/// a valid checksum: what a crafted (or buggy) writer produces.
+fn reencode(
+    bytes: &[u8],
+    edit: impl FnOnce(
+        &mut serde_json::Value,
+        &mut std::collections::BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>,
+    ),
+) -> Vec<u8> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).unwrap();
+    let mut info = meta.metadata().clone().unwrap();
+    let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+    let mut tensors: std::collections::BTreeMap<_, _> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, (t.dtype(), t.shape().to_vec(), t.data().to_vec())))
+        .collect();
+    let mut header: serde_json::Value = serde_json::from_str(&info["payload"]).unwrap();
+    edit(&mut header, &mut tensors);
+    let payload = serde_json::to_string(&header).unwrap();
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(payload.as_bytes());
+    for (_, _, data) in tensors.values() {
+        crc.update(data);
+    }
+    info.insert("crc32".into(), format!("{:08x}", crc.finalize()));
+    info.insert("payload".into(), payload);
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, (dt, shape, data))| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*dt, shape.clone(), data).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize(views, Some(info)).unwrap()
+}
+
+#[test]
+fn crafted_files_with_valid_checksums_are_errors_not_panics_or_other_ledgers() {
+    // A CNN whose dense layer keeps factored rows weighted by step-group
+    // coefficients, over several segments.
+    let (ledger, _, _) = trained();
+    let bytes = ledger.to_bytes().unwrap();
+    // Unchanged, the re-encoding loads: the edits below are what fails.
+    assert!(Ledger::<f32>::from_bytes(&reencode(&bytes, |_, _| {})).is_ok());
+    type Edit = Box<
+        dyn Fn(
+            &mut serde_json::Value,
+            &mut std::collections::BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>,
+        ),
+    >;
+    let set_f64 = |name: &'static str, at: usize, v: f64| -> Edit {
+        Box::new(move |_, t| {
+            t.get_mut(name).unwrap().2[at * 8..at * 8 + 8].copy_from_slice(&v.to_le_bytes())
+        })
+    };
+    let cases: Vec<(&str, Edit)> = vec![
+        (
+            "fan_in u64::MAX",
+            Box::new(|h, _| h["layers"][0]["shape"]["fan_in"] = u64::MAX.into()),
+        ),
+        (
+            "fan_out × fan_in overflows",
+            Box::new(|h, _| {
+                h["layers"][0]["shape"]["fan_out"] = (1u64 << 40).into();
+                h["layers"][0]["shape"]["fan_in"] = (1u64 << 40).into();
+            }),
+        ),
+        (
+            "n_groups 4e9",
+            Box::new(|h, _| h["n_groups"] = 4_000_000_000u64.into()),
+        ),
+        (
+            "label usize::MAX",
+            Box::new(|h, _| h["sources"][0]["label"] = u64::MAX.into()),
+        ),
+        (
+            "an edited residual",
+            set_f64("segment.0.layer.0.residual", 0, 1.0),
+        ),
+        (
+            "a coefficient of 1e308",
+            set_f64("segment.0.coef", 0, 1e308),
+        ),
+        (
+            "an edited end of segment",
+            set_f64("segment.1.layer.1.end", 3, 7.0),
+        ),
+    ];
+    for (what, edit) in cases {
+        let crafted = reencode(&bytes, |h, t| edit(h, t));
+        match Ledger::<f32>::from_bytes(&crafted) {
+            Err(Error::CorruptLedger { .. }) => {}
+            other => panic!(
+                "{what}: expected CorruptLedger, got {:?}",
+                other.map(|_| "a ledger")
+            ),
+        }
+    }
+}

@@ -338,3 +338,14 @@ fn a_saved_sketch_loads_identical_and_corruption_is_an_error() {
         Err(Error::Io { .. })
     ));
 }
+
+#[test]
+fn absurd_sketch_sizes_are_errors_not_aborts() {
+    let (ledger, _) = trained_mlp();
+    for k in [usize::MAX, 1 << 40] {
+        assert!(matches!(
+            LedgerSketch::build(&ledger, &SketchConfig::with_dims(k)),
+            Err(Error::InvalidConfig { .. })
+        ));
+    }
+}

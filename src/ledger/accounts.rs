@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 
-use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2, s};
+use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, s};
 use rayon::prelude::*;
 
 use crate::float::Float;
@@ -168,13 +168,23 @@ impl<F: Float> Rows<F> {
         const BLOCK: usize = 2048;
         let block_sum = |b0: usize| {
             let b1 = (b0 + BLOCK).min(end);
+            // Rows of weight 0 (another segment's groups) are skipped.
+            let keep: Vec<usize> = (b0..b1).filter(|&j| coef(self.group[j]) != 0.0).collect();
             let (a, d) = self.view(b0, b1);
-            let a64 = a.mapv(F::widen);
-            let mut d64 = d.mapv(F::widen);
-            for (mut row, &g) in d64.rows_mut().into_iter().zip(&self.group[b0..b1]) {
-                row *= coef(g);
+            let rel: Vec<usize> = keep.iter().map(|&j| j - b0).collect();
+            let (a, d) = if keep.len() == b1 - b0 {
+                (a.mapv(F::widen), d.mapv(F::widen))
+            } else {
+                (
+                    a.select(Axis(0), &rel).mapv(F::widen),
+                    d.select(Axis(0), &rel).mapv(F::widen),
+                )
+            };
+            let mut d64 = d;
+            for (mut row, &j) in d64.rows_mut().into_iter().zip(&keep) {
+                row *= coef(self.group[j]);
             }
-            d64.t().dot(&a64)
+            d64.t().dot(&a)
         };
         let mut total = Array2::zeros((self.fan_out, self.aug_in));
         let starts: Vec<usize> = (start..end).step_by(BLOCK).collect();

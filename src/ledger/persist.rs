@@ -245,16 +245,22 @@ fn read_ledger<F: Float>(reader: &Reader<'_>, header: Header) -> Result<Ledger<F
     let mut initial = Vec::new();
     let mut rows = Vec::new();
     for (l, m) in header.layers.iter().enumerate() {
-        let (fo, ai) = (m.shape.fan_out, m.shape.aug_in());
-        if fo == 0
-            || m.shape.fan_in == 0
-            || m.shape.weight_shape.iter().product::<usize>() != fo * m.shape.fan_in
-        {
+        // Checked arithmetic: the header is untrusted until its tensors agree.
+        let (fo, fi) = (m.shape.fan_out, m.shape.fan_in);
+        let weight = m
+            .shape
+            .weight_shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d));
+        let ai = fi.checked_add(usize::from(m.shape.has_bias));
+        let size = ai.and_then(|ai| ai.checked_mul(fo)?.checked_mul(8));
+        if fo == 0 || fi == 0 || size.is_none() || weight != fo.checked_mul(fi) {
             return Err(corrupt(format!(
                 "layer {l}: inconsistent shape {:?}",
                 m.shape
             )));
         }
+        let ai = m.shape.aug_in();
         initial.push(reader.matrix(&format!("layer.{l}.initial"), (fo, ai))?);
         let (n, a) = reader.leading(&format!("layer.{l}.rows.a"), dt, &[ai])?;
         let d = reader.tensor(&format!("layer.{l}.rows.d"), dt, &[n, fo])?;
@@ -314,6 +320,16 @@ fn read_ledger<F: Float>(reader: &Reader<'_>, header: Header) -> Result<Ledger<F
     if segments.is_empty() || header.layers.is_empty() {
         return Err(corrupt("no layers or no segments"));
     }
+    // Step groups are opened in the last segment: its coefficients end at the
+    // last group (so `n_groups` is bounded by a tensor in the file).
+    let last = &segments[segments.len() - 1];
+    if last.first_group as usize + last.coef.len() != header.n_groups as usize {
+        return Err(corrupt(format!(
+            "{} step groups, but the last segment's coefficients end at group {}",
+            header.n_groups,
+            last.first_group as usize + last.coef.len()
+        )));
+    }
     let expected = 5 * header.layers.len() + header.segments.len() * (1 + 4 * header.layers.len());
     if reader.st.len() != expected {
         return Err(corrupt(format!(
@@ -321,7 +337,7 @@ fn read_ledger<F: Float>(reader: &Reader<'_>, header: Header) -> Result<Ledger<F
             reader.st.len()
         )));
     }
-    Ok(Ledger {
+    let ledger = Ledger {
         layers: header.layers,
         initial,
         sources: header.sources,
@@ -329,5 +345,25 @@ fn read_ledger<F: Float>(reader: &Reader<'_>, header: Header) -> Result<Ledger<F
         rows,
         n_groups: header.n_groups,
         segments,
-    })
+    };
+    // What loads balances: an edited account, residual or coefficient (with a
+    // valid checksum) is an error, not a ledger that no longer adds up.
+    for l in 0..ledger.layers.len() {
+        for k in 0..ledger.segments.len() {
+            let (err, change, size) = ledger.segment_balance(l, k);
+            // Relative to the change, with room for rounding relative to the
+            // parameters themselves (a change far smaller than the weights).
+            let within = err <= LOAD_BALANCE_TOLERANCE * change + 1e-12 * size;
+            if !within || err.is_nan() {
+                return Err(corrupt(format!(
+                    "layer {l}, segment {k} does not balance: start + Σ G + residual differs from the end by {err:e} (change {change:e})"
+                )));
+            }
+        }
+    }
+    Ok(ledger)
 }
+
+/// The parameter balance a loaded ledger must meet (relative to the
+/// parameters' total change; saved ledgers balance to about 1e-15).
+const LOAD_BALANCE_TOLERANCE: f64 = 1e-6;

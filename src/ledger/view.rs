@@ -250,23 +250,48 @@ impl<F: Float> Ledger<F> {
     pub fn parameter_balance(&self) -> Vec<f64> {
         (0..self.layers.len())
             .map(|l| {
-                let mut prev_end = &self.initial[l];
-                let mut change_norm2 = 0.0;
-                let mut sum = self.initial[l].clone();
-                for (k, seg) in self.segments.iter().enumerate() {
-                    let view = self
-                        .layer_view(l, Segments::One(k))
-                        .expect("invariant: in range");
-                    sum += &view.total_account();
-                    sum += &seg.layers[l].residual;
-                    change_norm2 += sq_norm(&(&seg.end[l] - prev_end).view());
-                    prev_end = &seg.end[l];
-                }
-                let err = sq_norm(&(&sum - prev_end).view()).sqrt();
-                let scale = change_norm2.sqrt();
-                if scale == 0.0 { err } else { err / scale }
+                let (err, change, _) = self.balance_parts(l);
+                if change == 0.0 { err } else { err / change }
             })
             .collect()
+    }
+
+    /// Layer `l`'s `(‖W₀ + Σ G + residual − W_T‖, ‖total change‖, ‖W_T‖)`: one
+    /// pass over the rows with every segment's coefficients summed.
+    pub(super) fn balance_parts(&self, l: usize) -> (f64, f64, f64) {
+        let whole = self.whole_layer(l);
+        let sum = &self.initial[l] + &whole.total_account() + whole.residual();
+        let mut prev_end = &self.initial[l];
+        let mut change_norm2 = 0.0;
+        for seg in &self.segments {
+            change_norm2 += sq_norm(&(&seg.end[l] - prev_end).view());
+            prev_end = &seg.end[l];
+        }
+        (
+            sq_norm(&(&sum - prev_end).view()).sqrt(),
+            change_norm2.sqrt(),
+            sq_norm(&prev_end.view()).sqrt(),
+        )
+    }
+
+    /// Segment `k`'s balance in layer `l`: `(‖start + Σ G_k + residual_k − end‖,
+    /// ‖end − start‖, ‖end‖)` (rows of other segments' groups are skipped).
+    pub(super) fn segment_balance(&self, l: usize, k: usize) -> (f64, f64, f64) {
+        let view = self
+            .layer_view(l, Segments::One(k))
+            .expect("invariant: in range");
+        let start = if k == 0 {
+            &self.initial[l]
+        } else {
+            &self.segments[k - 1].end[l]
+        };
+        let end = &self.segments[k].end[l];
+        let diff = start + &view.total_account() + view.residual() - end;
+        (
+            sq_norm(&diff.view()).sqrt(),
+            sq_norm(&(end - start).view()).sqrt(),
+            sq_norm(&end.view()).sqrt(),
+        )
     }
 
     /// Relative size of the residual per layer: `‖residual‖ / ‖W_T − W₀‖`.

@@ -6,7 +6,9 @@ use half::slice::HalfFloatSliceExt;
 use ndarray::{Array2, ArrayView2, Axis, s};
 use rayon::prelude::*;
 
-use super::{Dims, LedgerSketch, ROW_BLOCK, SOURCE_CHUNK, SketchConfig, operators, sketch_dense};
+use super::{
+    Dims, LedgerSketch, ROW_BLOCK, SOURCE_CHUNK, SketchConfig, max_dims, operators, sketch_dense,
+};
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::ledger::{LayerView, Ledger};
@@ -24,12 +26,22 @@ impl LedgerSketch {
         let exact_bytes = ledger.bytes_per_layer();
         let mut dims = Vec::with_capacity(ledger.layers().len());
         for (meta, &bytes) in ledger.layers().iter().zip(&exact_bytes) {
-            let full = meta.shape.fan_out * meta.shape.aug_in();
+            let full = meta.shape.fan_out.saturating_mul(meta.shape.aug_in());
             let k = match config.dims {
                 Dims::Fixed(0) => {
                     return Err(Error::InvalidConfig {
                         what: "sketch dimensions",
                         reason: "must be at least 1, found 0".into(),
+                    });
+                }
+                Dims::Fixed(k) if k > max_dims(full) => {
+                    return Err(Error::InvalidConfig {
+                        what: "sketch dimensions",
+                        reason: format!(
+                            "at most {} for layer {} ({full} entries), found {k}",
+                            max_dims(full),
+                            meta.id
+                        ),
                     });
                 }
                 Dims::Fixed(k) => k,

@@ -131,6 +131,14 @@ pub struct LedgerSketch {
 
 /// Sources per parallel chunk when building and scoring.
 const SOURCE_CHUNK: usize = 512;
+/// The most dimensions a layer's sketch may have beyond its account's own
+/// size (`fan_out · aug_in`, past which the exact dense form is smaller).
+pub(crate) const MAX_EXTRA_DIMS: usize = 1 << 16;
+
+/// The largest `k` a layer of `fan_out · aug_in = full` entries may be sketched to.
+pub(crate) fn max_dims(full: usize) -> usize {
+    full.max(MAX_EXTRA_DIMS)
+}
 /// Factored rows per GEMM block when building.
 const ROW_BLOCK: usize = 2048;
 

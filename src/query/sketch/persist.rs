@@ -114,6 +114,21 @@ impl LedgerSketch {
                 h.exact_bytes.len()
             )));
         }
+        for (l, (&k, meta)) in h.dims.iter().zip(&h.layers).enumerate() {
+            // Checked: never more dimensions than `build` allows, whatever the
+            // header says (the query operators are `k × (fan_out + aug_in)`).
+            let full = meta
+                .shape
+                .fan_in
+                .checked_add(usize::from(meta.shape.has_bias))
+                .and_then(|ai| ai.checked_mul(meta.shape.fan_out));
+            if full.is_none_or(|full| k > super::max_dims(full)) || meta.shape.fan_out == 0 {
+                return Err(crate::storage::corrupt(format!(
+                    "sketch layer {l}: {k} dimensions for a {:?} layer",
+                    meta.shape
+                )));
+            }
+        }
         let mut seen = std::collections::HashSet::new();
         if let Some(s) = h.sources.iter().find(|s| !seen.insert(s.id)) {
             return Err(crate::storage::corrupt(format!(
