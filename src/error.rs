@@ -51,6 +51,14 @@ pub enum Error {
         /// The layer.
         layer: String,
     },
+    /// A query built from the layers' last training pass instead of a pass over the query inputs.
+    #[error(
+        "{op}: the query's layer inputs are those of the last training step, not of the query inputs; run the final network on the queries first (Query::forward or Query::gradients do)"
+    )]
+    StaleQuery {
+        /// The operation.
+        op: &'static str,
+    },
     /// A layer is not the one the ledger recorded (name or shape differs).
     #[error("layer mismatch in {op}: expected {expected}, found {got}")]
     LayerMismatch {

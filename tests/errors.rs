@@ -678,3 +678,32 @@ fn a_second_step_on_one_backward_pass_is_an_error() {
     .unwrap();
     assert_eq!(hook.n_steps(), 2);
 }
+
+#[test]
+fn a_query_built_from_the_last_training_pass_is_an_error() {
+    let (x, y) = blobs::<f64>(2, 3, 4, 1);
+    let mut net = mlp::<f64>(4, 3, 1);
+    let sgd = SgdConfig::new(0.1).build().unwrap();
+    let mut hook = OptimizerHook::new(sgd, &net.traceables()).unwrap();
+    net.train_batch(rows(&x, &[0, 1]).view(), &y[..2]).unwrap();
+    hook.step(
+        &mut net.traceables_mut(),
+        &Batch::new(&ids(&[0, 1]), &y[..2]),
+    )
+    .unwrap();
+    let ledger = hook.finish();
+    // Forgot to run the network on the query: the caches are the training batch's.
+    let stale = refinement_ledger::Query::with_gradients(&net.traceables()).unwrap();
+    let e = ledger
+        .scores(
+            &stale,
+            refinement_ledger::Lens::Loss,
+            refinement_ledger::LayerSel::All,
+        )
+        .unwrap_err();
+    assert!(matches!(e, Error::StaleQuery { .. }), "{e}");
+    assert!(msg(e).contains("Query::forward"));
+    // Built from the query inputs, it is answered.
+    let q = refinement_ledger::Query::forward(&mut net, rows(&x, &[2]).view()).unwrap();
+    assert!(ledger.explain(&q).is_ok());
+}

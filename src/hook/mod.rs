@@ -199,18 +199,16 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
         } else {
             None
         };
-        let mut passes = Vec::new();
+        let passes: Vec<Option<u64>> = layers.iter().map(|l| l.pass_id()).collect();
         if rule.is_some() {
             for (l, layer) in layers.iter().enumerate() {
                 self.check_factors(&**layer, batch.ids.len())?;
-                let pass = layer.pass_id();
-                if pass.is_some() && self.passes.get(l) == Some(&pass) {
+                if passes[l].is_some() && self.passes.get(l) == Some(&passes[l]) {
                     return Err(Error::StalePass {
                         op: OP,
                         layer: layer.layer_id().to_string(),
                     });
                 }
-                passes.push(pass);
             }
         }
         // The residual is settled per segment (when it closes) as what the
@@ -259,6 +257,7 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
         }
         self.ledger.count_step();
         self.step += 1;
+        self.ledger.note_passes(passes.clone());
         self.passes = passes;
         Ok(())
     }

@@ -126,6 +126,17 @@ impl<F: Float> Ledger<F> {
         self.current().layers[layer].dense_mut(source)
     }
 
+    /// Notes the backward pass (per layer) whose factors the last step used.
+    pub(crate) fn note_passes(&mut self, passes: Vec<Option<u64>>) {
+        self.last_passes = passes;
+    }
+
+    /// Whether `passes` (a query's, per layer) are those of the last step: a
+    /// query built without running the network on its inputs.
+    pub(crate) fn is_last_step_pass(&self, passes: &[Option<u64>]) -> bool {
+        !passes.is_empty() && passes.iter().all(Option::is_some) && passes == self.last_passes
+    }
+
     /// Counts one optimizer step in the current segment.
     pub(crate) fn count_step(&mut self) {
         self.current().n_steps += 1;

@@ -89,6 +89,9 @@ pub struct Ledger<F: Float = f32> {
     /// Step groups allocated so far.
     n_groups: u32,
     segments: Vec<Segment>,
+    /// Per layer, the backward pass the last step booked (while tracing; not
+    /// saved): a query built from that pass is stale.
+    last_passes: Vec<Option<u64>>,
 }
 
 impl<F: Float> Ledger<F> {
@@ -142,6 +145,7 @@ impl<F: Float> Ledger<F> {
             index: HashMap::new(),
             n_groups: 0,
             segments: vec![segment],
+            last_passes: Vec::new(),
         })
     }
 

@@ -345,6 +345,7 @@ fn read_ledger<F: Float>(reader: &Reader<'_>, header: Header) -> Result<Ledger<F
         rows,
         n_groups: header.n_groups,
         segments,
+        last_passes: Vec::new(),
     };
     // What loads balances: an edited account, residual or coefficient (with a
     // valid checksum) is an error, not a ledger that no longer adds up.

@@ -346,6 +346,9 @@ impl<F: Float> Ledger<F> {
 
     pub(crate) fn check_query(&self, query: &Query<F>, op: &'static str) -> Result<()> {
         query.check(self.layers(), op)?;
+        if self.is_last_step_pass(query.passes()) {
+            return Err(Error::StaleQuery { op });
+        }
         if !self.has_steps() {
             return Err(Error::Empty {
                 op,

@@ -66,6 +66,8 @@ pub struct Query<F: Float = f32> {
     n: usize,
     /// Passes at every segment boundary (initial, end of segment 0, …), with their pairing.
     boundaries: Option<(Pairing, Vec<Vec<QueryLayer<F>>>)>,
+    /// Per layer, the backward pass the layer's cache came from (see `Traceable::pass_id`).
+    passes: Vec<Option<u64>>,
 }
 
 #[derive(Clone, Debug)]
@@ -280,6 +282,7 @@ impl<F: Float> Query<F> {
             layers: out,
             n,
             boundaries: None,
+            passes: layers.iter().map(|l| l.pass_id()).collect(),
         })
     }
 
@@ -301,6 +304,11 @@ impl<F: Float> Query<F> {
     /// How the loss lens pairs segments with gradients.
     pub fn pairing(&self) -> Pairing {
         self.boundaries.as_ref().map_or(Pairing::Final, |b| b.0)
+    }
+
+    /// Per layer, the backward pass the layers' caches came from.
+    pub(crate) fn passes(&self) -> &[Option<u64>] {
+        &self.passes
     }
 
     pub(crate) fn check(&self, metas: &[LayerMeta], op: &'static str) -> Result<()> {
