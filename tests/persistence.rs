@@ -406,3 +406,45 @@ fn crafted_files_with_valid_checksums_are_errors_not_panics_or_other_ledgers() {
         }
     }
 }
+
+#[test]
+fn a_loaded_ledger_whose_file_shrank_or_changed_is_an_error_not_a_crash() {
+    let (ledger, mut net) = refinement_ledger::doc_fixture().unwrap();
+    let q =
+        refinement_ledger::Query::forward(&mut net, ndarray::array![[1.0, 0.9]].view().into_dyn())
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.ledger");
+    ledger.save(&path).unwrap();
+    let shrunk = Ledger::<f64>::load(&path).unwrap();
+    let changed = Ledger::<f64>::load(&path).unwrap();
+    assert!(shrunk.scores(&q, Lens::Cos, LayerSel::All).is_ok());
+    // Truncate the file under the map: reading it now would be a SIGBUS.
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    for result in [
+        shrunk.scores(&q, Lens::Cos, LayerSel::All).map(|_| ()),
+        shrunk.explain(&q).map(|_| ()),
+        shrunk.account(0, shrunk.sources()[0].id).map(|_| ()),
+        shrunk.to_bytes().map(|_| ()),
+    ] {
+        assert!(matches!(result, Err(Error::Io { .. })), "{result:?}");
+    }
+    assert!(shrunk.parameter_balance().iter().all(|b| b.is_nan()));
+    // Rewritten in place (same size, new contents): also refused.
+    drop(changed);
+    ledger.save(&path).unwrap();
+    let mapped = Ledger::<f64>::load(&path).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(matches!(
+        mapped.scores(&q, Lens::Cos, LayerSel::All),
+        Err(Error::Io { .. })
+    ));
+}

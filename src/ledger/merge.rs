@@ -60,6 +60,8 @@ impl<F: Float> Ledger<F> {
     /// # Ok::<(), refinement_ledger::Error>(())
     /// ```
     pub fn merge(&self, other: &Ledger<F>) -> Result<Ledger<F>> {
+        self.check_file()?;
+        other.check_file()?;
         if self.layers != other.layers {
             return Err(mismatch("the shards trace different layers".into()));
         }

@@ -92,6 +92,8 @@ pub struct Ledger<F: Float = f32> {
     /// Per layer, the backward pass the last step booked (while tracing; not
     /// saved): a query built from that pass is stale.
     last_passes: Vec<Option<u64>>,
+    /// The file the accounts are served from, after `load` (checked unchanged before reads).
+    file: Option<std::sync::Arc<crate::storage::MappedFile>>,
 }
 
 impl<F: Float> Ledger<F> {
@@ -146,6 +148,7 @@ impl<F: Float> Ledger<F> {
             n_groups: 0,
             segments: vec![segment],
             last_passes: Vec::new(),
+            file: None,
         })
     }
 

@@ -35,7 +35,8 @@ use super::{LayerMeta, Ledger, SourceMeta};
 use crate::error::Result;
 use crate::float::Float;
 use crate::storage::{
-    Reader, Tensor, corrupt, decode, dtype, encode, floats, map_file, matrix, save_atomic, u32s,
+    MappedFile, Reader, Tensor, corrupt, decode, dtype, encode, floats, map_file, matrix,
+    save_atomic, u32s,
 };
 use crate::trace::MAX_CLASSES;
 
@@ -86,6 +87,7 @@ impl<F: Float> Ledger<F> {
 
     /// Every stored array (borrowed) and the JSON header.
     fn tensors(&self) -> Result<(Vec<(String, Tensor<'_>)>, String)> {
+        self.check_file()?;
         let mut tensors: Vec<(String, Tensor<'_>)> = Vec::new();
         for (l, rows) in self.rows.iter().enumerate() {
             tensors.push((format!("layer.{l}.initial"), matrix(&self.initial[l])));
@@ -165,7 +167,16 @@ impl<F: Float> Ledger<F> {
 
     /// Loads a ledger saved by [`save`](Self::save), reading the file through a
     /// memory map. Checks the format and version, the float type, the checksum,
-    /// every shape, finiteness, and the consistency of indices.
+    /// every shape (with checked arithmetic), finiteness, the consistency of
+    /// indices, and that every segment balances.
+    ///
+    /// The accounts stay in the file (pages are read on demand), so the file
+    /// must stay as it is while the ledger is used: every query, save or merge
+    /// first checks that its size and modification time are unchanged and
+    /// returns [`Error::Io`](crate::Error::Io) if not (re-load it). A file
+    /// replaced by [`save`](Self::save) (a rename) leaves this ledger on the old
+    /// contents; truncating or rewriting it in place *during* a query is outside
+    /// what the check can catch.
     ///
     /// # Errors
     /// [`Error::Io`](crate::Error::Io) when the file cannot be opened; [`Error::CorruptLedger`](crate::Error::CorruptLedger)
@@ -189,7 +200,9 @@ impl<F: Float> Ledger<F> {
     /// ```
     pub fn load(path: &Path) -> Result<Self> {
         let map = map_file(path)?;
-        Self::parse(&map, Some(&map))
+        let mut ledger = Self::parse(&map, Some(&map))?;
+        ledger.file = Some(map);
+        Ok(ledger)
     }
 
     /// Parses the bytes of a safetensors ledger (see [`load`](Self::load)).
@@ -211,7 +224,7 @@ impl<F: Float> Ledger<F> {
     }
 
     /// Parses `bytes`, serving large tensors from `map` (which holds `bytes`) when given.
-    fn parse(bytes: &[u8], map: Option<&std::sync::Arc<memmap2::Mmap>>) -> Result<Self> {
+    fn parse(bytes: &[u8], map: Option<&std::sync::Arc<MappedFile>>) -> Result<Self> {
         let (st, json) = decode(bytes, FORMAT, VERSION)?;
         let header: Header =
             serde_json::from_str(&json).map_err(|e| corrupt(format!("ledger header: {e}")))?;
@@ -346,6 +359,7 @@ fn read_ledger<F: Float>(reader: &Reader<'_>, header: Header) -> Result<Ledger<F
         n_groups: header.n_groups,
         segments,
         last_passes: Vec::new(),
+        file: None,
     };
     // What loads balances: an edited account, residual or coefficient (with a
     // valid checksum) is an error, not a ledger that no longer adds up.

@@ -129,8 +129,16 @@ impl<F: Float> Ledger<F> {
     /// Layer `l` over `segments`, read-only.
     ///
     /// # Errors
-    /// [`Error::IndexOutOfRange`] for a bad layer or segment.
+    /// [`Error::IndexOutOfRange`] for a bad layer or segment; [`Error::Io`]
+    /// when the ledger's mapped file changed since it was loaded.
     pub(crate) fn layer_view(&self, l: usize, segments: Segments) -> Result<LayerView<'_, F>> {
+        self.check_file()?;
+        self.view_unchecked(l, segments)
+    }
+
+    /// [`layer_view`](Self::layer_view) without the file check (for callers
+    /// that checked already, or a ledger being loaded).
+    fn view_unchecked(&self, l: usize, segments: Segments) -> Result<LayerView<'_, F>> {
         const OP: &str = "Ledger::layer_view";
         self.check_layer(l, OP)?;
         let segs = self.selected(segments, OP)?;
@@ -141,10 +149,19 @@ impl<F: Float> Ledger<F> {
         })
     }
 
-    /// Layer `l` over the whole run (`l` must be in range).
+    /// Layer `l` over the whole run (`l` must be in range; the caller has
+    /// checked the mapped file, e.g. through `check_query`).
     pub(crate) fn whole_layer(&self, l: usize) -> LayerView<'_, F> {
-        self.layer_view(l, Segments::All)
+        self.view_unchecked(l, Segments::All)
             .expect("invariant: layer in range")
+    }
+
+    /// For a ledger served from a mapped file: the file is as it was loaded.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when it shrank or was rewritten since.
+    pub(crate) fn check_file(&self) -> Result<()> {
+        self.file.as_ref().map_or(Ok(()), |f| f.check_unchanged())
     }
 
     /// Per global step group, the sum of its coefficients over `segments`.
@@ -174,6 +191,7 @@ impl<F: Float> Ledger<F> {
     /// ```
     pub fn account(&self, layer: usize, source: SourceId) -> Result<Array2<f64>> {
         self.check_layer(layer, "Ledger::account")?;
+        self.check_file()?;
         let s = self.source_index(source)? as u32;
         Ok(self.whole_layer(layer).account(s))
     }
@@ -239,7 +257,8 @@ impl<F: Float> Ledger<F> {
     }
 
     /// Per layer, the balance of parameters:
-    /// `‖W₀ + Σ G + residual − W_T‖ / ‖W_T − W₀‖` (0 when nothing changed).
+    /// `‖W₀ + Σ G + residual − W_T‖ / ‖W_T − W₀‖` (0 when nothing changed; NaN
+    /// for a loaded ledger whose file changed on disk since).
     ///
     /// # Example
     /// ```
@@ -248,6 +267,9 @@ impl<F: Float> Ledger<F> {
     /// # Ok::<(), refinement_ledger::Error>(())
     /// ```
     pub fn parameter_balance(&self) -> Vec<f64> {
+        if self.check_file().is_err() {
+            return vec![f64::NAN; self.layers.len()];
+        }
         (0..self.layers.len())
             .map(|l| {
                 let (err, change, _) = self.balance_parts(l);
@@ -278,7 +300,7 @@ impl<F: Float> Ledger<F> {
     /// ‖end − start‖, ‖end‖)` (rows of other segments' groups are skipped).
     pub(super) fn segment_balance(&self, l: usize, k: usize) -> (f64, f64, f64) {
         let view = self
-            .layer_view(l, Segments::One(k))
+            .view_unchecked(l, Segments::One(k))
             .expect("invariant: in range");
         let start = if k == 0 {
             &self.initial[l]
@@ -294,7 +316,8 @@ impl<F: Float> Ledger<F> {
         )
     }
 
-    /// Relative size of the residual per layer: `‖residual‖ / ‖W_T − W₀‖`.
+    /// Relative size of the residual per layer: `‖residual‖ / ‖W_T − W₀‖` (NaN
+    /// for a loaded ledger whose file changed on disk since).
     ///
     /// # Example
     /// ```
@@ -304,6 +327,9 @@ impl<F: Float> Ledger<F> {
     /// # Ok::<(), refinement_ledger::Error>(())
     /// ```
     pub fn residual_fraction(&self) -> Vec<f64> {
+        if self.check_file().is_err() {
+            return vec![f64::NAN; self.layers.len()];
+        }
         (0..self.layers.len())
             .map(|l| {
                 let res = self.whole_layer(l).residual();

@@ -346,6 +346,7 @@ impl<F: Float> Ledger<F> {
 
     pub(crate) fn check_query(&self, query: &Query<F>, op: &'static str) -> Result<()> {
         query.check(self.layers(), op)?;
+        self.check_file()?;
         if self.is_last_step_pass(query.passes()) {
             return Err(Error::StaleQuery { op });
         }

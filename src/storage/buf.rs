@@ -11,7 +11,7 @@ use bytemuck::Pod;
 pub(crate) enum Buf<T> {
     Owned(Vec<T>),
     Mapped {
-        map: Arc<memmap2::Mmap>,
+        map: Arc<super::MappedFile>,
         start: usize,
         len: usize,
     },
@@ -49,7 +49,7 @@ impl<T: Pod> Buf<T> {
 
     /// A view of `bytes` (a sub-slice of `map`) as `T`s when it is aligned and the
     /// machine is little-endian (the file's byte order); `None` otherwise.
-    pub(crate) fn mapped(map: &Arc<memmap2::Mmap>, bytes: &[u8]) -> Option<Self> {
+    pub(crate) fn mapped(map: &Arc<super::MappedFile>, bytes: &[u8]) -> Option<Self> {
         let size = std::mem::size_of::<T>();
         let start = (bytes.as_ptr() as usize).checked_sub(map.as_ptr() as usize)?;
         let aligned = (bytes.as_ptr() as usize) % std::mem::align_of::<T>() == 0;

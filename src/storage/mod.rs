@@ -341,8 +341,52 @@ fn resolve_target(path: &Path) -> Result<std::path::PathBuf> {
     Err(not_regular(path, "a loop of symbolic links"))
 }
 
+/// A file mapped read-only, with what it looked like when mapped (size and
+/// modification time), so readers can notice that it changed underneath.
+#[derive(Debug)]
+pub(crate) struct MappedFile {
+    map: memmap2::Mmap,
+    file: std::fs::File,
+    path: std::path::PathBuf,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl std::ops::Deref for MappedFile {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl MappedFile {
+    /// Checks that the file still has the size and modification time it had
+    /// when mapped: reading a mapped file that shrank would kill the process
+    /// (SIGBUS), and one rewritten in place would give other numbers.
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming the file when it changed (or cannot be examined).
+    pub(crate) fn check_unchanged(&self) -> Result<()> {
+        let meta = self.file.metadata().map_err(|e| Error::Io {
+            path: self.path.display().to_string(),
+            source: e,
+        })?;
+        if meta.len() != self.len || meta.modified().ok() != self.modified {
+            return Err(Error::Io {
+                path: self.path.display().to_string(),
+                source: std::io::Error::other(format!(
+                    "the mapped ledger file changed on disk since it was loaded ({} bytes then, {} now); load it again",
+                    self.len,
+                    meta.len()
+                )),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Maps `path` read-only.
-pub(crate) fn map_file(path: &Path) -> Result<std::sync::Arc<memmap2::Mmap>> {
+pub(crate) fn map_file(path: &Path) -> Result<std::sync::Arc<MappedFile>> {
     let io = |e: std::io::Error| Error::Io {
         path: path.display().to_string(),
         source: e,
@@ -356,13 +400,21 @@ pub(crate) fn map_file(path: &Path) -> Result<std::sync::Arc<memmap2::Mmap>> {
         )));
     }
     let file = std::fs::File::open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
     // SAFETY: the map is read-only and every value is checked when loaded
-    // (checksum, shapes, finiteness). Like any mapped file, it must not be
-    // truncated or rewritten in place by another process while a ledger reads
-    // from it; `save` never does (it renames a new file over the old one).
+    // (checksum, shapes, finiteness, balance). A mapped file must not shrink
+    // or be rewritten in place while it is read; readers check its size and
+    // modification time first (`MappedFile::check_unchanged`), and `save`
+    // never does either (it renames a new file over the old one).
     #[allow(unsafe_code)]
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-    Ok(std::sync::Arc::new(map))
+    Ok(std::sync::Arc::new(MappedFile {
+        map,
+        file,
+        path: path.to_path_buf(),
+        len: meta.len(),
+        modified: meta.modified().ok(),
+    }))
 }
 
 /// Maps `path` read-only and hands the bytes to `f`.
@@ -383,7 +435,7 @@ pub(crate) fn dtype<F: Float>() -> Dtype {
 pub(crate) struct Reader<'a> {
     pub(crate) st: &'a SafeTensors<'a>,
     /// The mapped file the tensors live in, to serve them without copying.
-    pub(crate) map: Option<&'a std::sync::Arc<memmap2::Mmap>>,
+    pub(crate) map: Option<&'a std::sync::Arc<MappedFile>>,
 }
 
 impl Reader<'_> {

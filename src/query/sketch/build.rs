@@ -22,6 +22,7 @@ impl LedgerSketch {
     /// # Errors
     /// [`Error::InvalidConfig`] for zero dimensions or a ratio that is not finite and > 0.
     pub fn build<F: Float>(ledger: &Ledger<F>, config: &SketchConfig) -> Result<Self> {
+        ledger.check_file()?;
         let n = ledger.sources().len();
         let exact_bytes = ledger.bytes_per_layer();
         let mut dims = Vec::with_capacity(ledger.layers().len());
