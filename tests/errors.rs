@@ -707,3 +707,26 @@ fn a_query_built_from_the_last_training_pass_is_an_error() {
     let q = refinement_ledger::Query::forward(&mut net, rows(&x, &[2]).view()).unwrap();
     assert!(ledger.explain(&q).is_ok());
 }
+
+#[test]
+fn a_query_from_another_network_with_the_same_layers_is_an_error() {
+    let (x, y) = blobs::<f64>(2, 3, 4, 1);
+    let mut net = mlp::<f64>(4, 3, 1);
+    let sgd = SgdConfig::new(0.1).build().unwrap();
+    let mut hook = OptimizerHook::new(sgd, &net.traceables()).unwrap();
+    net.train_batch(rows(&x, &[0, 1]).view(), &y[..2]).unwrap();
+    hook.step(
+        &mut net.traceables_mut(),
+        &Batch::new(&ids(&[0, 1]), &y[..2]),
+    )
+    .unwrap();
+    let ledger = hook.finish();
+    // Same layer ids and shapes, other weights (another seed).
+    let mut other = mlp::<f64>(4, 3, 2);
+    let q = refinement_ledger::Query::forward(&mut other, rows(&x, &[2]).view()).unwrap();
+    let e = ledger.explain(&q).unwrap_err();
+    assert!(matches!(e, Error::LayerMismatch { .. }), "{e}");
+    assert!(msg(e).contains("final parameters"));
+    let q = refinement_ledger::Query::forward(&mut net, rows(&x, &[2]).view()).unwrap();
+    assert!(ledger.explain(&q).is_ok());
+}

@@ -342,6 +342,25 @@ pub(crate) fn check_metas(
     Ok(())
 }
 
+/// A CRC-32 of the layers' `[W | b]` in `f64` (little-endian), in order: the
+/// identity of a network's parameters, as the ledger keeps them.
+pub(crate) fn params_checksum<'a>(params: impl IntoIterator<Item = &'a Array2<f64>>) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for m in params {
+        for v in m.iter() {
+            h.update(&v.to_le_bytes());
+        }
+    }
+    h.finalize()
+}
+
+impl<F: Float> Ledger<F> {
+    /// The checksum of the final parameters (see [`params_checksum`]).
+    pub(crate) fn final_checksum(&self) -> u32 {
+        params_checksum(&self.segments[self.segments.len() - 1].end)
+    }
+}
+
 /// Reads a layer's `[W | b]` in `f64`, checking it against `shape`.
 pub(crate) fn read_params<F: Float>(
     layer: &dyn Traceable<F>,

@@ -350,6 +350,19 @@ impl<F: Float> Ledger<F> {
         if self.is_last_step_pass(query.passes()) {
             return Err(Error::StaleQuery { op });
         }
+        if query.params_checksum() != self.final_checksum() {
+            return Err(Error::LayerMismatch {
+                op,
+                expected: format!(
+                    "the traced network at the ledger's final parameters (checksum {:08x})",
+                    self.final_checksum()
+                ),
+                got: format!(
+                    "a network with other parameters (checksum {:08x}): run the query through the network the ledger traced, as it ended training",
+                    query.params_checksum()
+                ),
+            });
+        }
         if !self.has_steps() {
             return Err(Error::Empty {
                 op,

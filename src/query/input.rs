@@ -14,7 +14,7 @@ use ndarray::{Array2, Array3, ArrayViewD};
 use super::kernel::LayerInput;
 use crate::error::{Error, Result, check_finite, shape_str};
 use crate::float::Float;
-use crate::ledger::{LayerMeta, Ledger, check_metas};
+use crate::ledger::{LayerMeta, Ledger, check_metas, params_checksum, read_params};
 use crate::nn::argmax_rows;
 use crate::trace::{LayerId, Traceable, TracedModel, TracedShape, write_params};
 
@@ -68,6 +68,8 @@ pub struct Query<F: Float = f32> {
     boundaries: Option<(Pairing, Vec<Vec<QueryLayer<F>>>)>,
     /// Per layer, the backward pass the layer's cache came from (see `Traceable::pass_id`).
     passes: Vec<Option<u64>>,
+    /// Checksum of the network's parameters when the query was built.
+    params: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -201,7 +203,7 @@ impl<F: Float> Query<F> {
         let own: Vec<Array2<f64>> = model
             .traced()
             .iter()
-            .map(|l| crate::ledger::read_params(*l, &l.traced_shape(), OP))
+            .map(|l| read_params(*l, &l.traced_shape(), OP))
             .collect::<Result<_>>()?;
         let n_l = ledger.layers().len();
         let mut passes = Vec::with_capacity(ledger.n_segments() + 1);
@@ -283,6 +285,12 @@ impl<F: Float> Query<F> {
             n,
             boundaries: None,
             passes: layers.iter().map(|l| l.pass_id()).collect(),
+            params: params_checksum(
+                &layers
+                    .iter()
+                    .map(|l| read_params(*l, &l.traced_shape(), OP))
+                    .collect::<Result<Vec<_>>>()?,
+            ),
         })
     }
 
@@ -309,6 +317,11 @@ impl<F: Float> Query<F> {
     /// Per layer, the backward pass the layers' caches came from.
     pub(crate) fn passes(&self) -> &[Option<u64>] {
         &self.passes
+    }
+
+    /// Checksum of the network's parameters when the query was built.
+    pub(crate) fn params_checksum(&self) -> u32 {
+        self.params
     }
 
     pub(crate) fn check(&self, metas: &[LayerMeta], op: &'static str) -> Result<()> {
