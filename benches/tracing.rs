@@ -76,7 +76,7 @@ fn training_step(c: &mut Criterion) {
     }
     group.finish();
     for (name, build, data) in models {
-        let (times, _) = step_times(&build, data, 60).unwrap();
+        let (times, _, _) = step_times(&build, data, 60).unwrap();
         let (median, mean) = times.overhead();
         println!(
             "tracing overhead {name} (60 interleaved steps, this run): {median:.2}x of the median, {mean:.2}x of the mean"
@@ -86,7 +86,7 @@ fn training_step(c: &mut Criterion) {
 
 fn queries(c: &mut Criterion) {
     let (train, _) = data(6_400, IdxSplit::Train).unwrap();
-    let (_, ledger) = step_times(&mlp, &train, 100).unwrap();
+    let (_, ledger, net) = step_times(&mlp, &train, 100).unwrap();
     let n = ledger.sources().len();
     let sketch = LedgerSketch::build(&ledger, &SketchConfig::with_ratio(4.0)).unwrap();
     let per_example = |b: &[usize]| b.iter().map(|v| v / n.max(1)).collect::<Vec<_>>();
@@ -95,7 +95,7 @@ fn queries(c: &mut Criterion) {
         per_example(&ledger.bytes_per_layer()),
         per_example(&sketch.bytes_per_layer())
     );
-    let mut net = mlp(7).unwrap();
+    let mut net = net;
     let mut group = c.benchmark_group("query");
     group.sample_size(10);
     let mut make = |k: usize| {

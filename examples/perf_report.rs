@@ -332,10 +332,10 @@ fn main() -> Result<()> {
         train.len(),
         rayon::current_num_threads()
     );
-    let (mlp_t, mlp_ledger) = step_times(&mlp, &train, steps)?;
+    let (mlp_t, mlp_ledger, mlp_net) = step_times(&mlp, &train, steps)?;
     let images = train.reshaped(&[1, 28, 28])?;
     let cnn_steps = steps / 4;
-    let (cnn_t, _) = step_times(&cnn, &images, cnn_steps)?;
+    let (cnn_t, _, _) = step_times(&cnn, &images, cnn_steps)?;
     for (name, t, n) in [
         ("MLP 784-256-10", &mlp_t, steps),
         ("CNN", &cnn_t, cnn_steps),
@@ -357,8 +357,8 @@ fn main() -> Result<()> {
         bytes.iter().map(|b| b / n_src.max(1)).collect::<Vec<_>>()
     );
 
-    // Queries against the MLP ledger.
-    let mut net = mlp(7)?;
+    // Queries against the MLP ledger, through the network it traced.
+    let mut net = mlp_net;
     let q1 = train.subset(&[0])?;
     net.forward(q1.x().view())?;
     let single = Query::from_layers(&net.traceables())?;

@@ -77,12 +77,13 @@ impl StepTimes {
 }
 
 /// Times `steps` steps of batch 64, bare and traced, interleaved so both see
-/// the same machine state; returns the times and the traced run's ledger.
+/// the same machine state; returns the times, the traced run's ledger and its
+/// (trained) network, the one the ledger's queries must run through.
 pub fn step_times(
     build: &dyn Fn(u64) -> Result<Sequential<f32>>,
     data: &Dataset<f32>,
     steps: usize,
-) -> Result<(StepTimes, refinement_ledger::Ledger<f32>)> {
+) -> Result<(StepTimes, refinement_ledger::Ledger<f32>, Sequential<f32>)> {
     let sgd = SgdConfig::new(0.01).with_momentum(0.9);
     let sampler = ShuffledSampler::new(data.len(), 64, 3)?;
     let batches: Vec<Vec<usize>> = (0..).flat_map(|e| sampler.epoch(e)).take(steps).collect();
@@ -117,7 +118,7 @@ pub fn step_times(
         bare_median: median(tb),
         traced_median: median(tt),
     };
-    Ok((times, hook.finish()))
+    Ok((times, hook.finish(), traced_net))
 }
 
 /// Median seconds of `reps` streaming reads (sums) over `bytes` bytes.
