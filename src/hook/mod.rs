@@ -69,8 +69,6 @@ pub struct OptimizerHook<O, F: Float = f32> {
     before: Vec<Array2<F>>,
     /// Per layer: where a step reads the parameters before they become `current`.
     scratch: Vec<Array2<F>>,
-    /// Per layer: the backward pass the last per-example step booked.
-    passes: Vec<Option<u64>>,
 }
 
 impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
@@ -143,7 +141,6 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             shares: Shares::default(),
             before: Vec::new(),
             scratch: Vec::new(),
-            passes: Vec::new(),
             current,
         })
     }
@@ -203,7 +200,7 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
         if rule.is_some() {
             for (l, layer) in layers.iter().enumerate() {
                 self.check_factors(&**layer, batch.ids.len())?;
-                if passes[l].is_some() && self.passes.get(l) == Some(&passes[l]) {
+                if passes[l].is_some() && self.ledger.last_passes().get(l) == Some(&passes[l]) {
                     return Err(Error::StalePass {
                         op: OP,
                         layer: layer.layer_id().to_string(),
@@ -257,8 +254,7 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
         }
         self.ledger.count_step();
         self.step += 1;
-        self.ledger.note_passes(passes.clone());
-        self.passes = passes;
+        self.ledger.note_passes(passes);
         Ok(())
     }
 

@@ -131,6 +131,11 @@ impl<F: Float> Ledger<F> {
         self.last_passes = passes;
     }
 
+    /// Per layer, the backward pass whose factors the last step used.
+    pub(crate) fn last_passes(&self) -> &[Option<u64>] {
+        &self.last_passes
+    }
+
     /// Whether `passes` (a query's, per layer) are those of the last step: a
     /// query built without running the network on its inputs.
     pub(crate) fn is_last_step_pass(&self, passes: &[Option<u64>]) -> bool {
