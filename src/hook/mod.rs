@@ -237,7 +237,6 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
                 // parameters it left are read and finite.
                 self.run_optimizer(layers)?;
                 params::read_into(self.ledger.layers(), layers, &mut self.scratch)?;
-                std::mem::swap(&mut self.current, &mut self.scratch);
                 let sources = register_examples(&mut self.ledger, batch)?;
                 if decay {
                     self.shares
@@ -250,6 +249,7 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
                     rule,
                     self.config.fold_tolerance,
                 )?;
+                std::mem::swap(&mut self.current, &mut self.scratch);
             }
         }
         self.ledger.count_step();
