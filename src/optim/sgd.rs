@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use ndarray::{ArrayD, Zip};
 use serde::{Deserialize, Serialize};
 
-use super::{LinearRule, Optimizer, check_params, check_range, positive};
+use super::{LinearRule, Optimizer, check_params, positive};
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::trace::{ParamId, ParamMut};
@@ -140,24 +140,16 @@ impl SgdConfig {
                 reason: format!("must be finite and > 0, found {}", self.lr),
             });
         }
-        check_range("sgd momentum", self.momentum, 0.0, 1.0, false)?;
-        check_range("sgd dampening", self.dampening, 0.0, 1.0, true)?;
-        check_range(
-            "sgd weight_decay",
-            self.weight_decay,
-            0.0,
-            f64::INFINITY,
-            false,
-        )?;
-        if self.nesterov && (self.momentum == 0.0 || self.dampening != 0.0) {
-            return Err(Error::InvalidConfig {
-                what: "sgd nesterov",
-                reason: format!(
-                    "needs momentum > 0 and dampening 0, found momentum {}, dampening {}",
-                    self.momentum, self.dampening
-                ),
-            });
+        // The ranges of the rule the optimizer will report: checked in one place.
+        LinearRule {
+            lr: self.lr,
+            momentum: self.momentum,
+            dampening: self.dampening,
+            nesterov: self.nesterov,
+            weight_decay: self.weight_decay,
+            first_step: true,
         }
+        .validate()?;
         self.schedule.validate()?;
         Ok(Sgd {
             config: self.clone(),
