@@ -199,7 +199,7 @@ fn main() -> Result<()> {
             );
         }
     }
-    let ledger = hook.finish();
+    let ledger = hook.finish()?;
 
     // 3. Explain a prediction: forward the query through the final network, then ask.
     let query_x = ndarray::array![[0.8f32, -0.2]];

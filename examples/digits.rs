@@ -229,7 +229,7 @@ fn class_pure_adam(
             )?;
         }
     }
-    let ledger = hook.finish();
+    let ledger = hook.finish()?;
     println!(
         "\nclass-pure batches + Adam (batch-level ledger, {} batch sources)",
         ledger.sources().len()

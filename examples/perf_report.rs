@@ -65,7 +65,7 @@ fn train_traced(
             hook.step(&mut net.traceables_mut(), &Batch::new(&ids, &y))?;
         }
     }
-    Ok(hook.finish())
+    hook.finish()
 }
 
 /// Representation and gradient queries of `data` on the final network.

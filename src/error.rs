@@ -59,6 +59,36 @@ pub enum Error {
         /// The operation.
         op: &'static str,
     },
+    /// An optimizer's update is not what the step's factors and update rule predict.
+    #[error(
+        "{op}: step {step}: the update differs from the one the factors and the update rule predict by {misfit:.3e} of its size (allowed {allowed:.1e}); {hint}"
+    )]
+    UpdateMismatch {
+        /// The operation.
+        op: &'static str,
+        /// The step (0-based) that did not fit.
+        step: u64,
+        /// `‖ΔW − ΔŴ‖ / ‖ΔW‖`.
+        misfit: f64,
+        /// The misfit allowed.
+        allowed: f64,
+        /// What to check.
+        hint: String,
+    },
+    /// A ledger's residual (what no source was credited with) is larger than allowed.
+    #[error(
+        "{op}: the residual of {layer} is {fraction:.3e} of its change, more than the maximum {max:.1e}: updates made outside the hook, steps booked with OnMismatch::Residual, or (for one shard of a data-parallel run) the other shards' shares were not credited; find them, or raise HookConfig::max_residual_fraction"
+    )]
+    Unbalanced {
+        /// The operation.
+        op: &'static str,
+        /// The layer with the largest residual fraction.
+        layer: String,
+        /// Its residual fraction `‖residual‖ / ‖W_T − W₀‖`.
+        fraction: f64,
+        /// The maximum allowed.
+        max: f64,
+    },
     /// A layer is not the one the ledger recorded (name or shape differs).
     #[error("layer mismatch in {op}: expected {expected}, found {got}")]
     LayerMismatch {

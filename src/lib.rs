@@ -73,7 +73,7 @@
 //!         hook.step(&mut net.traceables_mut(), &Batch::new(&ids[rows.clone()], &y[rows]))?;
 //!     }
 //! }
-//! let ledger = hook.finish();
+//! let ledger = hook.finish()?;
 //!
 //! // Explain the prediction for a new point near class 1: which training
 //! // examples does its last-layer representation look like?
@@ -115,7 +115,7 @@ pub use rand;
 
 pub use error::{Error, Result};
 pub use float::Float;
-pub use hook::{Batch, Credit, HookConfig, OptimizerHook};
+pub use hook::{Batch, Credit, External, HookConfig, OnMismatch, OptimizerHook, StepCheck};
 pub use ledger::Ledger;
 pub use optim::{LinearRule, Optimizer};
 pub use query::{
@@ -156,7 +156,7 @@ pub fn doc_fixture() -> Result<(Ledger<f64>, nn::Sequential<f64>)> {
             hook.close_segment()?;
         }
     }
-    Ok((hook.finish(), net))
+    Ok((hook.finish()?, net))
 }
 
 /// The README's code blocks, compiled and run as doctests.

@@ -35,7 +35,7 @@ fn run_mode<F: Float>(
     ) -> Ledger<F> {
         let mut hook = OptimizerHook::new(o, &net.traceables()).unwrap();
         train(net, &mut hook, x, y, run);
-        hook.finish()
+        hook.finish().unwrap()
     }
     let ledger = match opt {
         Opt::Plain => go(
@@ -206,7 +206,7 @@ fn three_layer_tanh_network_balances_and_class_attribution_sums_to_one() {
             seed: 1,
         },
     );
-    let ledger = hook.finish();
+    let ledger = hook.finish().unwrap();
     let (test, _) = blobs::<f64>(3, 3, 4, 77);
     check(&ledger, &mut net, &test, 1e-9, "tanh mlp3");
     let q = query(&mut net, &test);
@@ -273,7 +273,7 @@ fn class_pure_batches_with_adam_give_class_level_sources() {
             .unwrap();
         }
     }
-    let ledger = hook.finish();
+    let ledger = hook.finish().unwrap();
     assert_eq!(ledger.sources().len(), 9);
     assert!(
         ledger
@@ -294,30 +294,41 @@ fn class_pure_batches_with_adam_give_class_level_sources() {
 #[test]
 fn changes_made_outside_the_hook_go_to_the_residual_and_the_ledger_still_balances() {
     let (x, y) = blobs::<f64>(4, 3, 4, 2);
-    let mut net = mlp::<f64>(4, 3, 3);
-    let sgd = SgdConfig::new(0.05)
-        .with_momentum(0.9)
-        .build::<f64>()
-        .unwrap();
-    let mut hook = OptimizerHook::new(sgd, &net.traceables()).unwrap();
-    let ids: Vec<_> = (0..y.len() as u64)
-        .map(refinement_ledger::ExampleId)
-        .collect();
-    for t in 0..6 {
-        if t == 3 {
-            // Someone nudges the weights between steps.
-            let mut params = common::augmented_params(&net);
-            params[0] += 0.01;
-            refinement_ledger::write_params(&mut net.traceables_mut(), &params).unwrap();
+    let run = |config: refinement_ledger::HookConfig| {
+        let mut net = mlp::<f64>(4, 3, 3);
+        let sgd = SgdConfig::new(0.05)
+            .with_momentum(0.9)
+            .build::<f64>()
+            .unwrap();
+        let mut hook = OptimizerHook::with_config(sgd, &net.traceables(), config).unwrap();
+        let ids: Vec<_> = (0..y.len() as u64)
+            .map(refinement_ledger::ExampleId)
+            .collect();
+        for t in 0..6 {
+            if t == 3 {
+                // Someone nudges the weights between steps.
+                let mut params = common::augmented_params(&net);
+                params[0] += 0.01;
+                refinement_ledger::write_params(&mut net.traceables_mut(), &params).unwrap();
+            }
+            net.train_batch(x.view(), &y).unwrap();
+            hook.step(
+                &mut net.traceables_mut(),
+                &refinement_ledger::Batch::new(&ids, &y),
+            )
+            .unwrap();
         }
-        net.train_batch(x.view(), &y).unwrap();
-        hook.step(
-            &mut net.traceables_mut(),
-            &refinement_ledger::Batch::new(&ids, &y),
-        )
-        .unwrap();
-    }
-    let ledger = hook.finish();
+        hook.finish()
+    };
+    // By default a residual that large is an error that says what it is.
+    let err = run(refinement_ledger::HookConfig::default()).unwrap_err();
+    assert!(
+        matches!(err, refinement_ledger::Error::Unbalanced { ref layer, .. } if layer == "fc1"),
+        "{err}"
+    );
+    let hook_config =
+        refinement_ledger::HookConfig::default().with_max_residual_fraction(f64::INFINITY);
+    let ledger = run(hook_config).unwrap();
     assert!(ledger.parameter_balance().iter().all(|&e| e < 1e-12));
     let res = ledger.residual(0).unwrap();
     assert!(
@@ -346,7 +357,7 @@ fn closing_a_segment_at_every_epoch_end_leaves_no_empty_trailing_segment() {
         .unwrap();
         hook.close_segment().unwrap();
     }
-    let ledger = hook.finish();
+    let ledger = hook.finish().unwrap();
     assert_eq!(ledger.steps_per_segment(), vec![1, 1, 1]);
     assert!(ledger.parameter_balance().iter().all(|&b| b < 1e-12));
     // Momentum shares still pending at the end are booked in the last segment.

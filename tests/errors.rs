@@ -210,7 +210,7 @@ fn queries_validate_their_inputs() {
     let all: Vec<ExampleId> = (0..y.len() as u64).map(ExampleId).collect();
     hook.step(&mut net.traceables_mut(), &Batch::new(&all, &y))
         .unwrap();
-    let ledger = hook.finish();
+    let ledger = hook.finish().unwrap();
     net.forward(x.view()).unwrap();
     let q = Query::from_layers(&net.traceables()).unwrap();
     let e = ledger.scores(&q, Lens::Loss, LayerSel::All).unwrap_err();
@@ -457,7 +457,7 @@ fn a_step_that_leaves_non_finite_parameters_spoils_none_of_the_good_steps() {
             .unwrap_err();
         assert!(matches!(e, Error::NonFinite { .. }), "decay {decay}: {e}");
         // The ledger is the one of the good step: finite, balanced, savable.
-        let ledger = hook.finish();
+        let ledger = hook.finish().unwrap();
         for l in 0..ledger.layers().len() {
             assert_eq!(
                 ledger.final_params(l).unwrap(),
@@ -603,7 +603,7 @@ fn labels_past_the_class_limit_and_rules_out_of_range_are_errors() {
             )
             .unwrap_err();
         assert!(matches!(e, Error::InvalidConfig { .. }), "{e}");
-        assert_eq!(hook.finish().steps_per_segment(), vec![0]);
+        assert_eq!(hook.finish().unwrap().steps_per_segment(), vec![0]);
     }
 }
 
@@ -691,7 +691,7 @@ fn a_query_built_from_the_last_training_pass_is_an_error() {
         &Batch::new(&ids(&[0, 1]), &y[..2]),
     )
     .unwrap();
-    let ledger = hook.finish();
+    let ledger = hook.finish().unwrap();
     // Forgot to run the network on the query: the caches are the training batch's.
     let stale = refinement_ledger::Query::with_gradients(&net.traceables()).unwrap();
     let e = ledger
@@ -720,7 +720,7 @@ fn a_query_from_another_network_with_the_same_layers_is_an_error() {
         &Batch::new(&ids(&[0, 1]), &y[..2]),
     )
     .unwrap();
-    let ledger = hook.finish();
+    let ledger = hook.finish().unwrap();
     // Same layer ids and shapes, other weights (another seed).
     let mut other = mlp::<f64>(4, 3, 2);
     let q = refinement_ledger::Query::forward(&mut other, rows(&x, &[2]).view()).unwrap();

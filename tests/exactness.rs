@@ -70,7 +70,7 @@ fn check_exact(setting: Setting) -> Ledger<f64> {
         hook.step(&mut net.traceables_mut(), &Batch::new(&ids, &yb))
             .unwrap();
     }
-    let ledger = hook.finish();
+    let ledger = hook.finish().unwrap();
 
     // Direct replay: the total weight with which the share of step τ reaches the
     // weights by the end, Σ_t lr_t · w(t, τ) (PyTorch SGD semantics).

@@ -47,7 +47,7 @@ fn sharded_run(
             hooks.iter_mut().for_each(|h| h.close_segment().unwrap());
         }
     }
-    let mut ledgers: Vec<Ledger<f64>> = hooks.into_iter().map(|h| h.finish()).collect();
+    let mut ledgers: Vec<Ledger<f64>> = hooks.into_iter().map(|h| h.finish().unwrap()).collect();
     let c = ledgers.pop().unwrap();
     let b = ledgers.pop().unwrap();
     let a = ledgers.pop().unwrap();
@@ -127,6 +127,99 @@ proptest::proptest! {
         }
         for e in merged.parameter_balance() {
             proptest::prop_assert!(e <= 1e-9);
+        }
+    }
+}
+
+/// Data-parallel training as frameworks do it: each rank runs only its shard
+/// of the global batch, the ranks average their gradients, and each rank's
+/// optimizer steps on the average; each hook records its shard.
+#[test]
+fn shards_that_see_only_their_rows_merge_into_the_single_process_ledger() {
+    use common::hand::HandSgd;
+    use refinement_ledger::HookConfig;
+    let (x, y) = blobs::<f64>(6, 3, 4, 3);
+    let n = y.len();
+    let global: Vec<Vec<usize>> = (0..9)
+        .map(|t| (0..6).map(|k| (t * 6 + k + t / 3) % n).collect())
+        .collect();
+    // The single process.
+    let mut net = mlp::<f64>(4, 3, 8);
+    let cfg = SgdConfig::new(0.05)
+        .with_momentum(0.9)
+        .with_weight_decay(1e-3);
+    let mut single = OptimizerHook::new(cfg.build().unwrap(), &net.traceables()).unwrap();
+    // Two ranks.
+    let mut nets = [mlp::<f64>(4, 3, 8), mlp::<f64>(4, 3, 8)];
+    let mut sgds = [
+        HandSgd::new(0.05, 0.9, 0.0, false, 1e-3),
+        HandSgd::new(0.05, 0.9, 0.0, false, 1e-3),
+    ];
+    let mut ranks: Vec<_> = nets
+        .iter()
+        .map(|n| OptimizerHook::external(&n.traceables(), HookConfig::default()).unwrap())
+        .collect();
+    for (t, idx) in global.iter().enumerate() {
+        let ids = |idx: &[usize]| idx.iter().map(|&i| ExampleId(i as u64)).collect::<Vec<_>>();
+        let labels = |idx: &[usize]| idx.iter().map(|&i| y[i]).collect::<Vec<_>>();
+        net.train_batch(rows(&x, idx).view(), &labels(idx)).unwrap();
+        single
+            .step(
+                &mut net.traceables_mut(),
+                &Batch::new(&ids(idx), &labels(idx)),
+            )
+            .unwrap();
+        let shards = [&idx[..3], &idx[3..]];
+        let mut grads = Vec::new();
+        for (net, shard) in nets.iter_mut().zip(shards) {
+            net.train_batch(rows(&x, shard).view(), &labels(shard))
+                .unwrap();
+            grads.push(HandSgd::grads(net));
+        }
+        // The all-reduce: the mean of the ranks' gradients.
+        let mean: Vec<_> = grads[0]
+            .iter()
+            .zip(&grads[1])
+            .map(|(a, b)| (a + b) / 2.0)
+            .collect();
+        for r in 0..2 {
+            let rule = sgds[r].rule();
+            sgds[r].step(&mut nets[r], &mean, 1.0);
+            let (shard_ids, shard_labels) = (ids(shards[r]), labels(shards[r]));
+            let batch = Batch::new(&shard_ids, &shard_labels).shard_of(6);
+            ranks[r]
+                .record_step(&nets[r].traceables(), &batch, Some(rule))
+                .unwrap();
+        }
+        if t % 3 == 2 && t < 8 {
+            single.close_segment().unwrap();
+            ranks.iter_mut().for_each(|h| h.close_segment().unwrap());
+        }
+    }
+    let want = single.finish().unwrap();
+    let mut shards: Vec<Ledger<f64>> = ranks.into_iter().map(|h| h.finish().unwrap()).collect();
+    let b = shards.pop().unwrap();
+    let a = shards.pop().unwrap();
+    assert!(
+        a.residual_fraction()[0] > 0.1,
+        "a shard alone does not balance"
+    );
+    let merged = a.merge(&b).unwrap();
+    merged.check_residual(1e-9).unwrap();
+    assert_eq!(merged.sources().len(), want.sources().len());
+    for l in 0..want.layers().len() {
+        for s in want.sources() {
+            let (g, w) = (
+                merged.account(l, s.id).unwrap(),
+                want.account(l, s.id).unwrap(),
+            );
+            assert_allclose(
+                &g.into_dyn(),
+                &w.into_dyn(),
+                1e-9,
+                1e-13,
+                &format!("{} layer {l}", s.id),
+            );
         }
     }
 }

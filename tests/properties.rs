@@ -104,7 +104,7 @@ fn run<O: Optimizer<f64>>(
             hook.close_segment().unwrap();
         }
     }
-    (hook.finish(), model, x)
+    (hook.finish().unwrap(), model, x)
 }
 
 fn traced(c: &Case) -> (Ledger<f64>, Sequential<f64>, ArrayD<f64>) {

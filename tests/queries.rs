@@ -313,7 +313,7 @@ fn self_scores_match_the_diagonal_of_full_scores() {
             seed: 2,
         },
     );
-    let ledger = hook.finish();
+    let ledger = hook.finish().unwrap();
     let ids: Vec<_> = (0..y.len())
         .map(|i| refinement_ledger::SourceId::Example(refinement_ledger::ExampleId(i as u64)))
         .collect();

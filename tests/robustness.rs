@@ -32,7 +32,7 @@ fn long_run<F: Float>(steps: usize) -> Ledger<F> {
         hook.step(&mut net.traceables_mut(), &Batch::new(&ids, &yb))
             .unwrap();
     }
-    hook.finish()
+    hook.finish().unwrap()
 }
 
 #[test]
@@ -74,7 +74,7 @@ fn traced_cnn(seed: u64) -> (Ledger<f32>, Sequential<f32>) {
             seed,
         },
     );
-    (hook.finish(), net)
+    (hook.finish().unwrap(), net)
 }
 
 #[test]
@@ -168,7 +168,7 @@ fn recording_is_identical_for_one_and_many_threads() {
                 seed: 4,
             };
             train(&mut net, &mut hook, &x, &y, run);
-            hook.finish()
+            hook.finish().unwrap()
         })
     };
     let (one, many) = (record(1), record(4));

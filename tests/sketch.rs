@@ -23,7 +23,7 @@ fn trained_mlp() -> (Ledger<f64>, Sequential<f64>) {
         seed: 6,
     };
     train(&mut net, &mut hook, &x, &y, run);
-    (hook.finish(), net)
+    (hook.finish().unwrap(), net)
 }
 
 fn rel_err(approx: &Array2<f64>, exact: &Array2<f64>) -> f64 {

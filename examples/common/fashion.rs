@@ -118,7 +118,7 @@ pub fn step_times(
         bare_median: median(tb),
         traced_median: median(tt),
     };
-    Ok((times, hook.finish(), traced_net))
+    Ok((times, hook.finish()?, traced_net))
 }
 
 /// Median seconds of `reps` streaming reads (sums) over `bytes` bytes.

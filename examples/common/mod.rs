@@ -180,7 +180,7 @@ pub fn train_traced(
     let bar = progress(steps, label, quiet);
     let mut hook = OptimizerHook::new(recipe.sgd()?, &net.traceables())?;
     train(net, data, recipe, &[], Some(&mut hook), None, &bar)?;
-    Ok(hook.finish())
+    hook.finish()
 }
 
 /// Trains without tracing (for deletion retraining).

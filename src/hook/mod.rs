@@ -14,21 +14,24 @@
 //! outside the hook, a folded momentum tail), so it always balances.
 
 mod batch;
+mod check;
 mod config;
+mod external;
 mod params;
 mod per_example;
+mod validate;
 
-pub use config::{Batch, Credit, HookConfig};
-
-use std::collections::HashSet;
+pub use check::StepCheck;
+pub use config::{Batch, Credit, HookConfig, OnMismatch};
+pub use external::External;
 
 use ndarray::Array2;
 
-use crate::error::{Error, Result, check_finite, shape_str};
+use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::ledger::Ledger;
-use crate::optim::Optimizer;
-use crate::trace::{MAX_CLASSES, ParamMut, SourceId, Traceable};
+use crate::optim::{LinearRule, Optimizer};
+use crate::trace::{ParamMut, Traceable};
 use per_example::{Shares, register_examples};
 
 /// Wraps an [`Optimizer`] and records into a [`Ledger`] what each step did and who caused it.
@@ -50,7 +53,7 @@ use per_example::{Shares, register_examples};
 ///     net.train_batch(x.view().into_dyn(), &[0, 1])?;
 ///     hook.step(&mut net.traceables_mut(), &Batch::new(&[ExampleId(0), ExampleId(1)], &[0, 1]))?;
 /// }
-/// let ledger = hook.finish();
+/// let ledger = hook.finish()?;
 /// assert_eq!(ledger.sources().len(), 2);
 /// assert!(ledger.parameter_balance().iter().all(|&e| e < 1e-9));
 /// # Ok::<(), refinement_ledger::Error>(())
@@ -69,6 +72,12 @@ pub struct OptimizerHook<O, F: Float = f32> {
     before: Vec<Array2<F>>,
     /// Per layer: where a step reads the parameters before they become `current`.
     scratch: Vec<Array2<F>>,
+    /// The optimizer's momentum buffer as the rule predicts it.
+    momentum: check::Momentum,
+    last_check: Option<StepCheck>,
+    mismatched: Vec<u64>,
+    /// Whether a step was a shard of a global batch or had ghost rows.
+    sharded: bool,
 }
 
 impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
@@ -114,6 +123,18 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
                 reason: format!("must be in (0, 1), found {}", config.fold_tolerance),
             });
         }
+        if !(config.update_tolerance >= 0.0 && config.update_tolerance.is_finite()) {
+            return Err(Error::InvalidConfig {
+                what: "hook update_tolerance",
+                reason: format!("must be finite and >= 0, found {}", config.update_tolerance),
+            });
+        }
+        if config.max_residual_fraction.is_nan() || config.max_residual_fraction < 0.0 {
+            return Err(Error::InvalidConfig {
+                what: "hook max_residual_fraction",
+                reason: format!("must be >= 0, found {}", config.max_residual_fraction),
+            });
+        }
         let has_rule = optimizer.linear_rule().is_some();
         let per_example = match config.credit {
             Credit::Auto => has_rule,
@@ -142,6 +163,10 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             before: Vec::new(),
             scratch: Vec::new(),
             current,
+            momentum: check::Momentum::default(),
+            last_check: None,
+            mismatched: Vec::new(),
+            sharded: false,
         })
     }
 
@@ -163,6 +188,12 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
     /// Takes one optimizer step on `layers` (their gradients and factors from the
     /// last backward pass) and records it. `batch` names the rows of that pass.
     ///
+    /// In per-example mode the update is checked against the factors and the
+    /// optimizer's [`LinearRule`](crate::LinearRule) (see [`StepCheck`]): a
+    /// uniform scale of the gradient (clipping) is credited exactly, anything
+    /// else that does not fit is an [`Error::UpdateMismatch`] (or, with
+    /// [`OnMismatch::Residual`], booked to the residual).
+    ///
     /// On error nothing is recorded: the ledger, the hook's momentum shares and
     /// its copy of the parameters stay at the last good step, so `snapshot`,
     /// `finish` and `save` give the ledger of the steps that succeeded. The
@@ -176,92 +207,114 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
     /// for a bad batch (empty, lengths differ from the factors' batch, duplicate
     /// ids, an id seen before with another label); [`Error::NoForwardCache`] /
     /// [`Error::NoBackwardCache`] when a layer has no factors (per-example mode);
-    /// [`Error::NonFinite`] for NaN or infinity in factors, gradients or the update;
-    /// any error of the inner optimizer.
+    /// [`Error::StalePass`] for factors an earlier step booked;
+    /// [`Error::NonFinite`] for NaN or infinity in factors, gradients or the
+    /// update; [`Error::UpdateMismatch`]; any error of the inner optimizer.
     pub fn step(&mut self, layers: &mut [&mut dyn Traceable<F>], batch: &Batch<'_>) -> Result<()> {
-        const OP: &str = "OptimizerHook::step";
+        let rule = self.step_rule(self.optimizer.linear_rule())?;
         {
-            let shared: Vec<&dyn Traceable<F>> =
-                layers.iter().map(|l| &**l as &dyn Traceable<F>).collect();
-            self.ledger.check_layers(&shared, OP)?;
+            let shared = shared(layers);
+            self.precheck(&shared, batch, rule)?;
+            params::read_into(self.ledger.layers(), &shared, &mut self.before)?;
         }
-        self.check_batch(batch)?;
-        let rule = if self.per_example {
-            let rule = self.optimizer.linear_rule().ok_or(Error::InvalidConfig {
-                what: "optimizer",
-                reason: "reported no linear rule in per-example mode".into(),
-            })?;
-            rule.validate()?;
-            Some(rule)
-        } else {
-            None
-        };
-        let passes: Vec<Option<u64>> = layers.iter().map(|l| l.pass_id()).collect();
-        if rule.is_some() {
-            for (l, layer) in layers.iter().enumerate() {
-                self.check_factors(&**layer, batch.ids.len())?;
-                if passes[l].is_some() && self.ledger.last_passes().get(l) == Some(&passes[l]) {
-                    return Err(Error::StalePass {
-                        op: OP,
-                        layer: layer.layer_id().to_string(),
-                    });
-                }
-            }
-        }
-        // The residual is settled per segment (when it closes) as what the
-        // parameters did minus what was credited, so a step touches the
-        // parameters only to copy them (and, with weight decay, to credit it).
+        let mut params: Vec<ParamMut<'_, F>> =
+            layers.iter_mut().flat_map(|l| l.params_mut()).collect();
+        self.optimizer.step(&mut params)?;
+        drop(params);
+        self.book(&shared(layers), batch, rule, true)
+    }
+
+    /// Books a step whose parameters before are `before` (`fresh`: read before
+    /// the optimizer ran) or the hook's copy after the last step, and after are
+    /// read from `layers` now. Nothing is booked on error.
+    fn book(
+        &mut self,
+        layers: &[&dyn Traceable<F>],
+        batch: &Batch<'_>,
+        rule: Option<LinearRule>,
+        fresh: bool,
+    ) -> Result<()> {
+        params::read_into(self.ledger.layers(), layers, &mut self.scratch)?;
+        let before = if fresh { &self.before } else { &self.current };
+        let mut checked = None;
         match rule {
             None => {
-                // The parameters before the step (changes made outside the hook
-                // included), so the batch is credited with the step's update only.
-                params::read_into(self.ledger.layers(), layers, &mut self.scratch)?;
-                self.run_optimizer(layers)?;
-                batch::record_batch(
-                    &mut self.ledger,
-                    &mut self.scratch,
-                    layers,
-                    batch,
-                    self.step,
-                )?;
-                std::mem::swap(&mut self.current, &mut self.scratch);
+                batch::record_batch(&mut self.ledger, before, &self.scratch, batch, self.step)?;
             }
             Some(rule) => {
-                let decay = rule.weight_decay != 0.0;
-                if decay {
-                    // The decay's share is `λ W` at the parameters before the step.
-                    params::read_into(self.ledger.layers(), layers, &mut self.before)?;
-                }
-                // Nothing is booked, and the hook's copy of the parameters is
-                // not replaced, until the optimizer has stepped and the
-                // parameters it left are read and finite.
-                self.run_optimizer(layers)?;
-                params::read_into(self.ledger.layers(), layers, &mut self.scratch)?;
+                let scale = match batch.global_size {
+                    // A shard: the other ranks' shares are in the update, so it
+                    // cannot be checked here; its rows' share of the average.
+                    Some(global) => batch.ids.len() as f64 / global as f64,
+                    None => {
+                        let has_bias: Vec<bool> = self
+                            .ledger
+                            .layers()
+                            .iter()
+                            .map(|m| m.shape.has_bias)
+                            .collect();
+                        let (grads, spread) = check::factor_gradients(layers, &has_bias)?;
+                        let found = self.momentum.check(
+                            rule,
+                            before,
+                            &self.scratch,
+                            &grads,
+                            spread,
+                            self.config.update_tolerance,
+                        );
+                        if !found.fits() && self.config.on_mismatch == OnMismatch::Error {
+                            return Err(validate::mismatch(self.step, rule, &found));
+                        }
+                        checked = Some(found);
+                        if found.scale > 0.0 && found.scale.is_finite() {
+                            found.scale
+                        } else {
+                            1.0
+                        }
+                    }
+                };
                 let sources = register_examples(&mut self.ledger, batch)?;
-                if decay {
-                    self.shares
-                        .record_decay(&mut self.ledger, &self.before, rule)?;
+                if rule.weight_decay != 0.0 {
+                    self.shares.record_decay(&mut self.ledger, before, rule)?;
                 }
                 self.shares.record_step(
                     &mut self.ledger,
                     layers,
                     &sources,
                     rule,
+                    scale,
                     self.config.fold_tolerance,
                 )?;
-                std::mem::swap(&mut self.current, &mut self.scratch);
             }
         }
+        if let Some(found) = checked {
+            self.momentum.commit();
+            if !found.fits() {
+                self.mismatched.push(self.step);
+            }
+        }
+        // A shard's residual holds the other shards' shares (as does one whose
+        // ghost rows are another rank's): only the merged ledger can balance.
+        if batch.global_size.is_some() || batch.ghosts.is_some_and(|g| g.contains(&true)) {
+            self.sharded = true;
+        }
+        self.last_check = checked;
+        std::mem::swap(&mut self.current, &mut self.scratch);
         self.ledger.count_step();
         self.step += 1;
-        self.ledger.note_passes(passes);
+        self.ledger
+            .note_passes(layers.iter().map(|l| l.pass_id()).collect());
         Ok(())
     }
 
-    fn run_optimizer(&mut self, layers: &mut [&mut dyn Traceable<F>]) -> Result<()> {
-        let mut params: Vec<ParamMut<'_, F>> =
-            layers.iter_mut().flat_map(|l| l.params_mut()).collect();
-        self.optimizer.step(&mut params)
+    /// What the update check found at the last step (per-example mode, not for shards).
+    pub fn last_check(&self) -> Option<StepCheck> {
+        self.last_check
+    }
+
+    /// The steps booked despite an update that did not fit (with [`OnMismatch::Residual`]).
+    pub fn mismatched_steps(&self) -> &[u64] {
+        &self.mismatched
     }
 
     /// Closes the current segment (e.g. at an epoch's end): later steps are booked
@@ -269,7 +322,10 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
     /// still in the momentum buffer continue into the new segment.
     ///
     /// # Errors
-    /// [`Error::Empty`] when the current segment has no steps.
+    /// [`Error::Empty`] when the current segment has no steps (nothing
+    /// changes); [`Error::Unbalanced`] when, with the segment closed, a layer's
+    /// residual is more than [`HookConfig::max_residual_fraction`] of its
+    /// change (the segment stays closed: the error reports what was not credited).
     ///
     /// # Example
     /// ```
@@ -286,7 +342,7 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
     ///     hook.close_segment()?;
     /// }
     /// assert!(hook.close_segment().is_err()); // nothing recorded since the last close
-    /// let ledger = hook.finish();
+    /// let ledger = hook.finish()?;
     /// assert_eq!(ledger.steps_per_segment(), vec![1, 1, 1]); // no trailing empty segment
     /// assert!(ledger.parameter_balance().iter().all(|&e| e < 1e-12));
     /// # Ok::<(), refinement_ledger::Error>(())
@@ -304,7 +360,15 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             .first_pending()
             .unwrap_or(self.ledger.n_groups());
         self.ledger.close_segment(&self.current, carry);
-        Ok(())
+        self.check_residual("OptimizerHook::close_segment", &self.ledger)
+    }
+
+    /// The residual check of [`HookConfig::max_residual_fraction`] (not for shards).
+    fn check_residual(&self, op: &'static str, ledger: &Ledger<F>) -> Result<()> {
+        if self.sharded {
+            return Ok(());
+        }
+        ledger.check_residual_in(op, self.config.max_residual_fraction)
     }
 
     /// A copy of the ledger as it stands, balanced for the parameters now.
@@ -331,7 +395,13 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
         ledger
     }
 
-    /// Ends tracing and returns the ledger (see the type's example).
+    /// Ends tracing and returns the ledger.
+    ///
+    /// # Errors
+    /// [`Error::Unbalanced`] when a layer's residual is more than
+    /// [`HookConfig::max_residual_fraction`] of its change (the ledger is
+    /// dropped: take a [`snapshot`](Self::snapshot) first to keep it whatever
+    /// its balance).
     ///
     /// # Example
     /// ```
@@ -345,92 +415,20 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
     /// assert!(!hook.is_per_example());
     /// net.train_batch(array![[1.0, 0.0]].into_dyn().view(), &[0])?;
     /// hook.step(&mut net.traceables_mut(), &Batch::new(&[ExampleId(0)], &[0]))?;
-    /// let ledger = hook.finish();
+    /// let ledger = hook.finish()?;
     /// assert_eq!(ledger.sources()[0].id, refinement_ledger::SourceId::Batch(0));
     /// assert!(ledger.residual_fraction()[0] < 1e-12);
     /// # Ok::<(), refinement_ledger::Error>(())
     /// ```
-    pub fn finish(mut self) -> Ledger<F> {
+    pub fn finish(mut self) -> Result<Ledger<F>> {
         self.shares.book_pending(&mut self.ledger);
         self.ledger.finish(&self.current);
-        self.ledger
+        self.check_residual("OptimizerHook::finish", &self.ledger)?;
+        Ok(self.ledger)
     }
+}
 
-    fn check_batch(&self, batch: &Batch<'_>) -> Result<()> {
-        const OP: &str = "OptimizerHook::step";
-        let n = batch.ids.len();
-        if n == 0 {
-            return Err(Error::Empty {
-                op: OP,
-                what: "batch",
-            });
-        }
-        if batch.labels.len() != n || batch.ghosts.is_some_and(|g| g.len() != n) {
-            return Err(Error::ShapeMismatch {
-                op: OP,
-                expected: format!("{n} labels and ghost flags (one per id)"),
-                got: format!(
-                    "{} labels, {:?} ghost flags",
-                    batch.labels.len(),
-                    batch.ghosts.map(<[bool]>::len)
-                ),
-            });
-        }
-        let mut seen = HashSet::with_capacity(n);
-        for (i, (&id, &label)) in batch.ids.iter().zip(batch.labels).enumerate() {
-            if label >= MAX_CLASSES {
-                return Err(Error::LabelOutOfRange {
-                    op: OP,
-                    label,
-                    n_classes: MAX_CLASSES,
-                });
-            }
-            if !seen.insert(id) {
-                return Err(Error::InconsistentSource {
-                    op: OP,
-                    reason: format!("example {id} appears twice in one batch"),
-                });
-            }
-            if batch.is_ghost(i) || !self.per_example {
-                continue;
-            }
-            if let Some(known) = self.ledger.known_label(SourceId::Example(id)) {
-                if known != Some(label) {
-                    return Err(Error::InconsistentSource {
-                        op: OP,
-                        reason: format!(
-                            "example {id} was recorded with label {known:?}, now found {label}"
-                        ),
-                    });
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn check_factors(&self, layer: &dyn Traceable<F>, n: usize) -> Result<()> {
-        const OP: &str = "OptimizerHook::step (factors)";
-        let shape = layer.traced_shape();
-        let a = layer.input_patches()?;
-        let d = layer.output_deltas()?;
-        let p = a.shape()[1];
-        if a.shape() != [n, p, shape.fan_in] || d.shape() != [n, p, shape.fan_out] {
-            return Err(Error::ShapeMismatch {
-                op: OP,
-                expected: format!(
-                    "{}: patches [{n}, P, {}] and deltas [{n}, P, {}]",
-                    layer.layer_id(),
-                    shape.fan_in,
-                    shape.fan_out
-                ),
-                got: format!(
-                    "patches {}, deltas {}",
-                    shape_str(a.shape()),
-                    shape_str(d.shape())
-                ),
-            });
-        }
-        check_finite(&a, OP, &format!("input patches of {}", layer.layer_id()))?;
-        check_finite(&d, OP, &format!("output deltas of {}", layer.layer_id()))
-    }
+/// The layers as the hook reads them.
+fn shared<'a, F: Float>(layers: &'a [&mut dyn Traceable<F>]) -> Vec<&'a dyn Traceable<F>> {
+    layers.iter().map(|l| &**l as &dyn Traceable<F>).collect()
 }

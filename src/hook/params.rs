@@ -19,7 +19,7 @@ use crate::trace::Traceable;
 /// (or a bias behind `has_bias = false`); [`Error::NonFinite`].
 pub(super) fn read_into<F: Float>(
     metas: &[LayerMeta],
-    layers: &[&mut dyn Traceable<F>],
+    layers: &[&dyn Traceable<F>],
     into: &mut Vec<Array2<F>>,
 ) -> Result<()> {
     const OP: &str = "OptimizerHook::step (parameters)";

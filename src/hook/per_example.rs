@@ -87,13 +87,15 @@ impl<F: Float> Shares<F> {
     }
 
     /// Credits every non-ghost example's share of this step (`sources[i]` for
-    /// batch row `i`) and moves the coefficients of every pending group.
+    /// batch row `i`), its factors times `scale` (the gradient's scale the
+    /// optimizer applied), and moves the coefficients of every pending group.
     pub(super) fn record_step(
         &mut self,
         ledger: &mut Ledger<F>,
-        layers: &[&mut dyn Traceable<F>],
+        layers: &[&dyn Traceable<F>],
         sources: &[Option<u32>],
         rule: LinearRule,
+        scale: f64,
         fold_tolerance: f64,
     ) -> Result<()> {
         let group = ledger.open_group();
@@ -106,8 +108,8 @@ impl<F: Float> Shares<F> {
             let (a, d) = (layer.input_patches()?, layer.output_deltas()?);
             credit_rows(ledger, &mut new.dense, l, sources, group, a, d);
         }
-        // This step's direction: weight 1 for the new shares, 0 for the old ones.
-        ledger.add_coef(group, -rule.lr * rule.advance(&mut new.buf, 1.0));
+        // This step's direction: weight `scale` for the new shares, 0 for the old ones.
+        ledger.add_coef(group, -rule.lr * rule.advance(&mut new.buf, scale));
         for p in &mut self.pending {
             ledger.add_coef(p.group, -rule.lr * rule.advance(&mut p.buf, 0.0));
         }
@@ -117,7 +119,7 @@ impl<F: Float> Shares<F> {
         while self
             .pending
             .front()
-            .is_some_and(|p| rule.momentum == 0.0 || p.buf < fold_tolerance)
+            .is_some_and(|p| rule.momentum == 0.0 || p.buf.abs() < fold_tolerance)
         {
             let p = self.pending.pop_front().expect("invariant: front exists");
             let k = ledger.coef(p.group);

@@ -2,7 +2,9 @@
 //!
 //! Each shard's hook sees the same parameters and the same (all-reduced)
 //! update, but credits only its own examples; the other shards' shares land in
-//! its residual. Merging unions the sources and rows, keeps one copy of the
+//! its residual. An example may be in several shards (a sampler that
+//! reshuffles every epoch gives it to different ranks), at different steps.
+//! Merging unions the sources and rows, keeps one copy of the
 //! decay account (every shard credits the whole decay), and settles the
 //! residual afresh, as every ledger does (`W_end − W_start − Σ_s G_s` per
 //! segment), so the merged ledger balances.
@@ -23,11 +25,13 @@ fn mismatch(reason: String) -> Error {
 
 impl<F: Float> Ledger<F> {
     /// Merges the ledger of another shard of the same run: same layers, initial
-    /// parameters, segments, steps and coefficients; disjoint example sources.
+    /// parameters, segments, steps and coefficients; an example credited by
+    /// both shards at different steps is credited with both.
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] naming the first thing that differs (layers,
-    /// parameters, segment structure, coefficients, or a source in both shards).
+    /// parameters, segment structure, coefficients, a batch source in both
+    /// shards, or the same shard twice).
     ///
     /// # Example
     /// ```
@@ -52,7 +56,7 @@ impl<F: Float> Ledger<F> {
     ///     net1.train_batch(x.view(), &[0, 1])?;
     ///     rank1.step(&mut net1.traceables_mut(), &Batch::new(&ids, &[0, 1]).with_ghosts(&[true, false]))?;
     /// }
-    /// let (shard0, shard1) = (rank0.finish(), rank1.finish());
+    /// let (shard0, shard1) = (rank0.finish()?, rank1.finish()?);
     /// assert!(shard0.residual_fraction()[0] > 0.1); // the other rank's share
     /// let merged = shard0.merge(&shard1)?;
     /// assert_eq!(merged.sources().len(), 2);
@@ -91,12 +95,20 @@ impl<F: Float> Ledger<F> {
                 )));
             }
         }
+        self.check_distinct(other)?;
         let mut out = self.clone();
         // Sources of `other`, re-indexed.
         let mut remap = HashMap::new();
         for (i, meta) in other.sources.iter().enumerate() {
             let j = match self.index.get(&meta.id) {
                 Some(&j) if meta.id == SourceId::Decay => j,
+                // An example a sampler gave to another rank in another epoch.
+                Some(&j)
+                    if matches!(meta.id, SourceId::Example(_))
+                        && self.sources[j as usize].label == meta.label =>
+                {
+                    j
+                }
                 Some(_) => return Err(mismatch(format!("{} is in both shards", meta.id))),
                 None => out.register_source(meta.id, meta.label, meta.members.clone())?,
             };
@@ -129,5 +141,21 @@ impl<F: Float> Ledger<F> {
             out.settle_residual(k);
         }
         Ok(out)
+    }
+
+    /// Two shards credit different parts of each update, so their residuals
+    /// differ; equal residuals and sources are one shard merged twice.
+    fn check_distinct(&self, other: &Ledger<F>) -> Result<()> {
+        let same = self.sources == other.sources
+            && (0..self.layers.len())
+                .all(|l| self.whole_layer(l).residual() == other.whole_layer(l).residual());
+        if same {
+            return Err(mismatch(
+                "the two ledgers credit the same sources with the same updates: \
+                 one shard is in both shards"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 }

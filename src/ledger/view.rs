@@ -341,6 +341,44 @@ impl<F: Float> Ledger<F> {
     }
 }
 
+impl<F: Float> Ledger<F> {
+    /// Checks that no layer's [`residual_fraction`](Self::residual_fraction)
+    /// exceeds `max_fraction` — e.g. for the merged ledger of a data-parallel
+    /// run, whose shards cannot check it themselves.
+    ///
+    /// # Errors
+    /// [`Error::Unbalanced`] naming the layer with the largest residual.
+    ///
+    /// # Example
+    /// ```
+    /// # let (ledger, _net) = refinement_ledger::doc_fixture()?;
+    /// ledger.check_residual(1e-9)?;
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
+    pub fn check_residual(&self, max_fraction: f64) -> Result<()> {
+        self.check_residual_in("Ledger::check_residual", max_fraction)
+    }
+
+    pub(crate) fn check_residual_in(&self, op: &'static str, max_fraction: f64) -> Result<()> {
+        self.check_file()?;
+        let fractions = self.residual_fraction();
+        let (worst, &fraction) = fractions
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .expect("invariant: a ledger has layers");
+        if fraction <= max_fraction {
+            return Ok(());
+        }
+        Err(Error::Unbalanced {
+            op,
+            layer: self.layers[worst].id.to_string(),
+            fraction,
+            max: max_fraction,
+        })
+    }
+}
+
 fn sq_norm(m: &ArrayView2<'_, f64>) -> f64 {
     m.iter().map(|v| v * v).sum()
 }

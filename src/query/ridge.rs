@@ -45,7 +45,7 @@ use crate::linalg::{cholesky, solve_cholesky};
 ///     net.train_batch(x.view(), &[0, 1, 1])?;
 ///     hook.step(&mut net.traceables_mut(), &Batch::new(&[ExampleId(0), ExampleId(1), ExampleId(2)], &[0, 1, 1]))?;
 /// }
-/// let ledger = hook.finish();
+/// let ledger = hook.finish()?;
 /// let ridge = RidgeLens::fit(&ledger, 0.1)?;          // K = L Lᵀ, λ = 0.1 · trace(K) / N
 /// net.loss_gradients(array![[0.9, 0.1]].into_dyn().view(), &[0])?;
 /// let alpha = ridge.scores(&Query::with_gradients(&net.traceables())?)?;

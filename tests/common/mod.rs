@@ -10,6 +10,8 @@ use refinement_ledger::nn::{
 };
 use refinement_ledger::{Batch, ExampleId, Float, Optimizer, OptimizerHook, Query};
 
+pub mod hand;
+
 /// Gaussian blobs: `n_per_class` points per class around seeded centres, `[n, dim]`.
 pub fn blobs<F: Float>(
     n_per_class: usize,
@@ -249,5 +251,5 @@ pub fn trained_cnn<F: Float>(
         },
     );
     let (test, _) = images::<F>(1, 4, 9);
-    (hook.finish(), net, test)
+    (hook.finish().unwrap(), net, test)
 }

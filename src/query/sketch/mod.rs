@@ -104,7 +104,7 @@ impl SketchConfig {
 ///     net.train_batch(x.view(), &[0, 1])?;
 ///     hook.step(&mut net.traceables_mut(), &Batch::new(&[ExampleId(0), ExampleId(1)], &[0, 1]))?;
 /// }
-/// let ledger = hook.finish();
+/// let ledger = hook.finish()?;
 /// let sketch = LedgerSketch::build(&ledger, &SketchConfig::with_dims(64))?;
 /// net.forward(array![[1.0, 0.2]].into_dyn().view())?;
 /// let query = Query::from_layers(&net.traceables())?;

@@ -1,0 +1,190 @@
+//! The per-step check that the optimizer did what the factors and the update
+//! rule say it did (the math is on [`StepCheck`]).
+
+use ndarray::{Array2, ArrayView2, Axis};
+
+use crate::error::Result;
+use crate::float::Float;
+use crate::optim::LinearRule;
+use crate::trace::Traceable;
+
+/// What the per-step update check found for one step.
+///
+/// The factors of a step give its batch gradient `G = Σ_{i,p} δ_{ip} ã_{ip}ᵀ`
+/// (`ã` the patch with a 1 for the bias). The rule is linear in the gradient,
+/// so the update it predicts from the parameters before the step `W`, the
+/// momentum buffer `buf` and a scale `c` of the gradient is
+///
+/// ```text
+/// ΔŴ(c) = A + c·B,   A = −η·dir(buf, λW),   B = −η·k·G
+/// ```
+///
+/// where `dir(buf, g)` is the rule's update direction and `k` the weight of a
+/// new gradient in it (1 without momentum, the entry weight with momentum,
+/// `1 + μ·w` with Nesterov). The scale that fits the observed update `ΔW` best
+/// is `c = ⟨ΔW − A, B⟩ / ⟨B, B⟩`, one for the whole network: gradient-norm
+/// clipping, loss scaling and a dampening the rule did not declare are all
+/// such a uniform scale, and crediting `c·δ ãᵀ` per example is then exact.
+/// The step is accepted when `c > 0` and the misfit
+/// `‖ΔW − A − c·B‖` is within the tolerance times `‖ΔW‖` plus a rounding floor
+/// (`16·ε` times the size of what the optimizer and the gradient summed).
+/// Anything else — negated or stale factors, one layer's gradient scaled
+/// differently, a wrong learning rate or momentum, a change made outside the
+/// optimizer — does not fit.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepCheck {
+    /// The scale of the gradient the optimizer applied relative to the
+    /// factors' gradient (1 unless the gradient was clipped or rescaled).
+    pub scale: f64,
+    /// `‖ΔW − ΔŴ‖ / ‖ΔW‖`: how far the update is from the prediction (0 when
+    /// the parameters did not move).
+    pub misfit: f64,
+    /// The misfit allowed for this step (the tolerance plus the rounding floor, relative).
+    pub allowed: f64,
+}
+
+impl StepCheck {
+    /// Whether the update is the predicted one.
+    pub fn fits(&self) -> bool {
+        self.scale > 0.0 && self.scale.is_finite() && self.misfit <= self.allowed
+    }
+}
+
+/// Each layer's batch gradient from its factors, `[fan_out, aug_in]` in `f64`,
+/// and the rounding scale `Σ_{i,p} ‖δ_{ip}‖·‖ã_{ip}‖` of summing it.
+pub(super) fn factor_gradients<F: Float>(
+    layers: &[&dyn Traceable<F>],
+    has_bias: &[bool],
+) -> Result<(Vec<Array2<f64>>, f64)> {
+    let mut out = Vec::with_capacity(layers.len());
+    let mut spread = 0.0;
+    for (layer, &bias) in layers.iter().zip(has_bias) {
+        let (a, d) = (layer.input_patches()?, layer.output_deltas()?);
+        let (n, p, fan_in) = a.dim();
+        let fan_out = d.dim().2;
+        let (a, d) = (a.as_standard_layout(), d.as_standard_layout());
+        let a2 = ArrayView2::from_shape((n * p, fan_in), a.as_slice().expect("standard layout"))
+            .expect("invariant: shape checked by check_factors");
+        let d2 = ArrayView2::from_shape((n * p, fan_out), d.as_slice().expect("standard layout"))
+            .expect("invariant: shape checked by check_factors");
+        let gw = d2.t().dot(&a2);
+        let mut g = Array2::<f64>::zeros((fan_out, fan_in + usize::from(bias)));
+        g.slice_mut(ndarray::s![.., ..fan_in])
+            .assign(&gw.mapv(F::widen));
+        if bias {
+            let gb = d2.sum_axis(Axis(0));
+            g.column_mut(fan_in).assign(&gb.mapv(F::widen));
+        }
+        for (ar, dr) in a2.rows().into_iter().zip(d2.rows()) {
+            let na: f64 =
+                ar.iter().map(|v| v.widen() * v.widen()).sum::<f64>() + f64::from(u8::from(bias));
+            let nd: f64 = dr.iter().map(|v| v.widen() * v.widen()).sum();
+            spread += (na * nd).sqrt();
+        }
+        out.push(g);
+    }
+    Ok((out, spread))
+}
+
+/// The optimizer's momentum buffer as the rule predicts it (`f64`, per layer).
+#[derive(Clone, Debug, Default)]
+pub(super) struct Momentum {
+    buf: Vec<Array2<f64>>,
+    /// The buffer after the step being checked, kept by [`commit`](Self::commit).
+    next: Vec<Array2<f64>>,
+}
+
+impl Momentum {
+    /// Checks one step's update `after − before` against the rule and the
+    /// factor gradients `grads` (`spread`: their rounding scale). The buffer
+    /// after the step is kept aside until [`commit`](Self::commit).
+    pub(super) fn check<F: Float>(
+        &mut self,
+        rule: LinearRule,
+        before: &[Array2<F>],
+        after: &[Array2<F>],
+        grads: &[Array2<f64>],
+        spread: f64,
+        tolerance: f64,
+    ) -> StepCheck {
+        // k: the weight of a unit new gradient in the update direction.
+        let k = rule.advance(&mut 0.0, 1.0);
+        if rule.first_step || self.buf.len() != before.len() {
+            self.buf = before.iter().map(|w| Array2::zeros(w.raw_dim())).collect();
+        }
+        if self.next.len() != before.len() {
+            self.next = before.iter().map(|w| Array2::zeros(w.raw_dim())).collect();
+        }
+        let (mut num, mut den) = (0.0, 0.0);
+        let (mut wnorm, mut dnorm, mut bufnorm) = (0.0, 0.0, 0.0);
+        // First pass: the fitted scale.
+        for l in 0..before.len() {
+            let entries = before[l]
+                .iter()
+                .zip(&after[l])
+                .zip(&grads[l])
+                .zip(&self.buf[l]);
+            for (((w0, w1), g), &b) in entries {
+                let (w0, w1) = (w0.widen(), w1.widen());
+                bufnorm += b * b;
+                let a = -rule.lr * rule.advance(&mut b.clone(), rule.weight_decay * w0);
+                let bb = -rule.lr * k * g;
+                let dw = w1 - w0;
+                num += (dw - a) * bb;
+                den += bb * bb;
+                wnorm += w0 * w0;
+                dnorm += dw * dw;
+            }
+        }
+        let eps = F::epsilon().widen();
+        let (wnorm, dnorm) = (wnorm.sqrt(), dnorm.sqrt());
+        let floor_without = 16.0
+            * eps
+            * (wnorm
+                + dnorm
+                + rule.lr * (rule.momentum * bufnorm.sqrt() + rule.weight_decay * wnorm));
+        // A gradient below rounding cannot be scaled measurably: take it as is.
+        let scale = if den.sqrt() > floor_without {
+            num / den
+        } else {
+            1.0
+        };
+        let floor = floor_without + 16.0 * eps * rule.lr * k * scale.abs() * spread;
+        // Second pass: the misfit at that scale, and the buffer after the step.
+        let mut miss = 0.0;
+        for l in 0..before.len() {
+            self.next[l].assign(&self.buf[l]);
+            let entries = before[l]
+                .iter()
+                .zip(&after[l])
+                .zip(&grads[l])
+                .zip(&mut self.next[l]);
+            for (((w0, w1), g), b) in entries {
+                let w0 = w0.widen();
+                let predicted = -rule.lr * rule.advance(b, rule.weight_decay * w0 + scale * g);
+                let r = w1.widen() - w0 - predicted;
+                miss += r * r;
+            }
+        }
+        let miss = miss.sqrt();
+        if dnorm == 0.0 {
+            let misfit = if miss <= floor { 0.0 } else { f64::INFINITY };
+            StepCheck {
+                scale,
+                misfit,
+                allowed: tolerance,
+            }
+        } else {
+            StepCheck {
+                scale,
+                misfit: miss / dnorm,
+                allowed: tolerance + floor / dnorm,
+            }
+        }
+    }
+
+    /// Keeps the buffer of the step last checked (once it is booked).
+    pub(super) fn commit(&mut self) {
+        std::mem::swap(&mut self.buf, &mut self.next);
+    }
+}
