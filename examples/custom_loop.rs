@@ -160,6 +160,22 @@ fn loss_grad(logits: &Array2<f32>, y: &[usize]) -> (f32, Array2<f32>) {
 }
 
 fn main() -> Result<()> {
+    run().map(|_| ())
+}
+
+/// What the example found (the integration tests check it).
+#[derive(Debug)]
+pub struct Outcome {
+    /// The class predicted for the query.
+    pub predicted: usize,
+    /// Rankings printed (lens × layer).
+    pub rankings: usize,
+    /// Per layer, the balance error of the explanation.
+    pub balance_errors: Vec<f64>,
+}
+
+/// Trains, traces and explains, printing as it goes.
+pub fn run() -> Result<Outcome> {
     let mut rng = StdRng::seed_from_u64(7);
     let (x, y) = data(200, &mut rng);
     let mut l1 = Linear::new("hidden", 2, 16, &mut rng);
@@ -214,9 +230,11 @@ fn main() -> Result<()> {
         query_x[[0, 0]],
         query_x[[0, 1]]
     );
+    let mut rankings = 0;
     for lens in [Lens::Influence, Lens::Cos] {
         let top = &ledger.top_k_influences(&query, lens, 5)?[0];
         for (layer, ranking) in &top.per_layer {
+            rankings += 1;
             println!("\n{lens:?} at layer {layer}: top proponents");
             for inf in &ranking.proponents {
                 let id = match inf.source {
@@ -241,5 +259,9 @@ fn main() -> Result<()> {
             layer.layer, layer.balance_error[0]
         );
     }
-    Ok(())
+    Ok(Outcome {
+        predicted,
+        rankings,
+        balance_errors: ex.layers.iter().map(|l| l.balance_error[0]).collect(),
+    })
 }

@@ -272,7 +272,23 @@ fn class_pure_adam(
 }
 
 fn main() -> Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let dir = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
+        .join("traced-digits");
+    run(std::env::args().any(|a| a == "--quick"), &dir).map(|_| ())
+}
+
+/// What the example produced (the integration tests check it).
+#[derive(Debug)]
+pub struct Outcome {
+    /// Test accuracy of the MLP, then the CNN.
+    pub accuracy: [f64; 2],
+    /// The HTML report.
+    pub report: PathBuf,
+}
+
+/// Trains, traces and explains both networks and writes the report into
+/// `dir` (`quick`: 3 epochs instead of 30).
+pub fn run(quick: bool, dir: &std::path::Path) -> Result<Outcome> {
     let epochs = if quick { 3 } else { 30 };
     let digits = Dataset::<f32>::digits()?;
     let (train, test) = digits.stratified_split(0.2, 0)?;
@@ -289,16 +305,14 @@ fn main() -> Result<()> {
          paper's ridge plots: per layer and class, the distribution of cos(contribution, refinement) \
          weighted by the contribution's norm, the predicted class in red.",
     );
-    for model in [Model::Mlp, Model::Cnn] {
+    let mut accuracies = [0.0; 2];
+    for (m, model) in [Model::Mlp, Model::Cnn].into_iter().enumerate() {
         let (tr, te) = (model.shape(&train)?, model.shape(&test)?);
         let mut net = model.build(1)?;
         let recipe = Recipe::for_model(model, epochs);
         let ledger = train_traced(&mut net, &tr, &recipe, false, model.name())?;
-        println!(
-            "{} test accuracy: {:.4}",
-            model.name(),
-            accuracy(&mut net, &te)?
-        );
+        accuracies[m] = accuracy(&mut net, &te)?;
+        println!("{} test accuracy: {:.4}", model.name(), accuracies[m]);
         let bytes: Vec<String> = ledger
             .layers()
             .iter()
@@ -315,10 +329,11 @@ fn main() -> Result<()> {
         explain_model(model, &mut net, &ledger, &tr, &te, &mut report)?;
     }
     class_pure_adam(&train, &test, if quick { 2 } else { 15 }, &mut report)?;
-    let dir = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
-        .join("traced-digits");
     let path = dir.join("report.html");
     report.write(&path)?;
     println!("\nreport: {}", path.display());
-    Ok(())
+    Ok(Outcome {
+        accuracy: accuracies,
+        report: path,
+    })
 }

@@ -29,14 +29,46 @@ use refinement_ledger::{
 };
 use serde_json::{Value, json};
 
+/// The size of an evaluation run.
 #[derive(Clone, Copy)]
-struct Opts {
-    quick: bool,
-    points: usize,
-    deletion_points: usize,
-    validation_points: usize,
-    epochs: u64,
-    removed: usize,
+pub struct Opts {
+    /// Whether this is a reduced run (recorded in the JSON).
+    pub quick: bool,
+    /// Test points the lenses are evaluated on.
+    pub points: usize,
+    /// Test points of the deletion test (each retrains once per lens).
+    pub deletion_points: usize,
+    /// Validation points choosing the ridge's regulariser.
+    pub validation_points: usize,
+    /// Training epochs.
+    pub epochs: u64,
+    /// Training examples removed per deletion.
+    pub removed: usize,
+}
+
+impl Opts {
+    /// The reduced run of `--quick`.
+    pub fn quick() -> Self {
+        Opts {
+            quick: true,
+            points: 20,
+            deletion_points: 2,
+            validation_points: 2,
+            epochs: 3,
+            removed: 20,
+        }
+    }
+    /// The full run the README's tables come from.
+    pub fn full() -> Self {
+        Opts {
+            quick: false,
+            points: 200,
+            deletion_points: 30,
+            validation_points: 10,
+            epochs: 30,
+            removed: 20,
+        }
+    }
 }
 
 /// Per-lens results.
@@ -428,32 +460,7 @@ fn to_json(rows: &BTreeMap<String, Row>, meta: Value) -> Value {
 
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
-    let opts = if quick {
-        Opts {
-            quick,
-            points: 20,
-            deletion_points: 2,
-            validation_points: 2,
-            epochs: 3,
-            removed: 20,
-        }
-    } else {
-        Opts {
-            quick,
-            points: 200,
-            deletion_points: 30,
-            validation_points: 10,
-            epochs: 30,
-            removed: 20,
-        }
-    };
-    let (mlp_rows, mlp_meta) = evaluate(Model::Mlp, opts)?;
-    print_table(Model::Mlp, &mlp_rows);
-    let (cnn_rows, cnn_meta) = evaluate(Model::Cnn, opts)?;
-    print_table(Model::Cnn, &cnn_rows);
-    let mut out = to_json(&mlp_rows, mlp_meta);
-    out["cnn"] = to_json(&cnn_rows, cnn_meta);
-    out["quick"] = json!(quick);
+    let out = run(if quick { Opts::quick() } else { Opts::full() })?;
     let dir = std::path::PathBuf::from(
         std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()),
     )
@@ -470,4 +477,17 @@ fn main() -> Result<()> {
     })?;
     println!("\nwrote {}", path.display());
     Ok(())
+}
+
+/// Evaluates every lens on both networks, prints the tables and returns the
+/// results as JSON.
+pub fn run(opts: Opts) -> Result<Value> {
+    let (mlp_rows, mlp_meta) = evaluate(Model::Mlp, opts)?;
+    print_table(Model::Mlp, &mlp_rows);
+    let (cnn_rows, cnn_meta) = evaluate(Model::Cnn, opts)?;
+    print_table(Model::Cnn, &cnn_rows);
+    let mut out = to_json(&mlp_rows, mlp_meta);
+    out["cnn"] = to_json(&cnn_rows, cnn_meta);
+    out["quick"] = json!(opts.quick);
+    Ok(out)
 }

@@ -1,7 +1,7 @@
 //! Every lens against a direct computation from the dense accounts, on a real
 //! (small) traced run; rankings; loss lens per segment.
 
-mod common;
+use crate::common;
 
 use common::{Run, assert_allclose, blobs, gradient_query, mlp, query, train};
 use ndarray::{Array1, Array2, Axis, s};

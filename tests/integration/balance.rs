@@ -2,7 +2,7 @@
 //! layer, optimizer and mode, `Σ_s c_s(x) + c_residual(x) = r(x)` for held-out
 //! queries, and `W₀ + Σ G + residual = W_T`.
 
-mod common;
+use crate::common;
 
 use common::{Run, blobs, cnn, images, mlp, mlp3, query, train};
 use ndarray::ArrayD;

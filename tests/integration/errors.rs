@@ -1,7 +1,7 @@
 //! Everything a caller can get wrong returns an error naming what was expected
 //! and what was found (DESIGN §4.5) — never a panic.
 
-mod common;
+use crate::common;
 
 use common::{blobs, mlp, rows};
 use ndarray::{Array1, Array2, ArrayD, array};

@@ -2,7 +2,7 @@
 //! with h = 1e-5 and relative error < 1e-6; and the im2col convolution agrees
 //! with a naive one.
 
-mod common;
+use crate::common;
 
 use ndarray::{Array1, Array2, Array4, ArrayD, IxDyn};
 use ndarray_rand::RandomExt;

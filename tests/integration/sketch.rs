@@ -2,7 +2,7 @@
 //! `k` grows, balance up to bf16 rounding, the ridge lens from a `Σk × Σk` solve,
 //! determinism, and errors.
 
-mod common;
+use crate::common;
 
 use common::{Run, blobs, gradient_query, mlp, query, train, trained_cnn};
 use ndarray::Array2;

@@ -1,7 +1,7 @@
 //! Ledgers of the shards of a data-parallel run merge into the ledger of the
 //! combined run (DESIGN §3).
 
-mod common;
+use crate::common;
 
 use common::{assert_allclose, blobs, mlp, query, rows};
 use refinement_ledger::nn::Sequential;

@@ -3,7 +3,7 @@
 //! hook would have built, clipping is credited exactly, and lying layers or
 //! rules are errors at the step.
 
-mod common;
+use crate::common;
 
 use common::hand::{HandSgd, Lie};
 use common::{assert_allclose, blobs, mlp, rows};

@@ -1,7 +1,7 @@
 //! Long runs stay balanced; the same seed gives a bit-identical ledger; query
 //! recording and query results do not depend on the number of threads.
 
-mod common;
+use crate::common;
 
 use common::{Run, blobs, cnn, gradient_query, images, mlp, query, train};
 use refinement_ledger::nn::Sequential;

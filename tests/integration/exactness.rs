@@ -2,7 +2,7 @@
 //! computation from per-example gradients, replayed step by step with the
 //! coefficient each gradient share reaches the weights with.
 
-mod common;
+use crate::common;
 
 use common::{assert_allclose, blobs, mlp, rows};
 use ndarray::{Array2, ArrayD, Axis, concatenate};

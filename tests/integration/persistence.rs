@@ -1,7 +1,7 @@
 //! Saving then loading a ledger gives identical query results; a truncated or
 //! corrupted file is an error, never a wrong answer (DESIGN §4.6).
 
-mod common;
+use crate::common;
 
 use common::{cnn, gradient_query, query};
 use refinement_ledger::{Error, LayerSel, Ledger, Lens};

@@ -1,7 +1,7 @@
 //! Property tests over random small networks, optimizers, batch sizes and data:
 //! the ledger balances, and save → load gives identical query results.
 
-mod common;
+use crate::common;
 
 use ndarray::{Array2, ArrayD, IxDyn};
 use proptest::prelude::*;

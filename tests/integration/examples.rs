@@ -1,0 +1,85 @@
+//! The examples, compiled into this binary and run on reduced settings: they
+//! train, explain, balance and write what the README says they write.
+
+// digits and evaluate each bring the examples' `common` module, as they do
+// when built as examples.
+#![allow(clippy::duplicate_mod)]
+
+#[path = "../../examples/custom_loop.rs"]
+#[allow(dead_code)]
+mod custom_loop;
+#[path = "../../examples/digits.rs"]
+#[allow(dead_code)]
+mod digits;
+#[path = "../../examples/evaluate.rs"]
+#[allow(dead_code)]
+mod evaluate;
+
+#[test]
+fn custom_loop_example_explains_a_prediction_and_balances() {
+    let out = custom_loop::run().unwrap();
+    assert!(out.predicted < 3, "{out:?}");
+    assert_eq!(out.rankings, 4, "two lenses at two layers: {out:?}");
+    assert_eq!(out.balance_errors.len(), 2, "{out:?}");
+    assert!(out.balance_errors.iter().all(|&e| e < 1e-4), "{out:?}");
+}
+
+#[test]
+fn digits_example_trains_explains_and_writes_a_well_formed_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = digits::run(true, dir.path()).unwrap();
+    let [mlp, cnn] = out.accuracy;
+    assert!(mlp > 0.8 && cnn > 0.5, "3 epochs: mlp {mlp}, cnn {cnn}");
+    let html = std::fs::read_to_string(&out.report).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>") && html.trim_end().ends_with("</html>"));
+    assert_eq!(html.matches("<svg").count(), html.matches("</svg>").count());
+    assert_eq!(html.matches("<div").count(), html.matches("</div>").count());
+    // One ridge plot per traced layer for each of the 4 explained digits.
+    for layer in ["fc1", "fc2", "conv1", "conv2", "fc"] {
+        let title = format!("{layer} (predicted ");
+        let ridge_titles = html
+            .lines()
+            .filter(|l| l.trim_start().starts_with(&title))
+            .count();
+        assert_eq!(ridge_titles, 4, "ridge plots of {layer}");
+    }
+    assert!(html.contains("data:image/png;base64,"));
+}
+
+#[test]
+fn evaluation_example_writes_every_lens_and_metric() {
+    // One test point per deletion test and ridge validation: every lens and
+    // metric is computed, at the smallest size that does.
+    let opts = evaluate::Opts {
+        deletion_points: 1,
+        validation_points: 1,
+        ..evaluate::Opts::quick()
+    };
+    let json = evaluate::run(opts).unwrap();
+    for section in [&json, &json["cnn"]] {
+        let lenses = section["lenses"].as_object().unwrap();
+        for name in [
+            "influence/all",
+            "cos/all",
+            "loss/final",
+            "loss/epoch",
+            "loss/midpoint",
+            "margin",
+            "ridge",
+            "random",
+        ] {
+            let l = &lenses[name];
+            for key in [
+                "class_agreement_at_10",
+                "mislabel_auc",
+                "deletion_margin_drop",
+                "deletion_prob_drop",
+                "query_seconds",
+            ] {
+                assert!(l[key].is_number(), "{name}.{key} = {}", l[key]);
+            }
+        }
+        let random_auc = lenses["random"]["mislabel_auc"].as_f64().unwrap();
+        assert!((0.3..0.7).contains(&random_auc), "random AUC {random_auc}");
+    }
+}

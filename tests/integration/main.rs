@@ -1,0 +1,17 @@
+//! The integration tests: one binary (one link on a fresh clone), a module per concern.
+
+mod common;
+
+mod autotraits;
+mod balance;
+mod errors;
+mod exactness;
+mod examples;
+mod gradcheck;
+mod merge;
+mod persistence;
+mod properties;
+mod queries;
+mod robustness;
+mod sketch;
+mod update_check;
