@@ -91,13 +91,16 @@
 #![deny(unsafe_code)]
 #![doc(test(attr(deny(warnings))))]
 
+#[cfg(feature = "data")]
 pub mod data;
 mod error;
 mod float;
 mod hook;
 pub mod ledger;
 mod linalg;
+#[cfg(feature = "metrics")]
 pub mod metrics;
+#[cfg(feature = "nn")]
 pub mod nn;
 pub mod optim;
 pub mod query;
@@ -132,6 +135,7 @@ pub use trace::{
 /// points (examples 0 and 2 of class 0 near (−1, −1), 1 and 3 of class 1 near
 /// (1, 1)), 20 epochs of two batches, a segment per 10 epochs.
 #[doc(hidden)]
+#[cfg(feature = "nn")]
 pub fn doc_fixture() -> Result<(Ledger<f64>, nn::Sequential<f64>)> {
     use rand::SeedableRng;
     let x = ndarray::array![[-1.0, -0.8], [0.9, 1.1], [-1.2, -1.0], [1.0, 0.7]];
@@ -160,6 +164,6 @@ pub fn doc_fixture() -> Result<(Ledger<f64>, nn::Sequential<f64>)> {
 }
 
 /// The README's code blocks, compiled and run as doctests.
-#[cfg(doctest)]
+#[cfg(all(doctest, feature = "nn", feature = "data"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;

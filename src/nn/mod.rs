@@ -226,19 +226,7 @@ impl<F: Float> Sequential<F> {
 }
 
 /// Index of the largest value in each row (first on ties).
-pub fn argmax_rows<F: Float>(x: ArrayView2<'_, F>) -> Vec<usize> {
-    x.rows()
-        .into_iter()
-        .map(|r| {
-            r.iter()
-                .enumerate()
-                .fold((0, F::neg_infinity()), |best, (j, &v)| {
-                    if v > best.1 { (j, v) } else { best }
-                })
-                .0
-        })
-        .collect()
-}
+pub use crate::query::argmax_rows;
 
 impl<F: Float> crate::trace::TracedModel<F> for Sequential<F> {
     fn traced(&self) -> Vec<&dyn Traceable<F>> {

@@ -6,7 +6,10 @@
 //! not a probability distribution: a class whose updates pulled the
 //! representation away from where it ended has a negative share.
 
+use std::fmt;
+
 use ndarray::{Array1, Array2};
+use serde::{Deserialize, Serialize};
 
 use super::input::Query;
 use super::kernel::dots;
@@ -17,7 +20,28 @@ use crate::trace::LayerId;
 
 /// Class attribution of one layer (or all layers) for a batch of queries:
 /// the sum of shares `⟨c_s, r⟩/‖r‖²` per source label.
-#[derive(Clone, Debug)]
+///
+/// The shares of the classes, of unlabelled sources and of the residual sum to
+/// 1 per query, but they are not a probability distribution: a class whose
+/// updates pulled the representation away from where it ended has a negative
+/// share, and others then have more than their part.
+///
+/// `Display` prints one line per query; `Serialize` writes the arrays (the
+/// `ndarray` serde form: `{"v": 1, "dim": [..], "data": [..]}`).
+///
+/// # Example
+/// ```
+/// # let (ledger, mut net) = refinement_ledger::doc_fixture()?;
+/// use refinement_ledger::Query;
+/// let query = Query::forward(&mut net, ndarray::array![[1.0, 0.9]].view().into_dyn())?;
+/// let fc2 = &ledger.class_attribution(&query, None)?[1];
+/// let line = fc2.to_string();
+/// assert!(line.starts_with("fc2 query 0: class 0 ") && line.contains(" residual "));
+/// let json = serde_json::to_value(fc2).unwrap();
+/// assert_eq!(json["layer"], "fc2");
+/// # Ok::<(), refinement_ledger::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClassAttribution {
     /// The layer (`"all"` for the mean over layers).
     pub layer: LayerId,
@@ -27,6 +51,23 @@ pub struct ClassAttribution {
     pub unlabeled: Array1<f64>,
     /// Share of the residual, per query. `per_class` rows + `unlabeled` + `residual` = 1.
     pub residual: Array1<f64>,
+}
+
+impl fmt::Display for ClassAttribution {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (q, row) in self.per_class.rows().into_iter().enumerate() {
+            write!(f, "{} query {q}:", self.layer)?;
+            for (c, share) in row.iter().enumerate() {
+                write!(f, " class {c} {share:+.3}")?;
+            }
+            writeln!(
+                f,
+                ", unlabelled {:+.3}, residual {:+.3}",
+                self.unlabeled[q], self.residual[q]
+            )?;
+        }
+        Ok(())
+    }
 }
 
 impl<F: Float> Ledger<F> {

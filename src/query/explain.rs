@@ -2,7 +2,10 @@
 //! queries, per layer, with the ledger's balance per query — the paper's full
 //! answer, and the input of its ridge plots ([`ClassDistributions`]).
 
+use std::fmt;
+
 use ndarray::{Array1, Array2};
+use serde::{Deserialize, Serialize};
 
 use super::lens::{LayerSel, Lens, Parts};
 use super::scores::{Influences, Scores};
@@ -11,7 +14,7 @@ use crate::ledger::SourceMeta;
 use crate::trace::LayerId;
 
 /// Every score of every source for a batch of queries at one layer.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LayerExplanation {
     /// The layer.
     pub layer: LayerId,
@@ -41,6 +44,11 @@ impl LayerExplanation {
 /// The representation lenses' full answer for a batch of queries: all scores,
 /// per layer, for every source.
 ///
+/// `Display` prints, per layer and query, the refinement's norm, the
+/// residual's share `⟨c_residual, r⟩/‖r‖²`, the balance error and the three
+/// sources with the largest share; `Serialize` writes every array and the
+/// sources.
+///
 /// # Example
 /// ```
 /// # let (ledger, mut net) = refinement_ledger::doc_fixture()?;
@@ -51,9 +59,10 @@ impl LayerExplanation {
 /// assert!(explanation.layers.iter().all(|l| l.balance_error[0] < 1e-9));
 /// let cos = explanation.scores(Lens::Cos, LayerSel::Layer(1))?;
 /// assert!(cos.iter().all(|c| c.abs() <= 1.0 + 1e-12));
+/// assert!(explanation.to_string().starts_with("fc1 query 0: ‖r‖ "));
 /// # Ok::<(), refinement_ledger::Error>(())
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize)]
 pub struct Explanation<'a> {
     /// Per traced layer.
     pub layers: Vec<LayerExplanation>,
@@ -95,6 +104,31 @@ impl<'a> Explanation<'a> {
             per_layer,
             combined: self.scores(lens, LayerSel::All)?.top_k(q, k)?,
         })
+    }
+}
+
+impl fmt::Display for Explanation<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for layer in &self.layers {
+            for (q, dots) in layer.dot.rows().into_iter().enumerate() {
+                let t2 = layer.refinement_norm[q] * layer.refinement_norm[q];
+                let share = |dot: f64| if t2 > 0.0 { dot / t2 } else { 0.0 };
+                write!(
+                    f,
+                    "{} query {q}: ‖r‖ {:.3e}, residual share {:+.2e}, balance error {:.1e}; largest shares:",
+                    layer.layer,
+                    layer.refinement_norm[q],
+                    share(layer.residual_dot[q]),
+                    layer.balance_error[q]
+                )?;
+                let top = super::scores::rank(dots, self.sources, 3);
+                for inf in &top.proponents {
+                    write!(f, " {} {:+.3}", inf.source, share(inf.score))?;
+                }
+                writeln!(f)?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -15,7 +15,6 @@ use super::kernel::LayerInput;
 use crate::error::{Error, Result, check_finite, shape_str};
 use crate::float::Float;
 use crate::ledger::{LayerMeta, Ledger, check_metas, params_checksum, read_params};
-use crate::nn::argmax_rows;
 use crate::trace::{LayerId, Traceable, TracedModel, TracedShape, write_params};
 
 /// A segment's loss-lens inputs, each with its weight.
@@ -429,4 +428,19 @@ fn resolve_targets<F: Float>(
             Ok(labels.to_vec())
         }
     }
+}
+
+/// Index of the largest value in each row (first on ties).
+pub fn argmax_rows<F: Float>(x: ndarray::ArrayView2<'_, F>) -> Vec<usize> {
+    x.rows()
+        .into_iter()
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .fold((0, F::neg_infinity()), |best, (j, &v)| {
+                    if v > best.1 { (j, v) } else { best }
+                })
+                .0
+        })
+        .collect()
 }

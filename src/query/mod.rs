@@ -48,7 +48,7 @@ mod sketch;
 pub use attribution::ClassAttribution;
 pub use exact::ExactLens;
 pub use explain::{ClassDistributions, Explanation, LayerExplanation};
-pub use input::{Pairing, Query, Targets};
+pub use input::{Pairing, Query, Targets, argmax_rows};
 pub use lens::{LayerSel, Lens};
 pub use ridge::RidgeLens;
 pub use scores::{Influence, Influences, Ranking, Scores};

@@ -296,7 +296,8 @@ impl fmt::Display for Ranking {
     }
 }
 
-/// Rankings for one query: per traced layer, and across all layers.
+/// Rankings for one query: per traced layer, and across all layers
+/// (`Display` prints them all, `Serialize` writes them).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Influences {
     /// Index of the query in its batch.
@@ -305,6 +306,17 @@ pub struct Influences {
     pub per_layer: Vec<(LayerId, Ranking)>,
     /// All layers combined (see [`LayerSel::All`](super::LayerSel::All)).
     pub combined: Ranking,
+}
+
+impl fmt::Display for Influences {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (layer, ranking) in &self.per_layer {
+            writeln!(f, "query {} at {layer}:", self.query)?;
+            write!(f, "{ranking}")?;
+        }
+        writeln!(f, "query {} across layers:", self.query)?;
+        write!(f, "{}", self.combined)
+    }
 }
 
 /// Top and bottom `k` of `scores`, ties broken by source id: one pass over the
