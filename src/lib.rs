@@ -103,6 +103,7 @@ pub mod metrics;
 #[cfg(feature = "nn")]
 pub mod nn;
 pub mod optim;
+mod patches;
 pub mod query;
 #[cfg(feature = "report")]
 pub mod report;
@@ -121,6 +122,7 @@ pub use float::Float;
 pub use hook::{Batch, Credit, External, HookConfig, OnMismatch, OptimizerHook, StepCheck};
 pub use ledger::Ledger;
 pub use optim::{LinearRule, Optimizer};
+pub use patches::{ConvGeometry, MAX_PATCH_VALUES};
 pub use query::{
     ClassAttribution, Explanation, Influence, Influences, LayerSel, Lens, Query, Ranking, Scorer,
     Scores,

@@ -1,14 +1,14 @@
 //! 2-d convolution by im2col and matrix products.
 
 use ndarray::{
-    Array1, Array2, Array3, Array4, ArrayD, ArrayView1, ArrayView3, ArrayView4, ArrayViewD, Axis,
-    Ix4, s,
+    Array1, Array2, Array3, Array4, ArrayD, ArrayView1, ArrayView3, ArrayViewD, Axis, Ix4, s,
 };
 use rand::Rng;
 
 use super::{Init, Layer};
 use crate::error::{Error, Result, check_finite, shape_str};
 use crate::float::Float;
+use crate::patches::ConvGeometry;
 use crate::trace::{LayerId, ParamId, ParamMut, Traceable, TracedShape};
 
 /// Configuration of a [`Conv2d`] layer.
@@ -168,17 +168,13 @@ impl<F: Float> Conv2d<F> {
         &self.grad_weight
     }
 
-    fn out_hw(&self, h: usize, w: usize) -> Result<(usize, usize)> {
-        let (kh, kw) = (self.weight.shape()[2], self.weight.shape()[3]);
-        let (hp, wp) = (h + 2 * self.padding, w + 2 * self.padding);
-        if hp < kh || wp < kw {
-            return Err(Error::ShapeMismatch {
-                op: "Conv2d::forward (spatial size)",
-                expected: format!("at least [{kh}, {kw}] after padding {}", self.padding),
-                got: shape_str(&[h, w]),
-            });
+    fn geometry(&self) -> ConvGeometry {
+        ConvGeometry {
+            kernel: [self.weight.shape()[2], self.weight.shape()[3]],
+            stride: self.stride,
+            padding: self.padding,
+            dilation: 1,
         }
-        Ok(((hp - kh) / self.stride + 1, (wp - kw) / self.stride + 1))
     }
 
     fn w_mat(&self) -> Array2<F> {
@@ -187,32 +183,6 @@ impl<F: Float> Conv2d<F> {
         w.into_owned()
             .into_shape_with_order((c_out, self.weight.len() / c_out))
             .expect("invariant: weight reshapes to [c_out, fan_in]")
-    }
-
-    /// im2col: patches `[batch, h_out·w_out, c_in·kh·kw]`.
-    fn im2col(&self, x: ArrayView4<'_, F>, ho: usize, wo: usize) -> Array3<F> {
-        let (b, c, h, w) = x.dim();
-        let (kh, kw) = (self.weight.shape()[2], self.weight.shape()[3]);
-        let (p, st) = (self.padding, self.stride);
-        let mut padded = Array4::zeros((b, c, h + 2 * p, w + 2 * p));
-        padded.slice_mut(s![.., .., p..p + h, p..p + w]).assign(&x);
-        let mut cols = Array4::zeros((b, ho, wo, c * kh * kw));
-        for ci in 0..c {
-            for ki in 0..kh {
-                for kj in 0..kw {
-                    let col = (ci * kh + ki) * kw + kj;
-                    let src = padded.slice(s![
-                        ..,
-                        ci,
-                        ki..ki + st * (ho - 1) + 1;st,
-                        kj..kj + st * (wo - 1) + 1;st
-                    ]);
-                    cols.slice_mut(s![.., .., .., col]).assign(&src);
-                }
-            }
-        }
-        cols.into_shape_with_order((b, ho * wo, c * kh * kw))
-            .expect("invariant: standard layout")
     }
 
     /// col2im: adds patch gradients back onto the input grid.
@@ -261,8 +231,8 @@ impl<F: Float> Layer<F> for Conv2d<F> {
             })?;
         check_finite(&x, "Conv2d::forward", "input")?;
         let (b, _, h, w) = x.dim();
-        let (ho, wo) = self.out_hw(h, w)?;
-        let cols = self.im2col(x, ho, wo);
+        let (ho, wo) = self.geometry().output_hw(h, w)?;
+        let cols = self.geometry().patches(x)?;
         let c_out = self.weight.shape()[0];
         let flat = cols
             .view()
@@ -287,7 +257,7 @@ impl<F: Float> Layer<F> for Conv2d<F> {
             op: "backward",
         })?;
         let shape = *shape;
-        let (ho, wo) = self.out_hw(shape[2], shape[3])?;
+        let (ho, wo) = self.geometry().output_hw(shape[2], shape[3])?;
         let c_out = self.weight.shape()[0];
         let expected = [shape[0], c_out, ho, wo];
         let got = shape_str(grad_out.shape());

@@ -315,7 +315,7 @@ fn layers_and_loss_reject_bad_shapes_and_labels() {
     let e = conv
         .forward(ArrayD::zeros(ndarray::IxDyn(&[1, 2, 2, 2])).view())
         .unwrap_err();
-    assert!(e.to_string().contains("at least [3, 3]"));
+    assert!(e.to_string().contains("at least 3×3"), "{e}");
     let e = conv
         .backward(ArrayD::zeros(ndarray::IxDyn(&[1, 3, 3, 3])).view())
         .unwrap_err();
