@@ -91,6 +91,7 @@
 #![deny(unsafe_code)]
 #![doc(test(attr(deny(warnings))))]
 
+mod captured;
 #[cfg(feature = "data")]
 pub mod data;
 mod error;
@@ -117,6 +118,7 @@ pub use ndarray;
 /// (`rand::rngs::StdRng` and `SeedableRng` work with every `build`).
 pub use rand;
 
+pub use captured::CapturedLayer;
 pub use error::{Error, Result};
 pub use float::Float;
 pub use hook::{Batch, Credit, External, HookConfig, OnMismatch, OptimizerHook, StepCheck};
