@@ -39,7 +39,7 @@ for member in meta["workspace_members"]:
         node = nodes[stack.pop()]
         for dep in node["deps"]:
             kinds = {k["kind"] for k in dep["dep_kinds"]}
-            if node["id"] == member and kinds <= {"dev"}:
+            if kinds <= {"dev"}:
                 continue  # dev-dependencies do not reach users
             if dep["pkg"] not in seen:
                 seen.add(dep["pkg"])
