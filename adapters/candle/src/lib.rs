@@ -11,7 +11,7 @@
 //! (for a convolution, its im2col patches) these are the factors of the
 //! layer's weight gradient `Σ_{i,p} ∂L/∂z_{ip} a_{ip}ᵀ`, which is all the ledger
 //! needs. [`collect`] copies them and the parameters after the step to the
-//! host as [`CapturedLayer`]s; [`OptimizerHook::record_step`] checks that the
+//! host as [`CapturedLayer`]s; [`OptimizerHook::record_step`](refinement_ledger::OptimizerHook::record_step) checks that the
 //! update is what the factors and the optimizer's rule predict and books it.
 //!
 //! candle's `SGD` is plain SGD ([`sgd_rule`] reads its rule): every example is
