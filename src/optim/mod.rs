@@ -54,7 +54,8 @@ impl LinearRule {
 
     /// Checks that the rule is one the hook can credit: a finite learning rate
     /// `≥ 0`, momentum in `[0, 1)`, dampening in `[0, 1]`, finite weight decay
-    /// `≥ 0`, and Nesterov only with momentum and without dampening.
+    /// `≥ 0`, and Nesterov only with momentum (with dampening too, as burn
+    /// allows; PyTorch does not).
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] naming the first value out of range (an
@@ -80,13 +81,10 @@ impl LinearRule {
             f64::MAX,
             true,
         )?;
-        if self.nesterov && (self.momentum == 0.0 || self.dampening != 0.0) {
+        if self.nesterov && self.momentum == 0.0 {
             return Err(Error::InvalidConfig {
                 what: "linear rule nesterov",
-                reason: format!(
-                    "needs momentum > 0 and dampening 0, found momentum {}, dampening {}",
-                    self.momentum, self.dampening
-                ),
+                reason: "needs momentum > 0, found momentum 0".into(),
             });
         }
         Ok(())

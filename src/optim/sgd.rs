@@ -132,7 +132,7 @@ impl SgdConfig {
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for `lr ≤ 0`, `μ ∉ [0, 1)`, dampening outside `[0, 1]`,
-    /// negative decay, Nesterov without momentum or with dampening, or a bad schedule.
+    /// negative decay, Nesterov without momentum, or a bad schedule.
     pub fn build<F: Float>(&self) -> Result<Sgd<F>> {
         if !positive(self.lr) {
             return Err(Error::InvalidConfig {
