@@ -65,11 +65,15 @@ impl Conv2dConfig {
     /// [`Error::InvalidConfig`] when a size or the stride is zero.
     pub fn build<F: Float>(&self, name: &str, rng: &mut impl Rng) -> Result<Conv2d<F>> {
         let k = self.kernel_size;
-        let fan_in = self.in_channels * k * k;
+        let (fan_in, fan_out) = (
+            self.in_channels.saturating_mul(k).saturating_mul(k),
+            self.out_channels.saturating_mul(k).saturating_mul(k),
+        );
+        // `sample` refuses a weight over MAX_LAYER_PARAMS before allocating.
         let w = self.init.sample(
             (self.out_channels, self.in_channels, k, k),
             fan_in,
-            self.out_channels * k * k,
+            fan_out,
             rng,
         )?;
         Conv2d::from_weights(

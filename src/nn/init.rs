@@ -6,6 +6,7 @@ use rand::Rng;
 use rand_distr::{Normal, Uniform};
 use serde::{Deserialize, Serialize};
 
+use super::MAX_LAYER_PARAMS;
 use crate::error::{Error, Result};
 use crate::float::Float;
 
@@ -34,6 +35,20 @@ impl Init {
                 what: "layer size",
                 reason: format!("must be positive, found fan_in {fan_in}, fan_out {fan_out}"),
             });
+        }
+        let shape = shape.into_dimension();
+        match shape.size_checked() {
+            Some(n) if n <= MAX_LAYER_PARAMS => {}
+            _ => {
+                return Err(Error::InvalidConfig {
+                    what: "layer size",
+                    reason: format!(
+                        "a weight {:?} is more than {MAX_LAYER_PARAMS} values (the built-in \
+                         layers' limit; 1 GiB in f32)",
+                        shape.slice()
+                    ),
+                });
+            }
         }
         let values: Array<f64, D> = match self {
             Init::He => {

@@ -21,7 +21,12 @@ pub use loss::{LossOutput, Reduction, SoftmaxCrossEntropy, softmax};
 pub use params_io::{MODEL_FORMAT, MODEL_VERSION};
 pub use pool::{Flatten, MaxPool2d};
 
-use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewD, Ix2};
+/// Most values a built-in layer's weight may hold (2^28): building a larger
+/// one is an [`Error::InvalidConfig`](crate::Error::InvalidConfig), not an
+/// allocation failure.
+pub const MAX_LAYER_PARAMS: usize = 1 << 28;
+
+use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewD, AsArray, Dimension, Ix2};
 
 use crate::error::{Error, Result, shape_str};
 use crate::float::Float;
@@ -120,12 +125,16 @@ impl<F: Float> Sequential<F> {
         &self.layers
     }
 
-    /// Forward pass of a batch through every layer; returns the logits.
+    /// Forward pass of a batch through every layer; returns the logits. The
+    /// batch is any array or view (`[batch, features]`, `[batch, c, h, w]`, …).
     ///
     /// # Errors
     /// The first layer error (shape, non-finite input).
-    pub fn forward(&mut self, x: ArrayViewD<'_, F>) -> Result<ArrayD<F>> {
-        let mut h = x.to_owned();
+    pub fn forward<'x, D: Dimension>(&mut self, x: impl AsArray<'x, F, D>) -> Result<ArrayD<F>>
+    where
+        F: 'x,
+    {
+        let mut h = x.into().into_dyn().to_owned();
         for layer in &mut self.layers {
             h = layer.forward(h.view())?;
         }
@@ -148,7 +157,10 @@ impl<F: Float> Sequential<F> {
     ///
     /// # Errors
     /// As [`forward`](Self::forward); [`Error::ShapeMismatch`] when the output is not 2-d.
-    pub fn logits(&mut self, x: ArrayViewD<'_, F>) -> Result<Array2<F>> {
+    pub fn logits<'x, D: Dimension>(&mut self, x: impl AsArray<'x, F, D>) -> Result<Array2<F>>
+    where
+        F: 'x,
+    {
         let out = self.forward(x)?;
         let shape = out.shape().to_vec();
         out.into_dimensionality::<Ix2>()
@@ -163,7 +175,10 @@ impl<F: Float> Sequential<F> {
     ///
     /// # Errors
     /// As [`logits`](Self::logits).
-    pub fn predict(&mut self, x: ArrayViewD<'_, F>) -> Result<Vec<usize>> {
+    pub fn predict<'x, D: Dimension>(&mut self, x: impl AsArray<'x, F, D>) -> Result<Vec<usize>>
+    where
+        F: 'x,
+    {
         Ok(argmax_rows(self.logits(x)?.view()))
     }
 
@@ -172,7 +187,14 @@ impl<F: Float> Sequential<F> {
     ///
     /// # Errors
     /// Shape, label and non-finite errors from the layers and the loss.
-    pub fn train_batch(&mut self, x: ArrayViewD<'_, F>, labels: &[usize]) -> Result<F> {
+    pub fn train_batch<'x, D: Dimension>(
+        &mut self,
+        x: impl AsArray<'x, F, D>,
+        labels: &[usize],
+    ) -> Result<F>
+    where
+        F: 'x,
+    {
         self.train_batch_masked(x, labels, None)
     }
 
@@ -181,12 +203,15 @@ impl<F: Float> Sequential<F> {
     ///
     /// # Errors
     /// As [`train_batch`](Self::train_batch).
-    pub fn train_batch_masked(
+    pub fn train_batch_masked<'x, D: Dimension>(
         &mut self,
-        x: ArrayViewD<'_, F>,
+        x: impl AsArray<'x, F, D>,
         labels: &[usize],
         mask: Option<&[bool]>,
-    ) -> Result<F> {
+    ) -> Result<F>
+    where
+        F: 'x,
+    {
         let logits = self.logits(x)?;
         let out = self
             .loss
@@ -201,7 +226,14 @@ impl<F: Float> Sequential<F> {
     ///
     /// # Errors
     /// As [`train_batch`](Self::train_batch).
-    pub fn loss_gradients(&mut self, x: ArrayViewD<'_, F>, targets: &[usize]) -> Result<Array2<F>> {
+    pub fn loss_gradients<'x, D: Dimension>(
+        &mut self,
+        x: impl AsArray<'x, F, D>,
+        targets: &[usize],
+    ) -> Result<Array2<F>>
+    where
+        F: 'x,
+    {
         let logits = self.logits(x)?;
         let out = SoftmaxCrossEntropy::new(Reduction::Sum).loss_and_grad(logits.view(), targets)?;
         self.backward(out.grad.view().into_dyn())?;

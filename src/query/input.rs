@@ -9,7 +9,7 @@
 //! ([`Pairing::SegmentEnd`], TracIn with one checkpoint per segment) or at the
 //! mean of its start and end ([`Pairing::Midpoint`]).
 
-use ndarray::{Array2, Array3, ArrayViewD};
+use ndarray::{Array2, Array3, ArrayViewD, AsArray, Dimension};
 
 use super::kernel::LayerInput;
 use crate::error::{Error, Result, check_finite, shape_str};
@@ -140,8 +140,14 @@ impl<F: Float> Query<F> {
     /// assert!(ledger.top_k_influences(&q, Lens::Loss, 3).is_err());
     /// # Ok::<(), refinement_ledger::Error>(())
     /// ```
-    pub fn forward(model: &mut dyn TracedModel<F>, x: ArrayViewD<'_, F>) -> Result<Self> {
-        model.run(x)?;
+    pub fn forward<'x, D: Dimension>(
+        model: &mut dyn TracedModel<F>,
+        x: impl AsArray<'x, F, D>,
+    ) -> Result<Self>
+    where
+        F: 'x,
+    {
+        model.run(x.into().into_dyn())?;
         Self::from_layers(&model.traced())
     }
 
@@ -166,11 +172,15 @@ impl<F: Float> Query<F> {
     /// );
     /// # Ok::<(), refinement_ledger::Error>(())
     /// ```
-    pub fn gradients(
+    pub fn gradients<'x, D: Dimension>(
         model: &mut dyn TracedModel<F>,
-        x: ArrayViewD<'_, F>,
+        x: impl AsArray<'x, F, D>,
         targets: Targets<'_>,
-    ) -> Result<Self> {
+    ) -> Result<Self>
+    where
+        F: 'x,
+    {
+        let x = x.into().into_dyn();
         let targets = resolve_targets(model, x.view(), targets)?;
         model.run_loss_gradients(x, &targets)?;
         Self::with_gradients(&model.traced())
@@ -185,13 +195,17 @@ impl<F: Float> Query<F> {
     /// # Errors
     /// As [`gradients`](Self::gradients); [`Error::LayerMismatch`] when the
     /// model's traced layers are not the ledger's.
-    pub fn paired(
+    pub fn paired<'x, D: Dimension>(
         model: &mut dyn TracedModel<F>,
-        x: ArrayViewD<'_, F>,
+        x: impl AsArray<'x, F, D>,
         targets: Targets<'_>,
         ledger: &Ledger<F>,
         pairing: Pairing,
-    ) -> Result<Self> {
+    ) -> Result<Self>
+    where
+        F: 'x,
+    {
+        let x = x.into().into_dyn();
         const OP: &str = "Query::paired";
         ledger.check_layers(&model.traced(), OP)?;
         let targets = resolve_targets(model, x.view(), targets)?;

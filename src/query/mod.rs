@@ -50,7 +50,7 @@ pub use exact::ExactLens;
 pub use explain::{ClassDistributions, Explanation, LayerExplanation};
 pub use input::{Pairing, Query, Targets, argmax_rows};
 pub use lens::{LayerSel, Lens};
-pub use ridge::RidgeLens;
+pub use ridge::{MAX_RIDGE_SOURCES, RidgeLens};
 pub use scores::{Influence, Influences, Ranking, Scores};
 pub use sketch::{LedgerSketch, SketchConfig, SketchLens, SketchRidge};
 

@@ -63,11 +63,20 @@ pub struct RidgeLens<'a, F: Float = f32> {
     c: f64,
 }
 
+/// Most sources [`RidgeLens::fit`] takes (its three `N × N` matrices are
+/// 9.6 GB at this size).
+pub const MAX_RIDGE_SOURCES: usize = 20_000;
+
+/// Most values of one layer's `[N, parameters]` account matrix `fit` builds (8 GiB).
+const MAX_ACCOUNT_VALUES: usize = 1 << 30;
+
 impl<'a, F: Float> RidgeLens<'a, F> {
     /// Builds `K` from the ledger's accounts and factors `K + λI` with `λ = c · trace(K)/N`.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] for `c ≤ 0`; [`Error::Empty`] for a ledger without sources.
+    /// [`Error::InvalidConfig`] for `c ≤ 0` or a ledger past
+    /// [`MAX_RIDGE_SOURCES`] (or whose account matrices would be larger than
+    /// 8 GiB); [`Error::Empty`] for a ledger without sources.
     pub fn fit(ledger: &'a Ledger<F>, c: f64) -> Result<Self> {
         let n = ledger.sources().len();
         if n == 0 {
@@ -75,6 +84,32 @@ impl<'a, F: Float> RidgeLens<'a, F> {
                 op: "RidgeLens::fit",
                 what: "ledger (no sources)",
             });
+        }
+        if n > MAX_RIDGE_SOURCES {
+            return Err(Error::InvalidConfig {
+                what: "RidgeLens::fit",
+                reason: format!(
+                    "{n} sources is more than {MAX_RIDGE_SOURCES}: the exact ridge lens holds \
+                     three N×N f64 matrices; use the sketch's ridge (LedgerSketch::ridge) instead"
+                ),
+            });
+        }
+        for (l, meta) in ledger.layers().iter().enumerate() {
+            let values = meta
+                .shape
+                .fan_out
+                .saturating_mul(meta.shape.aug_in())
+                .saturating_mul(n);
+            if values > MAX_ACCOUNT_VALUES {
+                return Err(Error::InvalidConfig {
+                    what: "RidgeLens::fit",
+                    reason: format!(
+                        "layer {l}'s account matrix [{n}, {}] is more than {MAX_ACCOUNT_VALUES} \
+                         values; use the sketch's ridge (LedgerSketch::ridge) instead",
+                        meta.shape.fan_out * meta.shape.aug_in()
+                    ),
+                });
+            }
         }
         let mut gram = Array2::<f64>::zeros((n, n));
         for l in 0..ledger.layers().len() {

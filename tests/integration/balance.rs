@@ -1,4 +1,4 @@
-//! The ledger balances (DESIGN §4.1–4.2) on real training runs: for every traced
+//! The ledger balances on real training runs: for every traced
 //! layer, optimizer and mode, `Σ_s c_s(x) + c_residual(x) = r(x)` for held-out
 //! queries, and `W₀ + Σ G + residual = W_T`.
 

@@ -1,5 +1,5 @@
 //! Everything a caller can get wrong returns an error naming what was expected
-//! and what was found (DESIGN §4.5) — never a panic.
+//! and what was found — never a panic.
 
 use crate::common;
 
@@ -729,4 +729,47 @@ fn a_query_from_another_network_with_the_same_layers_is_an_error() {
     assert!(msg(e).contains("final parameters"));
     let q = refinement_ledger::Query::forward(&mut net, rows(&x, &[2]).view()).unwrap();
     assert!(ledger.explain(&q).is_ok());
+}
+
+#[test]
+fn absurd_sizes_are_errors_not_aborts() {
+    use refinement_ledger::ConvGeometry;
+    use refinement_ledger::nn::{Conv2dConfig, MAX_LAYER_PARAMS};
+    let mut rng = StdRng::seed_from_u64(0);
+    let e = DenseConfig::new(1_000_000, 1_000_000)
+        .build::<f32>("fc", &mut rng)
+        .unwrap_err();
+    assert!(e.to_string().contains(&MAX_LAYER_PARAMS.to_string()), "{e}");
+    let e = Conv2dConfig::new(1 << 20, 1 << 20, 3)
+        .build::<f32>("conv", &mut rng)
+        .unwrap_err();
+    assert!(e.to_string().contains("more than"), "{e}");
+    let e = Conv2dConfig::new(3, 3, usize::MAX)
+        .build::<f32>("conv", &mut rng)
+        .unwrap_err();
+    assert!(
+        matches!(e, refinement_ledger::Error::InvalidConfig { .. }),
+        "{e}"
+    );
+    let g = ConvGeometry {
+        kernel: [3, 3],
+        stride: 1,
+        padding: usize::MAX / 2,
+        dilation: 1,
+    };
+    assert!(g.output_hw(8, 8).is_err());
+    let g = ConvGeometry {
+        kernel: [usize::MAX, 3],
+        stride: 1,
+        padding: 0,
+        dilation: 2,
+    };
+    assert!(g.output_hw(8, 8).is_err());
+    let zero = ConvGeometry {
+        kernel: [3, 3],
+        stride: 0,
+        padding: 0,
+        dilation: 1,
+    };
+    assert!(zero.output_hw(8, 8).is_err());
 }

@@ -1,4 +1,4 @@
-//! Exact modes are exact (DESIGN §4.3): per-example accounts equal a direct
+//! Exact modes are exact: per-example accounts equal a direct
 //! computation from per-example gradients, replayed step by step with the
 //! coefficient each gradient share reaches the weights with.
 

@@ -1,4 +1,4 @@
-//! Backward passes agree with central finite differences (DESIGN §4.4), in f64
+//! Backward passes agree with central finite differences, in f64
 //! with h = 1e-5 and relative error < 1e-6; and the im2col convolution agrees
 //! with a naive one.
 

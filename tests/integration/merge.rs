@@ -1,5 +1,5 @@
 //! Ledgers of the shards of a data-parallel run merge into the ledger of the
-//! combined run (DESIGN §3).
+//! combined run.
 
 use crate::common;
 

@@ -1,5 +1,5 @@
 //! Saving then loading a ledger gives identical query results; a truncated or
-//! corrupted file is an error, never a wrong answer (DESIGN §4.6).
+//! corrupted file is an error, never a wrong answer.
 
 use crate::common;
 
