@@ -108,6 +108,8 @@ fuzz_target!(|input: Input| {
     }
     let ledger = hook.snapshot();
     let balance = ledger.parameter_balance();
-    assert!(balance.iter().all(|&e| e <= 1e-9), "the ledger does not balance: {balance:?}");
+    // Rounding of `W₀ + Σ G + residual − W_T` is ε·‖W‖, and the balance is
+    // relative to at least 1e-12·‖W‖: anything over 1e-3 is not rounding.
+    assert!(balance.iter().all(|&e| e <= 1e-3), "the ledger does not balance: {balance:?}");
     let _ = hook.finish();
 });

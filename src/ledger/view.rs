@@ -257,8 +257,10 @@ impl<F: Float> Ledger<F> {
     }
 
     /// Per layer, the balance of parameters:
-    /// `‖W₀ + Σ G + residual − W_T‖ / ‖W_T − W₀‖` (0 when nothing changed; NaN
-    /// for a loaded ledger whose file changed on disk since).
+    /// `‖W₀ + Σ G + residual − W_T‖ / ‖W_T − W₀‖`, the denominator at least
+    /// `‖Σ G‖`, `‖residual‖` and `1e-12·‖W_T‖` (a layer whose credited updates
+    /// cancel barely moves: its rounding is not a large error); NaN for a
+    /// loaded ledger whose file changed on disk since.
     ///
     /// # Example
     /// ```
@@ -272,17 +274,22 @@ impl<F: Float> Ledger<F> {
         }
         (0..self.layers.len())
             .map(|l| {
-                let (err, change, _) = self.balance_parts(l);
-                if change == 0.0 { err } else { err / change }
+                let (err, change, terms, size) = self.balance_parts(l);
+                relative(err, change.max(terms), size)
             })
             .collect()
     }
 
-    /// Layer `l`'s `(‖W₀ + Σ G + residual − W_T‖, ‖total change‖, ‖W_T‖)`: one
-    /// pass over the rows with every segment's coefficients summed.
-    pub(super) fn balance_parts(&self, l: usize) -> (f64, f64, f64) {
+    /// Layer `l`'s `(‖W₀ + Σ G + residual − W_T‖, ‖total change‖, the larger of
+    /// ‖Σ G‖ and ‖residual‖, ‖W_T‖)`: one pass over the rows with every
+    /// segment's coefficients summed.
+    pub(super) fn balance_parts(&self, l: usize) -> (f64, f64, f64, f64) {
         let whole = self.whole_layer(l);
-        let sum = &self.initial[l] + &whole.total_account() + whole.residual();
+        let (credited, residual) = (whole.total_account(), whole.residual());
+        let terms = sq_norm(&credited.view())
+            .max(sq_norm(&residual.view()))
+            .sqrt();
+        let sum = &self.initial[l] + &credited + &residual;
         let mut prev_end = &self.initial[l];
         let mut change_norm2 = 0.0;
         for seg in &self.segments {
@@ -292,6 +299,7 @@ impl<F: Float> Ledger<F> {
         (
             sq_norm(&(&sum - prev_end).view()).sqrt(),
             change_norm2.sqrt(),
+            terms,
             sq_norm(&prev_end.view()).sqrt(),
         )
     }
@@ -316,8 +324,9 @@ impl<F: Float> Ledger<F> {
         )
     }
 
-    /// Relative size of the residual per layer: `‖residual‖ / ‖W_T − W₀‖` (NaN
-    /// for a loaded ledger whose file changed on disk since).
+    /// Relative size of the residual per layer: `‖residual‖ / ‖W_T − W₀‖` (the
+    /// denominator at least `1e-12·‖W_T‖`; NaN for a loaded ledger whose file
+    /// changed on disk since).
     ///
     /// # Example
     /// ```
@@ -333,9 +342,10 @@ impl<F: Float> Ledger<F> {
         (0..self.layers.len())
             .map(|l| {
                 let res = self.whole_layer(l).residual();
-                let change = &self.segments[self.segments.len() - 1].end[l] - &self.initial[l];
+                let end = &self.segments[self.segments.len() - 1].end[l];
+                let change = end - &self.initial[l];
                 let (c, r) = (sq_norm(&change.view()).sqrt(), sq_norm(&res.view()).sqrt());
-                if c == 0.0 { r } else { r / c }
+                relative(r, c, sq_norm(&end.view()).sqrt())
             })
             .collect()
     }
@@ -377,6 +387,14 @@ impl<F: Float> Ledger<F> {
             max: max_fraction,
         })
     }
+}
+
+/// `x` relative to a layer's change, or to `1e-12` of the layer's size when
+/// the change is smaller than that (a layer that barely moved would otherwise
+/// report its rounding as a large fraction).
+fn relative(x: f64, change: f64, size: f64) -> f64 {
+    let scale = change.max(1e-12 * size);
+    if scale == 0.0 { x } else { x / scale }
 }
 
 fn sq_norm(m: &ArrayView2<'_, f64>) -> f64 {

@@ -7,6 +7,7 @@ mod balance;
 mod errors;
 mod exactness;
 mod examples;
+mod fuzz_regressions;
 mod gradcheck;
 mod merge;
 mod persistence;
