@@ -131,7 +131,7 @@ pub use query::{
 };
 pub use trace::{
     ExampleId, LayerId, MAX_CLASSES, ParamId, ParamMut, SourceId, Traceable, TracedModel,
-    TracedShape, next_pass_id, write_params,
+    TracedShape, next_pass_id, read_params, write_params,
 };
 
 /// A small trained network and its ledger, for the documentation's examples:

@@ -214,6 +214,59 @@ pub fn next_pass_id() -> u64 {
     PASSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// The traced layers' parameters as `[W | b]` matrices `[fan_out, aug_in]`
+/// in `f64` (the bias column only with a bias): what [`write_params`] writes,
+/// e.g. to start a built-in network from another framework's weights.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`](crate::Error::ShapeMismatch) for a weight or bias
+/// of another size than the layer's traced shape.
+///
+/// # Example
+/// ```
+/// use rand::{SeedableRng, rngs::StdRng};
+/// use refinement_ledger::{Traceable, read_params, nn::DenseConfig};
+/// let mut rng = StdRng::seed_from_u64(1);
+/// let fc = DenseConfig::new(2, 1).build::<f64>("fc", &mut rng)?;
+/// let p = read_params(&[&fc as &dyn Traceable<f64>])?;
+/// assert_eq!(p[0].dim(), (1, 3));
+/// assert_eq!(p[0][[0, 1]], fc.weight()[[0, 1]]);
+/// # Ok::<(), refinement_ledger::Error>(())
+/// ```
+pub fn read_params<F: Float>(layers: &[&dyn Traceable<F>]) -> Result<Vec<ndarray::Array2<f64>>> {
+    layers
+        .iter()
+        .map(|layer| {
+            let s = layer.traced_shape();
+            let w = layer.weight();
+            let b = layer.bias();
+            if w.len() != s.fan_out * s.fan_in
+                || b.map(|b| b.len()) != s.has_bias.then_some(s.fan_out)
+            {
+                return Err(crate::Error::ShapeMismatch {
+                    op: "read_params",
+                    expected: format!(
+                        "{}: [{}, {}] and a bias: {}",
+                        layer.layer_id(),
+                        s.fan_out,
+                        s.fan_in,
+                        s.has_bias
+                    ),
+                    got: format!("weight {:?}, bias {:?}", w.shape(), b.map(|b| b.len())),
+                });
+            }
+            let mut m = ndarray::Array2::zeros((s.fan_out, s.aug_in()));
+            for (k, v) in w.as_standard_layout().iter().enumerate() {
+                m[[k / s.fan_in, k % s.fan_in]] = v.widen();
+            }
+            if let Some(b) = b {
+                m.column_mut(s.fan_in).assign(&b.mapv(F::widen));
+            }
+            Ok(m)
+        })
+        .collect()
+}
+
 /// Writes `[W | b]` matrices (`[fan_out, aug_in]`, bias in the last column, as a
 /// [`Ledger`](crate::Ledger) keeps parameters) into traced layers, e.g. to run
 /// the model at a segment boundary.

@@ -13,12 +13,12 @@ use burn::optim::momentum::MomentumConfig;
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use refinement_ledger::data::Dataset;
-use refinement_ledger::ndarray::{Array2, ArrayD};
+use refinement_ledger::ndarray::ArrayD;
 use refinement_ledger::nn::{Conv2dConfig as NativeConv, DenseConfig, Flatten, Relu, Sequential};
 use refinement_ledger::optim::SgdConfig as NativeSgd;
 use refinement_ledger::rand::{SeedableRng, rngs::StdRng};
 use refinement_ledger::{
-    Batch, HookConfig, LayerSel, Ledger, Lens, OptimizerHook, Query, Scorer, Traceable,
+    Batch, HookConfig, LayerSel, Ledger, Lens, OptimizerHook, Query, Scorer, read_params,
     write_params,
 };
 use refinement_ledger_burn::{Layer, Tape, sgd_rule, snapshot, traceables};
@@ -85,20 +85,6 @@ impl Net {
     }
 }
 
-/// `[W | b]` of a traced layer, as `write_params` takes it.
-fn augmented(layer: &dyn Traceable<f32>) -> Array2<f64> {
-    let s = layer.traced_shape();
-    let w = layer.weight().as_standard_layout().into_owned();
-    let w = w.into_shape_with_order((s.fan_out, s.fan_in)).unwrap();
-    let mut m = Array2::zeros((s.fan_out, s.aug_in()));
-    m.slice_mut(refinement_ledger::ndarray::s![.., ..s.fan_in])
-        .assign(&w.mapv(f64::from));
-    if let Some(b) = layer.bias() {
-        m.column_mut(s.fan_in).assign(&b.mapv(f64::from));
-    }
-    m
-}
-
 fn digits(image: bool) -> (Dataset<f32>, Dataset<f32>) {
     let all = Dataset::<f32>::digits().unwrap();
     let (train, test) = all.stratified_split(0.2, 0).unwrap();
@@ -135,7 +121,7 @@ fn native(net: &Net, image: bool) -> Sequential<f32> {
             .with(DenseConfig::new(32, 10).build("fc2", &mut rng).unwrap())
     };
     let start = snapshot(&net.layers()).unwrap();
-    let params: Vec<Array2<f64>> = start.iter().map(|c| augmented(c)).collect();
+    let params = read_params(&traceables(&start)).unwrap();
     write_params(&mut seq.traceables_mut(), &params).unwrap();
     seq
 }

@@ -6,12 +6,12 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv2dConfig, Optimizer, SGD, VarBuilder, VarMap};
 use refinement_ledger::data::Dataset;
-use refinement_ledger::ndarray::{Array2, ArrayD};
+use refinement_ledger::ndarray::ArrayD;
 use refinement_ledger::nn::{Conv2dConfig as NativeConv, DenseConfig, Flatten, Relu, Sequential};
 use refinement_ledger::optim::SgdConfig;
 use refinement_ledger::rand::{SeedableRng, rngs::StdRng};
 use refinement_ledger::{
-    Batch, HookConfig, LayerSel, Ledger, Lens, OptimizerHook, Query, Scorer, Traceable,
+    Batch, HookConfig, LayerSel, Ledger, Lens, OptimizerHook, Query, Scorer, read_params,
     write_params,
 };
 use refinement_ledger_candle::{
@@ -20,20 +20,6 @@ use refinement_ledger_candle::{
 
 const LR: f64 = 0.1;
 const BATCH: usize = 20;
-
-/// `[W | b]` of a traced layer, as `write_params` takes it.
-fn augmented(layer: &dyn Traceable<f32>) -> Array2<f64> {
-    let s = layer.traced_shape();
-    let w = layer.weight().as_standard_layout().into_owned();
-    let w = w.into_shape_with_order((s.fan_out, s.fan_in)).unwrap();
-    let mut m = Array2::zeros((s.fan_out, s.aug_in()));
-    m.slice_mut(refinement_ledger::ndarray::s![.., ..s.fan_in])
-        .assign(&w.mapv(f64::from));
-    if let Some(b) = layer.bias() {
-        m.column_mut(s.fan_in).assign(&b.mapv(f64::from));
-    }
-    m
-}
 
 fn tensor(x: &ArrayD<f32>) -> Tensor {
     let x = x.as_standard_layout();
@@ -143,7 +129,7 @@ fn native(net: &CandleNet) -> Sequential<f32> {
             .with(DenseConfig::new(32, 10).build("fc2", &mut rng).unwrap())
     };
     let start = snapshot(&net.traced()).unwrap();
-    let params: Vec<Array2<f64>> = start.iter().map(|c| augmented(c)).collect();
+    let params = read_params(&traceables(&start)).unwrap();
     write_params(&mut seq.traceables_mut(), &params).unwrap();
     seq
 }
