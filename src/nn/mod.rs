@@ -22,7 +22,7 @@ pub use params_io::{MODEL_FORMAT, MODEL_VERSION};
 pub use pool::{Flatten, MaxPool2d};
 
 /// Most values a built-in layer's weight may hold (2^28): building a larger
-/// one is an [`Error::InvalidConfig`](crate::Error::InvalidConfig), not an
+/// one is an [`Error::InvalidConfig`], not an
 /// allocation failure.
 pub const MAX_LAYER_PARAMS: usize = 1 << 28;
 
