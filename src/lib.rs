@@ -121,9 +121,12 @@ pub use rand;
 pub use captured::CapturedLayer;
 pub use error::{Error, Result};
 pub use float::Float;
-pub use hook::{Batch, Credit, External, HookConfig, OnMismatch, OptimizerHook, StepCheck};
+pub use hook::{
+    Batch, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Credit, External, HookConfig, OnMismatch,
+    OptimizerHook, StepCheck,
+};
 pub use ledger::Ledger;
-pub use optim::{LinearRule, Optimizer};
+pub use optim::{LinearRule, Optimizer, OptimizerState};
 pub use patches::{ConvGeometry, MAX_PATCH_VALUES};
 pub use query::{
     ClassAttribution, Explanation, Influence, Influences, LayerSel, Lens, Query, Ranking, Scorer,

@@ -1,18 +1,26 @@
-//! Structure-aware fuzzing of the ledger and sketch loaders: the input is a
-//! list of edits to a valid ledger or sketch (numbers, flags and arrays of the
+//! Structure-aware fuzzing of the ledger, sketch and checkpoint loaders: the
+//! input is a list of edits to a valid ledger, sketch or training checkpoint (numbers, flags and arrays of the
 //! header's JSON payload; values, bytes, shapes and presence of tensors), and
 //! the checksum is recomputed afterwards, so what is tested is the loader's
 //! validation past the checksum — not the checksum. A file that loads must
 //! answer queries and save to bytes that load again; anything else must be an
-//! `Error`, never a panic, an abort or a hang.
+//! `Error`, never a panic, an abort or a hang. A checkpoint that resumes must
+//! train on, and what it then saves (ledger or checkpoint) must load back.
 //! Run on stable: `cargo fuzz run -s none ledger_structured`.
 #![no_main]
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
-use refinement_ledger::ndarray::{Array1, Array3, ArrayD};
+use std::sync::OnceLock;
+
+use refinement_ledger::ndarray::{Array1, Array2, Array3, ArrayD};
+use refinement_ledger::nn::{DenseConfig, Relu, Sequential};
+use refinement_ledger::optim::{Sgd, SgdConfig};
 use refinement_ledger::query::LedgerSketch;
-use refinement_ledger::{CapturedLayer, Lens, Ledger, Query, Scorer, Traceable};
+use refinement_ledger::rand::{SeedableRng, rngs::StdRng};
+use refinement_ledger::{
+    Batch, CapturedLayer, ExampleId, Lens, Ledger, OptimizerHook, Query, Scorer, Traceable,
+};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
@@ -46,8 +54,84 @@ enum Edit {
 
 #[derive(Arbitrary, Debug)]
 struct Input {
-    sketch: bool,
+    /// 0: ledger, 1: sketch, 2: checkpoint.
+    kind: u8,
     edits: Vec<Edit>,
+}
+
+/// The checkpoint's network: dense 3→4, ReLU, dense 4→2 (weights from `seed`).
+fn network(seed: u64) -> Sequential<f64> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    Sequential::new()
+        .with(DenseConfig::new(3, 4).build("fc1", &mut rng).unwrap())
+        .with(Relu::new())
+        .with(DenseConfig::new(4, 2).build("fc2", &mut rng).unwrap())
+}
+
+fn sgd() -> Sgd<f64> {
+    SgdConfig::new(0.1).with_momentum(0.9).with_nesterov(true).with_weight_decay(1e-3).build().unwrap()
+}
+
+/// One training step on rows `t % 4` and `(t + 1) % 4` of a fixed data set.
+fn train(net: &mut Sequential<f64>, hook: &mut OptimizerHook<Sgd<f64>, f64>, t: u64) -> refinement_ledger::Result<()> {
+    let x = [[1.0, 0.0, 0.5], [0.0, 1.0, -0.5], [0.3, 0.3, 0.3], [-1.0, 0.2, 0.0]];
+    let rows = [(t % 4) as usize, ((t + 1) % 4) as usize];
+    let xb = Array2::from_shape_fn((2, 3), |(i, j)| x[rows[i]][j]);
+    let y: Vec<usize> = rows.iter().map(|&r| r % 2).collect();
+    let ids: Vec<ExampleId> = rows.iter().map(|&r| ExampleId(r as u64)).collect();
+    net.train_batch(xb.view().into_dyn(), &y)?;
+    hook.step(&mut net.traceables_mut(), &Batch::new(&ids, &y))
+}
+
+/// A valid checkpoint: six steps, a segment closed after four.
+fn checkpoint_seed() -> &'static [u8] {
+    static SEED: OnceLock<Vec<u8>> = OnceLock::new();
+    SEED.get_or_init(|| {
+        let mut net = network(0);
+        let mut hook = OptimizerHook::new(sgd(), &net.traceables()).unwrap();
+        for t in 0..6 {
+            train(&mut net, &mut hook, t).unwrap();
+            if t == 3 {
+                hook.close_segment().unwrap();
+            }
+        }
+        let path = temp("seed.ckpt");
+        hook.save_checkpoint(&path).unwrap();
+        std::fs::read(&path).unwrap()
+    })
+}
+
+fn temp(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("fuzz-{}-{name}", std::process::id()))
+}
+
+/// Resumes from an edited checkpoint; if that works, trains on, and whatever
+/// saves must load back.
+fn exercise_checkpoint(bytes: &[u8]) {
+    let path = temp("edited.ckpt");
+    std::fs::write(&path, bytes).unwrap();
+    let mut net = network(1);
+    let Ok(mut hook) = OptimizerHook::resume(sgd(), &mut net.traceables_mut(), &path) else {
+        return;
+    };
+    for t in 0..3 {
+        if train(&mut net, &mut hook, t).is_err() {
+            break;
+        }
+    }
+    let _ = hook.close_segment();
+    if let Ok(bytes) = hook.snapshot().to_bytes() {
+        Ledger::<f64>::from_bytes(&bytes).expect("a ledger the crate saved must load back");
+    }
+    let again = temp("again.ckpt");
+    if hook.save_checkpoint(&again).is_ok() {
+        let mut net = network(2);
+        OptimizerHook::resume(sgd(), &mut net.traceables_mut(), &again)
+            .expect("a checkpoint the crate saved must resume");
+    }
+    if let Ok(ledger) = hook.finish() {
+        exercise(&ledger);
+    }
 }
 
 /// A tensor of the file being edited.
@@ -235,10 +319,17 @@ fn exercise<F: refinement_ledger::Float>(ledger: &Ledger<F>) {
 }
 
 fuzz_target!(|input: Input| {
-    let seed = SEEDS[usize::from(input.sketch)];
+    let seed = match input.kind % 3 {
+        2 => checkpoint_seed(),
+        k => SEEDS[usize::from(k)],
+    };
     let Some(bytes) = rebuild(seed, &input) else {
         return;
     };
+    if input.kind % 3 == 2 {
+        exercise_checkpoint(&bytes);
+        return;
+    }
     if let Ok(ledger) = Ledger::<f32>::from_bytes(&bytes) {
         exercise(&ledger);
     }

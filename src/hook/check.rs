@@ -183,6 +183,19 @@ impl Momentum {
         }
     }
 
+    /// The predicted buffer (empty before the first checked step).
+    pub(super) fn buffer(&self) -> &[Array2<f64>] {
+        &self.buf
+    }
+
+    /// A predicted buffer restored from a checkpoint.
+    pub(super) fn from_buffer(buf: Vec<Array2<f64>>) -> Self {
+        Self {
+            buf,
+            next: Vec::new(),
+        }
+    }
+
     /// Keeps the buffer of the step last checked (once it is booked).
     pub(super) fn commit(&mut self) {
         std::mem::swap(&mut self.buf, &mut self.next);

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Error, Result};
 use crate::trace::ExampleId;
 
 /// What each update is credited to.
@@ -75,6 +76,47 @@ impl Default for HookConfig {
 }
 
 impl HookConfig {
+    /// Checks every value is in range (a checkpoint's configuration is too).
+    pub(super) fn validate(&self) -> Result<()> {
+        if !(self.fold_tolerance > 0.0 && self.fold_tolerance < 1.0) {
+            return Err(Error::InvalidConfig {
+                what: "hook fold_tolerance",
+                reason: format!("must be in (0, 1), found {}", self.fold_tolerance),
+            });
+        }
+        if !(self.update_tolerance >= 0.0 && self.update_tolerance.is_finite()) {
+            return Err(Error::InvalidConfig {
+                what: "hook update_tolerance",
+                reason: format!("must be finite and >= 0, found {}", self.update_tolerance),
+            });
+        }
+        if self.max_residual_fraction.is_nan() || self.max_residual_fraction < 0.0 {
+            return Err(Error::InvalidConfig {
+                what: "hook max_residual_fraction",
+                reason: format!("must be >= 0, found {}", self.max_residual_fraction),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether a hook with this configuration credits per example, for an
+    /// optimizer that has (`has_rule`) or has not a linear rule.
+    pub(super) fn per_example(&self, has_rule: bool) -> Result<bool> {
+        Ok(match self.credit {
+            Credit::Auto => has_rule,
+            Credit::Batch => false,
+            Credit::PerExample if has_rule => true,
+            Credit::PerExample => {
+                return Err(Error::InvalidConfig {
+                    what: "hook credit",
+                    reason:
+                        "PerExample needs an optimizer with a linear rule (SGD family), found none"
+                            .into(),
+                });
+            }
+        })
+    }
+
     /// Sets the crediting mode (default [`Credit::Auto`]).
     pub fn with_credit(mut self, credit: Credit) -> Self {
         self.credit = credit;

@@ -19,7 +19,7 @@ use super::OptimizerHook;
 use super::{Batch, HookConfig};
 use crate::error::{Error, Result};
 use crate::float::Float;
-use crate::optim::{LinearRule, Optimizer};
+use crate::optim::{LinearRule, Optimizer, OptimizerState};
 use crate::trace::{ParamMut, Traceable};
 
 /// The optimizer of an [`OptimizerHook::external`] hook: it steps outside the
@@ -35,6 +35,16 @@ impl<F: Float> Optimizer<F> for External {
                      OptimizerHook::record_step"
                 .into(),
         })
+    }
+
+    /// Stateless: the optimizer that steps outside keeps its own state (save
+    /// it with its framework's checkpoint).
+    fn export_state(&self) -> Result<OptimizerState<F>> {
+        Ok(OptimizerState::new("external"))
+    }
+
+    fn import_state(&mut self, state: OptimizerState<F>) -> Result<()> {
+        state.expect_kind("external")
     }
 }
 

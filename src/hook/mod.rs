@@ -15,6 +15,7 @@
 
 mod batch;
 mod check;
+mod checkpoint;
 mod config;
 mod external;
 mod params;
@@ -22,6 +23,7 @@ mod per_example;
 mod validate;
 
 pub use check::StepCheck;
+pub use checkpoint::{CHECKPOINT_FORMAT, CHECKPOINT_VERSION};
 pub use config::{Batch, Credit, HookConfig, OnMismatch};
 pub use external::External;
 
@@ -117,38 +119,8 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
         layers: &[&dyn Traceable<F>],
         config: HookConfig,
     ) -> Result<Self> {
-        if !(config.fold_tolerance > 0.0 && config.fold_tolerance < 1.0) {
-            return Err(Error::InvalidConfig {
-                what: "hook fold_tolerance",
-                reason: format!("must be in (0, 1), found {}", config.fold_tolerance),
-            });
-        }
-        if !(config.update_tolerance >= 0.0 && config.update_tolerance.is_finite()) {
-            return Err(Error::InvalidConfig {
-                what: "hook update_tolerance",
-                reason: format!("must be finite and >= 0, found {}", config.update_tolerance),
-            });
-        }
-        if config.max_residual_fraction.is_nan() || config.max_residual_fraction < 0.0 {
-            return Err(Error::InvalidConfig {
-                what: "hook max_residual_fraction",
-                reason: format!("must be >= 0, found {}", config.max_residual_fraction),
-            });
-        }
-        let has_rule = optimizer.linear_rule().is_some();
-        let per_example = match config.credit {
-            Credit::Auto => has_rule,
-            Credit::Batch => false,
-            Credit::PerExample if has_rule => true,
-            Credit::PerExample => {
-                return Err(Error::InvalidConfig {
-                    what: "hook credit",
-                    reason:
-                        "PerExample needs an optimizer with a linear rule (SGD family), found none"
-                            .into(),
-                });
-            }
-        };
+        config.validate()?;
+        let per_example = config.per_example(optimizer.linear_rule().is_some())?;
         let ledger = Ledger::new(layers)?;
         let current = (0..layers.len())
             .map(|l| Ok(ledger.initial_params(l)?.mapv(F::narrow)))

@@ -26,9 +26,20 @@ pub(super) struct Pending<F> {
     /// The ledger's step group.
     pub(super) group: u32,
     /// Weight of the group's shares in the momentum buffer now.
-    buf: f64,
+    pub(super) buf: f64,
     /// Dense per-example terms `(layer, source, δᵀã)` of layers where they are smaller than factors.
-    dense: Vec<(usize, u32, Array2<F>)>,
+    pub(super) dense: Vec<(usize, u32, Array2<F>)>,
+}
+
+impl<F> Pending<F> {
+    /// Group `group`, of weight `buf` in the momentum buffer, without terms yet.
+    pub(super) fn new(group: u32, buf: f64) -> Self {
+        Self {
+            group,
+            buf,
+            dense: Vec::new(),
+        }
+    }
 }
 
 /// The momentum state of the shares credited per example.
@@ -36,7 +47,7 @@ pub(super) struct Pending<F> {
 pub(super) struct Shares<F> {
     pub(super) pending: VecDeque<Pending<F>>,
     /// Per layer: the momentum buffer of the decay shares (empty until decay is used).
-    decay_buf: Vec<Array2<f64>>,
+    pub(super) decay_buf: Vec<Array2<f64>>,
 }
 
 impl<F: Float> Shares<F> {
@@ -99,11 +110,7 @@ impl<F: Float> Shares<F> {
         fold_tolerance: f64,
     ) -> Result<()> {
         let group = ledger.open_group();
-        let mut new = Pending {
-            group,
-            buf: 0.0,
-            dense: Vec::new(),
-        };
+        let mut new = Pending::new(group, 0.0);
         for (l, layer) in layers.iter().enumerate() {
             let (a, d) = (layer.input_patches()?, layer.output_deltas()?);
             credit_rows(ledger, &mut new.dense, l, sources, group, a, d);

@@ -343,26 +343,32 @@ impl DenseAccounts {
         self.dense.len() * 8 + self.source.len() * 4 + self.residual.len() * 8
     }
 
-    /// Dense accounts from stored parts; `None` unless sources are strictly ascending
-    /// and the sizes agree.
+    /// Dense accounts from stored parts; `None` unless the sizes agree and
+    /// sources are unique — and strictly ascending when `sorted` (a finished
+    /// ledger's; a segment still open keeps its slots in the order they came).
     pub(crate) fn from_parts(
         aug_in: usize,
         fan_out: usize,
         source: Vec<u32>,
         dense: Buf<f64>,
         residual: Array2<f64>,
+        sorted: bool,
     ) -> Option<Self> {
-        let ok = source.windows(2).all(|w| w[0] < w[1])
+        let ascending = source.windows(2).all(|w| w[0] < w[1]);
+        let slot_of: HashMap<u32, usize> =
+            source.iter().enumerate().map(|(k, &s)| (s, k)).collect();
+        let ok = (ascending || !sorted)
+            && slot_of.len() == source.len()
             && dense.len() == source.len() * aug_in * fan_out
             && residual.dim() == (fan_out, aug_in);
         ok.then(|| Self {
             aug_in,
             fan_out,
-            slot_of: source.iter().enumerate().map(|(k, &s)| (s, k)).collect(),
+            slot_of,
             source,
             dense,
             residual,
-            sorted: true,
+            sorted: ascending,
         })
     }
 

@@ -69,6 +69,11 @@ impl<F: Float> Ledger<F> {
         self.n_groups
     }
 
+    /// The first step group the open (last) segment weights.
+    pub(crate) fn open_segment_first_group(&self) -> u32 {
+        self.segments[self.segments.len() - 1].first_group
+    }
+
     /// Opens a new step group, weighted 0 in the current segment until
     /// [`add_coef`](Self::add_coef) moves it.
     pub(crate) fn open_group(&mut self) -> u32 {

@@ -87,6 +87,43 @@ impl<F: Float> Ledger<F> {
 
     /// Every stored array (borrowed) and the JSON header.
     fn tensors(&self) -> Result<(Vec<(String, Tensor<'_>)>, String)> {
+        let (tensors, header) = self.stored_parts()?;
+        let json = serde_json::to_string(&header).map_err(|e| corrupt(format!("header: {e}")))?;
+        Ok((tensors, json))
+    }
+
+    /// The ledger as it stands while training — rows in step order, the last
+    /// segment still open — as tensors and a header, for a checkpoint (see
+    /// [`OptimizerHook::save_checkpoint`](crate::OptimizerHook::save_checkpoint)).
+    pub(crate) fn open_parts(&self) -> Result<(Vec<(String, Tensor<'_>)>, serde_json::Value)> {
+        let (tensors, header) = self.stored_parts()?;
+        let json = serde_json::to_value(&header).map_err(|e| corrupt(format!("header: {e}")))?;
+        Ok((tensors, json))
+    }
+
+    /// A ledger saved by [`open_parts`](Self::open_parts), and how many
+    /// tensors of the file are its. Checked as [`load`](Self::load) checks,
+    /// except that rows and the open segment's slots may be in step order and
+    /// the open segment is not balanced yet (it is when it closes).
+    pub(crate) fn from_open_parts(
+        reader: &Reader<'_>,
+        header: serde_json::Value,
+    ) -> Result<(Self, usize)> {
+        let header: Header =
+            serde_json::from_value(header).map_err(|e| corrupt(format!("ledger header: {e}")))?;
+        if header.dtype != F::DTYPE {
+            return Err(corrupt(format!(
+                "float type {}, expected {}",
+                header.dtype,
+                F::DTYPE
+            )));
+        }
+        let n = expected_tensors(&header);
+        Ok((read_ledger(reader, header, true)?, n))
+    }
+
+    /// Every stored array (borrowed) and the header.
+    fn stored_parts(&self) -> Result<(Vec<(String, Tensor<'_>)>, Header)> {
         self.check_file()?;
         let mut tensors: Vec<(String, Tensor<'_>)> = Vec::new();
         for (l, rows) in self.rows.iter().enumerate() {
@@ -137,8 +174,7 @@ impl<F: Float> Ledger<F> {
                 })
                 .collect(),
         };
-        let json = serde_json::to_string(&header).map_err(|e| corrupt(format!("header: {e}")))?;
-        Ok((tensors, json))
+        Ok((tensors, header))
     }
 
     /// Saves the ledger to `path` atomically (a temporary file in the same
@@ -235,12 +271,26 @@ impl<F: Float> Ledger<F> {
                 F::DTYPE
             )));
         }
-        read_ledger(&Reader { st: &st, map }, header)
+        if st.len() != expected_tensors(&header) {
+            return Err(corrupt(format!(
+                "{} tensors, expected {}",
+                st.len(),
+                expected_tensors(&header)
+            )));
+        }
+        read_ledger(&Reader { st: &st, map }, header, false)
     }
 }
 
+/// The number of tensors a ledger with `header` is stored in.
+fn expected_tensors(header: &Header) -> usize {
+    5 * header.layers.len() + header.segments.len() * (1 + 4 * header.layers.len())
+}
+
 /// A ledger from a decoded file: every tensor checked against the header.
-fn read_ledger<F: Float>(reader: &Reader<'_>, header: Header) -> Result<Ledger<F>> {
+/// `open`: a ledger still training (rows and the last segment's slots in step
+/// order, the last segment not yet balanced).
+fn read_ledger<F: Float>(reader: &Reader<'_>, header: Header, open: bool) -> Result<Ledger<F>> {
     let n_src = u32::try_from(header.sources.len()).map_err(|_| corrupt("too many sources"))?;
     let mut index = HashMap::new();
     for (i, s) in header.sources.iter().enumerate() {
@@ -287,10 +337,10 @@ fn read_ledger<F: Float>(reader: &Reader<'_>, header: Header) -> Result<Ledger<F
             header.n_groups,
             "group",
         )?;
-        if !r.source.windows(2).all(|w| w[0] <= w[1]) {
+        r.sorted = r.source.windows(2).all(|w| w[0] <= w[1]);
+        if !r.sorted && !open {
             return Err(corrupt(format!("layer {l}: rows not sorted by source")));
         }
-        r.sorted = true;
         rows.push(r);
     }
     let mut segments = Vec::new();
@@ -320,13 +370,14 @@ fn read_ledger<F: Float>(reader: &Reader<'_>, header: Header) -> Result<Ledger<F
                 "source",
             )?;
             let residual = reader.matrix(&format!("segment.{k}.layer.{l}.residual"), (fo, ai))?;
-            seg.layers[l] =
-                DenseAccounts::from_parts(ai, fo, source, reader.buf(&dense, &name)?, residual)
-                    .ok_or_else(|| {
-                        corrupt(format!(
-                            "segment {k} layer {l}: dense sources not strictly ascending"
-                        ))
-                    })?;
+            let sorted = !open || k + 1 < header.segments.len();
+            let dense = reader.buf(&dense, &name)?;
+            seg.layers[l] = DenseAccounts::from_parts(ai, fo, source, dense, residual, sorted)
+                .ok_or_else(|| {
+                    corrupt(format!(
+                        "segment {k} layer {l}: dense sources not strictly ascending"
+                    ))
+                })?;
         }
         segments.push(seg);
     }
@@ -343,13 +394,6 @@ fn read_ledger<F: Float>(reader: &Reader<'_>, header: Header) -> Result<Ledger<F
             last.first_group as usize + last.coef.len()
         )));
     }
-    let expected = 5 * header.layers.len() + header.segments.len() * (1 + 4 * header.layers.len());
-    if reader.st.len() != expected {
-        return Err(corrupt(format!(
-            "{} tensors, expected {expected}",
-            reader.st.len()
-        )));
-    }
     let ledger = Ledger {
         layers: header.layers,
         initial,
@@ -363,8 +407,9 @@ fn read_ledger<F: Float>(reader: &Reader<'_>, header: Header) -> Result<Ledger<F
     };
     // What loads balances: an edited account, residual or coefficient (with a
     // valid checksum) is an error, not a ledger that no longer adds up.
+    let balanced = ledger.segments.len() - usize::from(open);
     for l in 0..ledger.layers.len() {
-        for k in 0..ledger.segments.len() {
+        for k in 0..balanced {
             let (err, change, size) = ledger.segment_balance(l, k);
             // Relative to the change, with room for rounding relative to the
             // parameters themselves (a change far smaller than the weights).

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use ndarray::{ArrayD, Zip};
 use serde::{Deserialize, Serialize};
 
-use super::{Optimizer, check_params, check_range, positive};
+use super::{Optimizer, OptimizerState, check_params, check_range, positive};
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::trace::{ParamId, ParamMut};
@@ -141,7 +141,7 @@ impl<F: Float> Optimizer<F> for Adam<F> {
     fn step(&mut self, params: &mut [ParamMut<'_, F>]) -> Result<()> {
         check_params(params, "Adam::step")?;
         let c = &self.config;
-        let t = self.state.step + 1;
+        let t = self.state.step.saturating_add(1);
         let (b1, b2) = (F::narrow(c.beta1), F::narrow(c.beta2));
         let bc1 = F::narrow(1.0 - c.beta1.powi(t as i32));
         let bc2 = F::narrow(1.0 - c.beta2.powi(t as i32));
@@ -187,6 +187,24 @@ impl<F: Float> Optimizer<F> for Adam<F> {
                 });
         }
         self.state.step = t;
+        Ok(())
+    }
+
+    fn export_state(&self) -> Result<OptimizerState<F>> {
+        let mut state = OptimizerState::new("adam");
+        state.step = self.state.step;
+        state.push_buffers("m", &self.state.m);
+        state.push_buffers("v", &self.state.v);
+        Ok(state)
+    }
+
+    fn import_state(&mut self, state: OptimizerState<F>) -> Result<()> {
+        state.expect_kind("adam")?;
+        self.state = AdamState {
+            step: state.step,
+            m: state.buffers("m"),
+            v: state.buffers("v"),
+        };
         Ok(())
     }
 }

@@ -10,11 +10,14 @@ mod sgd;
 pub use adam::{Adam, AdamConfig, AdamState};
 pub use sgd::{LrSchedule, Sgd, SgdConfig, SgdState};
 
+use std::collections::BTreeMap;
+
+use ndarray::ArrayD;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result, check_finite, shape_str};
 use crate::float::Float;
-use crate::trace::ParamMut;
+use crate::trace::{ParamId, ParamMut};
 
 /// The next step of an SGD-family optimizer, in PyTorch's semantics:
 ///
@@ -137,6 +140,111 @@ pub trait Optimizer<F: Float = f32> {
     fn linear_rule(&self) -> Option<LinearRule> {
         None
     }
+
+    /// The optimizer's state (step count, buffers), for a checkpoint
+    /// ([`OptimizerHook::save_checkpoint`](crate::OptimizerHook::save_checkpoint)).
+    ///
+    /// # Errors
+    /// By default [`Error::InvalidConfig`]: an optimizer that does not say what
+    /// its state is cannot be checkpointed (a resumed run would silently
+    /// restart its buffers). A stateless optimizer returns
+    /// `OptimizerState::new("name")`.
+    fn export_state(&self) -> Result<OptimizerState<F>> {
+        Err(no_state())
+    }
+
+    /// Replaces the optimizer's state by one [`export_state`](Self::export_state) gave.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for the state of another kind of optimizer (and
+    /// by default, as [`export_state`](Self::export_state)).
+    fn import_state(&mut self, state: OptimizerState<F>) -> Result<()> {
+        let _ = state;
+        Err(no_state())
+    }
+}
+
+fn no_state() -> Error {
+    Error::InvalidConfig {
+        what: "optimizer state",
+        reason: "this optimizer does not implement Optimizer::export_state and \
+                 import_state; implement both to checkpoint a run with it"
+            .into(),
+    }
+}
+
+/// An optimizer's state as named tensors: what a checkpoint keeps of it.
+///
+/// # Example
+/// ```
+/// use ndarray::array;
+/// use refinement_ledger::{Optimizer, ParamId, ParamMut, optim::SgdConfig};
+/// let mut sgd = SgdConfig::new(0.1).with_momentum(0.9).build::<f64>()?;
+/// let (mut w, g) = (array![1.0].into_dyn(), array![0.5].into_dyn());
+/// sgd.step(&mut [ParamMut { id: ParamId("w".into()), value: w.view_mut(), grad: g.view() }])?;
+/// let state = sgd.export_state()?;
+/// assert_eq!((state.kind.as_str(), state.step, state.tensors.len()), ("sgd", 1, 1));
+/// let mut resumed = SgdConfig::new(0.1).with_momentum(0.9).build::<f64>()?;
+/// resumed.import_state(state)?;
+/// assert_eq!(resumed.state(), sgd.state());
+/// # Ok::<(), refinement_ledger::Error>(())
+/// ```
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OptimizerState<F: Float = f32> {
+    /// The kind of optimizer (`"sgd"`, `"adam"`, …): a state is imported only
+    /// by the kind that exported it.
+    pub kind: String,
+    /// Steps taken.
+    pub step: u64,
+    /// Named buffers (e.g. `momentum.fc1.weight`).
+    pub tensors: Vec<(String, ArrayD<F>)>,
+}
+
+impl<F: Float> OptimizerState<F> {
+    /// An empty state of `kind` (a stateless optimizer's).
+    pub fn new(kind: impl Into<String>) -> Self {
+        Self {
+            kind: kind.into(),
+            step: 0,
+            tensors: Vec::new(),
+        }
+    }
+
+    /// Checks that this is the state of `kind`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming both kinds.
+    pub fn expect_kind(&self, kind: &str) -> Result<()> {
+        if self.kind == kind {
+            Ok(())
+        } else {
+            Err(Error::InvalidConfig {
+                what: "optimizer state",
+                reason: format!(
+                    "the state of a {:?} optimizer cannot be imported into a {kind:?} one",
+                    self.kind
+                ),
+            })
+        }
+    }
+
+    /// The buffers whose names start with `prefix` (the prefix stripped), as a map by parameter.
+    pub(crate) fn buffers(&self, prefix: &str) -> BTreeMap<ParamId, ArrayD<F>> {
+        self.tensors
+            .iter()
+            .filter_map(|(n, t)| {
+                let id = n.strip_prefix(prefix)?.strip_prefix('.')?;
+                Some((ParamId(id.to_string()), t.clone()))
+            })
+            .collect()
+    }
+
+    /// Adds `buffers` named `prefix.{parameter}`.
+    pub(crate) fn push_buffers(&mut self, prefix: &str, buffers: &BTreeMap<ParamId, ArrayD<F>>) {
+        for (id, t) in buffers {
+            self.tensors.push((format!("{prefix}.{}", id.0), t.clone()));
+        }
+    }
 }
 
 impl<F: Float, O: Optimizer<F> + ?Sized> Optimizer<F> for Box<O> {
@@ -145,6 +253,12 @@ impl<F: Float, O: Optimizer<F> + ?Sized> Optimizer<F> for Box<O> {
     }
     fn linear_rule(&self) -> Option<LinearRule> {
         (**self).linear_rule()
+    }
+    fn export_state(&self) -> Result<OptimizerState<F>> {
+        (**self).export_state()
+    }
+    fn import_state(&mut self, state: OptimizerState<F>) -> Result<()> {
+        (**self).import_state(state)
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use ndarray::{ArrayD, Zip};
 use serde::{Deserialize, Serialize};
 
-use super::{LinearRule, Optimizer, check_params, positive};
+use super::{LinearRule, Optimizer, OptimizerState, check_params, positive};
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::trace::{ParamId, ParamMut};
@@ -241,7 +241,7 @@ impl<F: Float> Optimizer<F> for Sgd<F> {
                 .and(&g)
                 .for_each(|w, b, &gi| *w -= lr * rule.advance(b, gi));
         }
-        self.state.step += 1;
+        self.state.step = self.state.step.saturating_add(1);
         Ok(())
     }
 
@@ -254,6 +254,22 @@ impl<F: Float> Optimizer<F> for Sgd<F> {
             weight_decay: self.config.weight_decay,
             first_step: self.state.step == 0,
         })
+    }
+
+    fn export_state(&self) -> Result<OptimizerState<F>> {
+        let mut state = OptimizerState::new("sgd");
+        state.step = self.state.step;
+        state.push_buffers("momentum", &self.state.momentum);
+        Ok(state)
+    }
+
+    fn import_state(&mut self, state: OptimizerState<F>) -> Result<()> {
+        state.expect_kind("sgd")?;
+        self.state = SgdState {
+            step: state.step,
+            momentum: state.buffers("momentum"),
+        };
+        Ok(())
     }
 }
 

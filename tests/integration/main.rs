@@ -13,6 +13,7 @@ mod merge;
 mod persistence;
 mod properties;
 mod queries;
+mod resume;
 mod robustness;
 mod sketch;
 mod update_check;
