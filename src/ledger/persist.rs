@@ -87,7 +87,7 @@ impl<F: Float> Ledger<F> {
 
     /// Every stored array (borrowed) and the JSON header.
     fn tensors(&self) -> Result<(Vec<(String, Tensor<'_>)>, String)> {
-        let (tensors, header) = self.stored_parts()?;
+        let (tensors, header) = self.stored_parts(false)?;
         let json = serde_json::to_string(&header).map_err(|e| corrupt(format!("header: {e}")))?;
         Ok((tensors, json))
     }
@@ -96,7 +96,7 @@ impl<F: Float> Ledger<F> {
     /// segment still open — as tensors and a header, for a checkpoint (see
     /// [`OptimizerHook::save_checkpoint`](crate::OptimizerHook::save_checkpoint)).
     pub(crate) fn open_parts(&self) -> Result<(Vec<(String, Tensor<'_>)>, serde_json::Value)> {
-        let (tensors, header) = self.stored_parts()?;
+        let (tensors, header) = self.stored_parts(true)?;
         let json = serde_json::to_value(&header).map_err(|e| corrupt(format!("header: {e}")))?;
         Ok((tensors, json))
     }
@@ -123,8 +123,13 @@ impl<F: Float> Ledger<F> {
     }
 
     /// Every stored array (borrowed) and the header.
-    fn stored_parts(&self) -> Result<(Vec<(String, Tensor<'_>)>, Header)> {
+    fn stored_parts(&self, open: bool) -> Result<(Vec<(String, Tensor<'_>)>, Header)> {
         self.check_file()?;
+        let closed = self.segments.len() - usize::from(open);
+        self.check_balance(
+            closed,
+            "refusing to write a file that could not be loaded back: ",
+        )?;
         let mut tensors: Vec<(String, Tensor<'_>)> = Vec::new();
         for (l, rows) in self.rows.iter().enumerate() {
             tensors.push((format!("layer.{l}.initial"), matrix(&self.initial[l])));
@@ -407,21 +412,32 @@ fn read_ledger<F: Float>(reader: &Reader<'_>, header: Header, open: bool) -> Res
     };
     // What loads balances: an edited account, residual or coefficient (with a
     // valid checksum) is an error, not a ledger that no longer adds up.
-    let balanced = ledger.segments.len() - usize::from(open);
-    for l in 0..ledger.layers.len() {
-        for k in 0..balanced {
-            let (err, change, size) = ledger.segment_balance(l, k);
-            // Relative to the change, with room for rounding relative to the
-            // parameters themselves (a change far smaller than the weights).
-            let within = err <= LOAD_BALANCE_TOLERANCE * change + 1e-12 * size;
-            if !within || err.is_nan() {
-                return Err(corrupt(format!(
-                    "layer {l}, segment {k} does not balance: start + Σ G + residual differs from the end by {err:e} (change {change:e})"
-                )));
+    let closed = ledger.segments.len() - usize::from(open);
+    ledger.check_balance(closed, "")?;
+    Ok(ledger)
+}
+
+impl<F: Float> Ledger<F> {
+    /// Checks that the first `n` segments balance as [`Ledger::load`] requires:
+    /// a save checks it too, so that a ledger whose values have grown beyond
+    /// what `f64` can add up (finite, but 1e200 next to 1) is refused when
+    /// written rather than when read back.
+    fn check_balance(&self, n: usize, when: &str) -> Result<()> {
+        for l in 0..self.layers.len() {
+            for k in 0..n {
+                let (err, change, size) = self.segment_balance(l, k);
+                // Relative to the change, with room for rounding relative to the
+                // parameters themselves (a change far smaller than the weights).
+                let within = err <= LOAD_BALANCE_TOLERANCE * change + 1e-12 * size;
+                if !within || err.is_nan() {
+                    return Err(corrupt(format!(
+                        "{when}layer {l}, segment {k} does not balance: start + Σ G + residual differs from the end by {err:e} (change {change:e})"
+                    )));
+                }
             }
         }
+        Ok(())
     }
-    Ok(ledger)
 }
 
 /// The parameter balance a loaded ledger must meet (relative to the

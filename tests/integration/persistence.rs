@@ -304,45 +304,6 @@ fn a_saved_file_gets_ordinary_permissions_or_keeps_those_it_replaces() {
     assert_eq!(mode(&path), 0o640, "a replaced file keeps its permissions");
 }
 
-/// Re-encodes a saved ledger after `edit` changed its header or tensors, with
-/// a valid checksum: what a crafted (or buggy) writer produces.
-fn reencode(
-    bytes: &[u8],
-    edit: impl FnOnce(
-        &mut serde_json::Value,
-        &mut std::collections::BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>,
-    ),
-) -> Vec<u8> {
-    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).unwrap();
-    let mut info = meta.metadata().clone().unwrap();
-    let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
-    let mut tensors: std::collections::BTreeMap<_, _> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, (t.dtype(), t.shape().to_vec(), t.data().to_vec())))
-        .collect();
-    let mut header: serde_json::Value = serde_json::from_str(&info["payload"]).unwrap();
-    edit(&mut header, &mut tensors);
-    let payload = serde_json::to_string(&header).unwrap();
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(payload.as_bytes());
-    for (_, _, data) in tensors.values() {
-        crc.update(data);
-    }
-    info.insert("crc32".into(), format!("{:08x}", crc.finalize()));
-    info.insert("payload".into(), payload);
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, (dt, shape, data))| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(*dt, shape.clone(), data).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize(views, Some(info)).unwrap()
-}
-
 #[test]
 fn crafted_files_with_valid_checksums_are_errors_not_panics_or_other_ledgers() {
     // A CNN whose dense layer keeps factored rows weighted by step-group
@@ -350,7 +311,7 @@ fn crafted_files_with_valid_checksums_are_errors_not_panics_or_other_ledgers() {
     let (ledger, _, _) = trained();
     let bytes = ledger.to_bytes().unwrap();
     // Unchanged, the re-encoding loads: the edits below are what fails.
-    assert!(Ledger::<f32>::from_bytes(&reencode(&bytes, |_, _| {})).is_ok());
+    assert!(Ledger::<f32>::from_bytes(&common::reencode(&bytes, |_, _| {})).is_ok());
     type Edit = Box<
         dyn Fn(
             &mut serde_json::Value,
@@ -396,7 +357,7 @@ fn crafted_files_with_valid_checksums_are_errors_not_panics_or_other_ledgers() {
         ),
     ];
     for (what, edit) in cases {
-        let crafted = reencode(&bytes, |h, t| edit(h, t));
+        let crafted = common::reencode(&bytes, |h, t| edit(h, t));
         match Ledger::<f32>::from_bytes(&crafted) {
             Err(Error::CorruptLedger { .. }) => {}
             other => panic!(

@@ -21,7 +21,7 @@ const BATCH: usize = 5;
 
 /// Trains `net` from global step `start` on, closing a segment at every
 /// epoch's end; with `stop_at`, saves a checkpoint after that step (and after
-/// its epoch's segment close) and returns `None`, as a run that crashed after
+/// its epoch's segment close) and returns `false`, as a run that crashed after
 /// checkpointing. Epoch `e`'s order is shuffled by a generator seeded with `e`,
 /// so a resumed run needs no random state.
 fn run<O: Optimizer<f32>>(
@@ -30,7 +30,7 @@ fn run<O: Optimizer<f32>>(
     data: &(ArrayD<f32>, Vec<usize>),
     start: usize,
     stop_at: Option<(usize, &Path)>,
-) -> Option<()> {
+) -> Result<bool> {
     let (x, y) = data;
     let mut t = 0;
     for epoch in 0..EPOCHS {
@@ -44,19 +44,18 @@ fn run<O: Optimizer<f32>>(
             }
             let yb: Vec<usize> = chunk.iter().map(|&i| y[i]).collect();
             let ids: Vec<ExampleId> = chunk.iter().map(|&i| ExampleId(i as u64)).collect();
-            net.train_batch(rows(x, chunk).view(), &yb).unwrap();
-            hook.step(&mut net.traceables_mut(), &Batch::new(&ids, &yb))
-                .unwrap();
+            net.train_batch(rows(x, chunk).view(), &yb)?;
+            hook.step(&mut net.traceables_mut(), &Batch::new(&ids, &yb))?;
             if b + 1 == batches.len() && epoch + 1 < EPOCHS {
-                hook.close_segment().unwrap();
+                hook.close_segment()?;
             }
             if let Some((_, path)) = stop_at.filter(|s| s.0 == t) {
-                hook.save_checkpoint(path).unwrap();
-                return None;
+                hook.save_checkpoint(path)?;
+                return Ok(false);
             }
         }
     }
-    Some(())
+    Ok(true)
 }
 
 /// The same tensors (names, dtypes, shapes, bytes) and metadata: the files are
@@ -100,7 +99,7 @@ fn assert_resumes_identically<O: Optimizer<f32>>(new_optimizer: impl Fn() -> O, 
     let data = images::<f32>(5, 4, 3); // 20 examples: 4 steps per epoch
     let mut net = cnn::<f32>(4, 1);
     let mut hook = OptimizerHook::new(new_optimizer(), &net.traceables()).unwrap();
-    run(&mut net, &mut hook, &data, 0, None).unwrap();
+    assert!(run(&mut net, &mut hook, &data, 0, None).unwrap());
     let whole = hook.finish().unwrap().to_bytes().unwrap();
     let final_params = common::augmented_params(&net);
     let dir = tempfile::tempdir().unwrap();
@@ -108,13 +107,13 @@ fn assert_resumes_identically<O: Optimizer<f32>>(new_optimizer: impl Fn() -> O, 
         let path = dir.path().join(format!("stop{stop}.ckpt"));
         let mut net = cnn::<f32>(4, 1);
         let mut hook = OptimizerHook::new(new_optimizer(), &net.traceables()).unwrap();
-        assert!(run(&mut net, &mut hook, &data, 0, Some((stop, &path))).is_none());
+        assert!(!run(&mut net, &mut hook, &data, 0, Some((stop, &path))).unwrap());
         drop((net, hook)); // the process that crashed
         let mut net = cnn::<f32>(4, 99);
         let mut hook =
             OptimizerHook::resume(new_optimizer(), &mut net.traceables_mut(), &path).unwrap();
         assert_eq!(hook.n_steps(), stop as u64);
-        run(&mut net, &mut hook, &data, stop, None).unwrap();
+        assert!(run(&mut net, &mut hook, &data, stop, None).unwrap());
         assert_eq!(common::augmented_params(&net), final_params, "stop {stop}");
         assert_same_file(&hook.finish().unwrap().to_bytes().unwrap(), &whole);
     }
@@ -151,7 +150,7 @@ fn checkpoints_that_do_not_fit_are_errors() {
     let data = images::<f32>(5, 4, 3);
     let mut net = cnn::<f32>(4, 1);
     let mut hook = OptimizerHook::new(sgd(), &net.traceables()).unwrap();
-    run(&mut net, &mut hook, &data, 0, Some((3, &path)));
+    run(&mut net, &mut hook, &data, 0, Some((3, &path))).unwrap();
 
     // Another network (other layers), another optimizer kind, the other float type.
     let mut other = common::mlp::<f32>(36, 4, 0);
@@ -199,9 +198,101 @@ fn checkpoints_that_do_not_fit_are_errors() {
     // resumed run would silently restart it); nothing is written.
     let mut net = cnn::<f32>(4, 1);
     let mut hook = OptimizerHook::new(Opaque, &net.traceables()).unwrap();
-    run(&mut net, &mut hook, &data, 0, None);
+    run(&mut net, &mut hook, &data, 0, None).unwrap();
     let fresh = dir.path().join("opaque.ckpt");
     let e = hook.save_checkpoint(&fresh).unwrap_err();
     assert!(e.to_string().contains("export_state"), "{e}");
     assert!(!fresh.exists());
+}
+
+/// A checkpoint edited with a valid checksum (a crafted or buggy writer):
+/// inconsistent counters and groups are errors at resume; a huge but finite
+/// value anywhere either is refused at resume or, once trained on, makes
+/// saving an error — never a file that cannot be loaded back, never a panic.
+#[test]
+fn crafted_checkpoints_are_errors_or_train_on_to_files_that_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.ckpt");
+    let data = images::<f32>(5, 4, 3);
+    let mut net = cnn::<f32>(4, 1);
+    let mut hook = OptimizerHook::new(sgd(), &net.traceables()).unwrap();
+    run(&mut net, &mut hook, &data, 0, Some((6, &path))).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let resume = |crafted: Vec<u8>| {
+        let file = dir.path().join("crafted.ckpt");
+        std::fs::write(&file, crafted).unwrap();
+        let mut net = cnn::<f32>(4, 2);
+        let hook = OptimizerHook::resume(sgd(), &mut net.traceables_mut(), &file);
+        (hook, net)
+    };
+    assert!(resume(common::reencode(&bytes, |_, _| {})).0.is_ok());
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let corrupt: Vec<(&str, Edit)> = vec![
+        ("step count", Box::new(|h| h["step"] = 5.into())),
+        (
+            "pending groups out of order",
+            Box::new(|h| h["pending"][1][0] = h["pending"][0][0].clone()),
+        ),
+        (
+            "pending group beyond those opened",
+            Box::new(|h| h["pending"][0][0] = 1_000.into()),
+        ),
+        (
+            "pending term's source",
+            Box::new(|h| h["pending"][0][1][0][1] = 1_000_000.into()),
+        ),
+        (
+            "a pending term listed twice",
+            Box::new(|h| {
+                let terms = h["pending"][0][1].as_array_mut().unwrap();
+                terms.push(terms[0].clone());
+            }),
+        ),
+    ];
+    for (what, edit) in corrupt {
+        let (got, _) = resume(common::reencode(&bytes, |h, _| edit(h)));
+        assert!(
+            matches!(got, Err(Error::CorruptLedger { .. })),
+            "{what}: {:?}",
+            got.map(|_| "resumed")
+        );
+    }
+    let names: Vec<String> = safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap()
+        .names()
+        .into_iter()
+        .map(String::from)
+        .collect();
+    let mut refused_at_save = 0;
+    for name in names {
+        let crafted = common::reencode(&bytes, |_, t| {
+            let (dtype, _, data) = t.get_mut(&name).unwrap();
+            match dtype {
+                safetensors::Dtype::F64 if data.len() >= 8 => {
+                    data[..8].copy_from_slice(&1.1e243f64.to_le_bytes())
+                }
+                safetensors::Dtype::F32 if data.len() >= 4 => {
+                    data[..4].copy_from_slice(&3e38f32.to_le_bytes())
+                }
+                _ => {}
+            }
+        });
+        let (Ok(mut hook), mut net) = resume(crafted) else {
+            continue;
+        };
+        let _ = run(&mut net, &mut hook, &data, 6, None);
+        match hook.snapshot().to_bytes() {
+            Ok(saved) => {
+                Ledger::<f32>::from_bytes(&saved).unwrap_or_else(|e| panic!("{name}: {e}"));
+            }
+            Err(e) => {
+                assert!(
+                    matches!(e, Error::CorruptLedger { .. } | Error::NonFinite { .. }),
+                    "{name}: {e}"
+                );
+                refused_at_save += 1;
+            }
+        }
+    }
+    assert!(refused_at_save > 0, "no edit reached the save-time check");
 }

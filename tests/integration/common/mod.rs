@@ -253,3 +253,42 @@ pub fn trained_cnn<F: Float>(
     let (test, _) = images::<F>(1, 4, 9);
     (hook.finish().unwrap(), net, test)
 }
+
+/// Re-encodes a saved ledger (or checkpoint) after `edit` changed its header or tensors, with
+/// a valid checksum: what a crafted (or buggy) writer produces.
+pub fn reencode(
+    bytes: &[u8],
+    edit: impl FnOnce(
+        &mut serde_json::Value,
+        &mut std::collections::BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>,
+    ),
+) -> Vec<u8> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).unwrap();
+    let mut info = meta.metadata().clone().unwrap();
+    let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+    let mut tensors: std::collections::BTreeMap<_, _> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, (t.dtype(), t.shape().to_vec(), t.data().to_vec())))
+        .collect();
+    let mut header: serde_json::Value = serde_json::from_str(&info["payload"]).unwrap();
+    edit(&mut header, &mut tensors);
+    let payload = serde_json::to_string(&header).unwrap();
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(payload.as_bytes());
+    for (_, _, data) in tensors.values() {
+        crc.update(data);
+    }
+    info.insert("crc32".into(), format!("{:08x}", crc.finalize()));
+    info.insert("payload".into(), payload);
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, (dt, shape, data))| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*dt, shape.clone(), data).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize(views, Some(info)).unwrap()
+}
