@@ -1,5 +1,14 @@
 //! Metrics for evaluating explanations: ROC AUC, class agreement, recall in the
-//! top fraction, and mean ± standard error.
+//! top fraction, mean ± standard error, Spearman rank correlation and the
+//! linear datamodeling score.
+//!
+//! **Linear datamodeling score (LDS**, Park et al. 2023, "TRAK"): an
+//! attribution `τ(x)` (one score per training example) predicts the output
+//! `f(x)` of a model trained on a subset `S` of the training set as
+//! `Σ_{i∈S} τ(x)_i`. Train models on random subsets `S_1 … S_m`, measure
+//! `f_{S_j}(x)`, and take the Spearman correlation over `j` between predicted
+//! and measured; the LDS is its mean over test points. It is the field's
+//! yardstick for "which training examples caused this prediction".
 
 /// ROC AUC of `scores` (higher = more likely positive) against `positive` labels:
 /// the probability that a random positive outranks a random negative, ties
@@ -92,6 +101,93 @@ pub fn mean_and_standard_error(values: &[f64]) -> (f64, f64) {
     (mean, (var / n as f64).sqrt())
 }
 
+/// Spearman rank correlation of `a` and `b` (average ranks for ties). `None`
+/// when the lengths differ, there are fewer than two values, a value is NaN, or
+/// either side is constant.
+///
+/// # Example
+/// ```
+/// use refinement_ledger::metrics::spearman;
+/// assert_eq!(spearman(&[1.0, 2.0, 3.0], &[10.0, 20.0, 90.0]), Some(1.0));
+/// assert_eq!(spearman(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]), Some(-1.0));
+/// assert_eq!(spearman(&[1.0, 1.0], &[1.0, 2.0]), None);
+/// ```
+pub fn spearman(a: &[f64], b: &[f64]) -> Option<f64> {
+    if a.len() != b.len() || a.len() < 2 || a.iter().chain(b).any(|v| v.is_nan()) {
+        return None;
+    }
+    let (ra, rb) = (ranks(a), ranks(b));
+    let n = a.len() as f64;
+    let mean = (n + 1.0) / 2.0;
+    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+    for (x, y) in ra.iter().zip(&rb) {
+        sab += (x - mean) * (y - mean);
+        saa += (x - mean) * (x - mean);
+        sbb += (y - mean) * (y - mean);
+    }
+    (saa > 0.0 && sbb > 0.0).then(|| sab / (saa * sbb).sqrt())
+}
+
+/// Ranks from 1, ties sharing their average rank.
+fn ranks(v: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..v.len()).collect();
+    order.sort_by(|&i, &j| v[i].total_cmp(&v[j]));
+    let mut out = vec![0.0; v.len()];
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && v[order[j + 1]] == v[order[i]] {
+            j += 1;
+        }
+        let rank = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &order[i..=j] {
+            out[k] = rank;
+        }
+        i = j + 1;
+    }
+    out
+}
+
+/// The linear datamodeling score of attributions `scores` (`[n_points][n_train]`)
+/// against models trained on `subsets` (training indices) whose measured outputs
+/// are `measured` (`[n_subsets][n_points]`): per point, the Spearman
+/// correlation over subsets of `Σ_{i∈S} scores[point][i]` with the measured
+/// output; returns every point's value (NaN where undefined, e.g. a constant
+/// score row). Average them with [`mean_and_standard_error`] over the finite ones.
+///
+/// # Example
+/// ```
+/// use refinement_ledger::metrics::linear_datamodeling_score;
+/// // One test point, three training examples: example 0 raises the output by 2, example 1 by 1.
+/// let subsets = vec![vec![0, 1], vec![1, 2], vec![0, 2], vec![2]];
+/// let measured: Vec<Vec<f64>> = subsets.iter()
+///     .map(|s: &Vec<usize>| vec![s.iter().map(|&i| [2.0, 1.0, 0.0][i]).sum()])
+///     .collect();
+/// let good = linear_datamodeling_score(&[vec![2.0, 1.0, 0.0]], &subsets, &measured);
+/// assert_eq!(good, vec![1.0]);
+/// let reversed = linear_datamodeling_score(&[vec![0.0, 1.0, 2.0]], &subsets, &measured);
+/// assert!(reversed[0] < 0.0);
+/// ```
+pub fn linear_datamodeling_score(
+    scores: &[Vec<f64>],
+    subsets: &[Vec<usize>],
+    measured: &[Vec<f64>],
+) -> Vec<f64> {
+    (0..scores.len())
+        .map(|p| {
+            let predicted: Option<Vec<f64>> = subsets
+                .iter()
+                .map(|s| s.iter().map(|&i| scores[p].get(i).copied()).sum())
+                .collect();
+            let truth: Option<Vec<f64>> = measured.iter().map(|m| m.get(p).copied()).collect();
+            match (predicted, truth) {
+                (Some(a), Some(b)) => spearman(&a, &b).unwrap_or(f64::NAN),
+                _ => f64::NAN,
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,5 +229,15 @@ mod tests {
         assert_eq!(mean_and_standard_error(&[2.0, 2.0, 2.0]), (2.0, 0.0));
         assert_eq!(mean_and_standard_error(&[5.0]), (5.0, 0.0));
         assert!(mean_and_standard_error(&[]).0.is_nan());
+    }
+
+    #[test]
+    fn spearman_averages_tied_ranks() {
+        assert_eq!(ranks(&[3.0, 1.0, 3.0, 2.0]), vec![3.5, 1.0, 3.5, 2.0]);
+        // Ranks (1, 2.5, 2.5, 4) against (1, 2, 3, 4): r = 4.5 / sqrt(4.5 · 5).
+        let r = spearman(&[1.0, 2.0, 2.0, 5.0], &[1.0, 2.0, 3.0, 4.0]).unwrap();
+        assert!((r - (4.5f64 / (4.5f64 * 5.0).sqrt())).abs() < 1e-12, "{r}");
+        assert_eq!(spearman(&[1.0, f64::NAN], &[1.0, 2.0]), None);
+        assert_eq!(spearman(&[1.0], &[1.0]), None);
     }
 }

@@ -43,6 +43,7 @@ mod kernel;
 pub(crate) mod lens;
 mod ridge;
 mod scores;
+mod segment_ridge;
 mod sketch;
 
 pub use attribution::ClassAttribution;
@@ -52,6 +53,7 @@ pub use input::{Pairing, Query, Targets, argmax_rows};
 pub use lens::{LayerSel, Lens};
 pub use ridge::{MAX_RIDGE_SOURCES, RidgeLens};
 pub use scores::{Influence, Influences, Ranking, Scores};
+pub use segment_ridge::{MAX_SEGMENT_RIDGE_BYTES, SegmentRidge};
 pub use sketch::{LedgerSketch, SketchConfig, SketchLens, SketchRidge};
 
 use ndarray::{Array1, ArrayViewD};

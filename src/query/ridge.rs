@@ -18,7 +18,7 @@
 //! lens ([`LedgerSketch::ridge`](super::LedgerSketch::ridge): every account
 //! projected to `k` numbers per layer, a `Σk × Σk` solve), or the loss lens.
 
-use ndarray::{Array2, Axis};
+use ndarray::Array2;
 
 use super::Scorer;
 use super::input::Query;
@@ -27,7 +27,7 @@ use super::scores::Scores;
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::ledger::{Ledger, SourceMeta};
-use crate::linalg::{cholesky, solve_cholesky};
+use crate::linalg::{cholesky, solve_cholesky_many};
 
 /// A factored ridge system for one ledger, reused across queries.
 ///
@@ -184,14 +184,17 @@ impl<'a, F: Float> Scorer<'a, F> for RidgeLens<'a, F> {
     }
 
     fn scores(&self, query: &Query<F>) -> Result<Scores<'a>> {
-        let mut out = self
+        let lg = self
             .ledger
             .scores(query, Lens::Loss, LayerSel::All)?
             .into_values(); // [n_q, N] = (L g)ᵀ
-        for mut row in out.axis_iter_mut(Axis(0)) {
-            let alpha = solve_cholesky(&self.chol, row.to_owned());
-            row.assign(&alpha);
-        }
-        Ok(Scores::new(out, self.ledger.sources()))
+        let alpha = solve_cholesky_many(
+            &self.chol,
+            lg.reversed_axes().as_standard_layout().into_owned(),
+        );
+        Ok(Scores::new(
+            alpha.reversed_axes().as_standard_layout().into_owned(),
+            self.ledger.sources(),
+        ))
     }
 }

@@ -14,6 +14,71 @@ mod digits;
 #[path = "../../examples/evaluate.rs"]
 #[allow(dead_code)]
 mod evaluate;
+#[path = "../../examples/fashion_lds.rs"]
+#[allow(dead_code)]
+mod fashion_lds;
+
+#[test]
+fn fashion_lds_example_scores_every_lens_and_writes_its_files() {
+    // Fashion-MNIST when installed, else synthetic data of its shape; the
+    // smallest run at which every lens, metric and file is produced.
+    let dir = tempfile::tempdir().unwrap();
+    let opts = fashion_lds::Opts {
+        n_train: 128,
+        n_test: 8,
+        n_valid: 4,
+        subsets: 8,
+        epochs: 2,
+        ..fashion_lds::Opts::quick()
+    };
+    let json = fashion_lds::run(opts, dir.path()).unwrap().unwrap();
+    for key in [
+        "test_accuracy_full",
+        "test_accuracy_subset_mean",
+        "ridge_c",
+        "segment_ridge_c",
+    ] {
+        assert!(json[key].is_number(), "{key} = {}", json[key]);
+    }
+    let lenses = json["lenses"].as_array().unwrap();
+    let names: Vec<&str> = lenses.iter().map(|l| l["lens"].as_str().unwrap()).collect();
+    for name in [
+        "influence",
+        "share",
+        "cos",
+        "margin",
+        "loss/final",
+        "loss/epoch",
+        "loss/midpoint",
+        "ridge",
+        "ridge/sketch",
+        "ridge/segments",
+        "random",
+    ] {
+        assert!(names.contains(&name), "{name} missing from {names:?}");
+    }
+    for l in lenses {
+        assert!(l["score_seconds"].is_number(), "{l}");
+        let labelled = l["target"] != "predicted label";
+        assert_eq!(l["mislabel_auc"].is_number(), labelled, "{l}");
+        let auc = l["mislabel_auc"].as_f64().unwrap_or(0.5);
+        assert!((0.0..=1.0).contains(&auc), "{l}");
+        let lds = l["lds_mean"].as_f64();
+        assert!(lds.is_none_or(|v| (-1.0..=1.0).contains(&v)), "{l}");
+    }
+    let bytes = std::fs::read(dir.path().join("fashion_scores.safetensors")).unwrap();
+    let scores = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(scores.len(), lenses.len());
+    for (_, t) in scores.tensors() {
+        assert_eq!(t.shape(), &[8, 128]);
+    }
+    let truth: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("fashion_ground_truth.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(truth["subsets"].as_array().unwrap().len(), 8);
+    assert_eq!(truth["test_margins"][0].as_array().unwrap().len(), 8);
+}
 
 #[test]
 fn custom_loop_example_explains_a_prediction_and_balances() {

@@ -15,5 +15,6 @@ mod properties;
 mod queries;
 mod resume;
 mod robustness;
+mod segment_ridge;
 mod sketch;
 mod update_check;

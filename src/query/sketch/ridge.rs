@@ -8,7 +8,7 @@ use super::{LedgerSketch, SOURCE_CHUNK};
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::ledger::SourceMeta;
-use crate::linalg::{cholesky, solve_cholesky};
+use crate::linalg::{cholesky, solve_cholesky_many};
 use crate::query::{Query, Scorer, Scores};
 
 impl LedgerSketch {
@@ -129,11 +129,13 @@ impl<'a, F: Float> Scorer<'a, F> for SketchRidge<'a> {
             col += k;
         }
         // β = (SᵀS + λI)⁻¹ φ(g) per query, then α = S β.
-        let mut beta = Array2::zeros((query.len(), total));
-        for (q, row) in g.rows().into_iter().enumerate() {
-            beta.row_mut(q)
-                .assign(&solve_cholesky(&self.chol, row.to_owned()));
-        }
+        let beta = solve_cholesky_many(
+            &self.chol,
+            g.reversed_axes().as_standard_layout().into_owned(),
+        )
+        .reversed_axes()
+        .as_standard_layout()
+        .into_owned();
         let mut col = 0;
         let mut out = Array2::zeros((query.len(), sketch.sources.len()));
         for (l, &k) in sketch.dims.iter().enumerate() {
