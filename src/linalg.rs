@@ -56,6 +56,39 @@ pub(crate) fn cholesky(a: Array2<f64>) -> Result<Array2<f64>> {
     Ok(l)
 }
 
+/// `gram += m mᵀ` for `m` `[n, d]`: block rows of the lower triangle in
+/// parallel (one matrix product each), then mirrored — half the flops of the
+/// full product, on every core.
+pub(crate) fn add_gram(m: &Array2<f64>, gram: &mut Array2<f64>) {
+    let n = m.nrows();
+    let mut lower = Array2::<f64>::zeros((n, n));
+    lower
+        .axis_chunks_iter_mut(Axis(0), BLOCK)
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(b, mut rows)| {
+            let r0 = b * BLOCK;
+            let r1 = r0 + rows.nrows();
+            let mut block = rows.slice_mut(s![.., ..r1]);
+            general_mat_mul(
+                1.0,
+                &m.slice(s![r0..r1, ..]),
+                &m.slice(s![..r1, ..]).t(),
+                0.0,
+                &mut block,
+            );
+        });
+    for i in 0..n {
+        for j in 0..=i {
+            let v = lower[[i, j]];
+            gram[[i, j]] += v;
+            if i != j {
+                gram[[j, i]] += v;
+            }
+        }
+    }
+}
+
 /// Factors the diagonal block `[k0, k1)` of `l` in place (its trailing
 /// updates already applied), unblocked.
 fn factor_diagonal_block(l: &mut Array2<f64>, k0: usize, k1: usize) -> Result<()> {

@@ -2,6 +2,8 @@
 //! loop over seeded shuffled batches, and small evaluation helpers.
 #![allow(dead_code)]
 
+pub mod lds;
+
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{SeedableRng, rngs::StdRng};
 use refinement_ledger::data::{Dataset, ShuffledSampler};

@@ -27,7 +27,7 @@ use super::scores::Scores;
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::ledger::{Ledger, SourceMeta};
-use crate::linalg::{cholesky, solve_cholesky_many};
+use crate::linalg::{add_gram, cholesky, solve_cholesky_many};
 
 /// A factored ridge system for one ledger, reused across queries.
 ///
@@ -114,7 +114,7 @@ impl<'a, F: Float> RidgeLens<'a, F> {
         let mut gram = Array2::<f64>::zeros((n, n));
         for l in 0..ledger.layers().len() {
             let m = ledger.account_matrix(l)?;
-            ndarray::linalg::general_mat_mul(1.0, &m, &m.t(), 1.0, &mut gram);
+            add_gram(&m, &mut gram);
         }
         Self::from_gram(ledger, gram, c)
     }

@@ -11,10 +11,10 @@ mod custom_loop;
 #[path = "../../examples/digits.rs"]
 #[allow(dead_code)]
 mod digits;
-#[path = "../../examples/evaluate.rs"]
+#[path = "../../examples/evaluate/main.rs"]
 #[allow(dead_code)]
 mod evaluate;
-#[path = "../../examples/fashion_lds.rs"]
+#[path = "../../examples/fashion_lds/main.rs"]
 #[allow(dead_code)]
 mod fashion_lds;
 
@@ -140,6 +140,7 @@ fn evaluation_example_writes_every_lens_and_metric() {
                 "deletion_margin_drop",
                 "deletion_prob_drop",
                 "query_seconds",
+                "lds",
             ] {
                 assert!(l[key].is_number(), "{name}.{key} = {}", l[key]);
             }

@@ -1,17 +1,21 @@
 //! Evidence for which lens answers which question, on the digits (MLP and CNN):
 //! (a) class agreement@10, (b) mislabel detection by self-score, (c) deletion
-//! faithfulness by retraining without the top-20 proponents, (d) query time.
+//! faithfulness by retraining without the top-20 proponents, (d) query time,
+//! (e) the linear datamodeling score against models retrained on random halves
+//! of the training set (the correct-class margin as the target).
 //!
 //! Run: `cargo run --release --example evaluate` (`-- --quick` for the reduced CI run).
 //! Writes `target/evaluation/digits.json`.
 
+#[path = "../common/mod.rs"]
 mod common;
+mod table;
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 use common::{
-    Model, Recipe, accuracy, gradient_query, probabilities, representation_query, train_bare,
+    Model, Recipe, accuracy, gradient_query, lds, probabilities, representation_query, train_bare,
     train_traced,
 };
 use ndarray::Array2;
@@ -28,6 +32,7 @@ use refinement_ledger::{
     Influence, LayerSel, Ledger, Lens, Query, Result, Scorer, Scores, SourceId,
 };
 use serde_json::{Value, json};
+use table::{Row, print_table, to_json};
 
 /// The size of an evaluation run.
 #[derive(Clone, Copy)]
@@ -44,6 +49,10 @@ pub struct Opts {
     pub epochs: u64,
     /// Training examples removed per deletion.
     pub removed: usize,
+    /// Random half-size subsets the LDS ground truth is trained on.
+    pub lds_subsets: usize,
+    /// Models (seeds) per subset.
+    pub lds_seeds: usize,
 }
 
 impl Opts {
@@ -56,6 +65,8 @@ impl Opts {
             validation_points: 2,
             epochs: 3,
             removed: 20,
+            lds_subsets: 6,
+            lds_seeds: 1,
         }
     }
     /// The full run the README's tables come from.
@@ -67,19 +78,10 @@ impl Opts {
             validation_points: 10,
             epochs: 30,
             removed: 20,
+            lds_subsets: 50,
+            lds_seeds: 3,
         }
     }
-}
-
-/// Per-lens results.
-#[derive(Default, Clone)]
-struct Row {
-    agreement: Option<f64>,
-    auc: Option<f64>,
-    recall: Option<[f64; 3]>,
-    margin_drop: Option<(f64, f64)>,
-    prob_drop: Option<(f64, f64)>,
-    seconds: Option<f64>,
 }
 
 /// Every lens's proponent scores `[n_q, n_sources]` for queries `x` with targets `targets`, timed.
@@ -279,6 +281,22 @@ fn evaluate(model: Model, opts: Opts) -> Result<(BTreeMap<String, Row>, Value)> 
         row.seconds = Some(secs + rank_secs);
     }
 
+    // (e) LDS: models trained on random halves, the margin at the true label.
+    let subsets = lds::subsets(train.len(), train.len() / 2, opts.lds_subsets, 2024);
+    let (truth, _) = lds::ground_truth(subsets.len(), opts.lds_seeds, |s, r| {
+        let seed = 100 + 1000 * s as u64 + r;
+        let mut keep = vec![false; train.len()];
+        subsets[s].iter().for_each(|&i| keep[i] = true);
+        let removed: Vec<usize> = (0..train.len()).filter(|&i| !keep[i]).collect();
+        let mut net = model.build(seed)?;
+        train_bare(&mut net, &train, &Recipe { seed, ..recipe }, &removed)?;
+        Ok((lds::margins(&mut net, eval.x(), eval.labels())?, ()))
+    })?;
+    for (name, scores, _) in &lenses {
+        let by_file = lds::by_file_order(scores, &ledger, train.ids());
+        rows.entry(name.clone()).or_default().lds = Some(lds::lds(&by_file, &subsets, &truth));
+    }
+
     // (b) mislabel detection: flip 10% of training labels, retrain traced, rank by self-score.
     let mut rng = ChaCha8Rng::seed_from_u64(17);
     let mut idx: Vec<usize> = (0..train.len()).collect();
@@ -411,51 +429,6 @@ fn evaluate(model: Model, opts: Opts) -> Result<(BTreeMap<String, Row>, Value)> 
         "deletion_points": opts.deletion_points, "removed": opts.removed, "ridge_c": best.1,
         "ridge_fit_seconds": fit_seconds, "sources": ledger.sources().len() });
     Ok((rows, meta))
-}
-
-fn print_table(model: Model, rows: &BTreeMap<String, Row>) {
-    println!(
-        "\n| {} lens | agreement@10 | mislabel AUC | flipped in top 5/10/20% | deletion margin drop | deletion prob drop | query s (top-10, all points) |",
-        model.name()
-    );
-    println!("|---|---|---|---|---|---|---|");
-    let f = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.3}"));
-    let pm = |v: Option<(f64, f64)>| v.map_or("–".into(), |(m, s)| format!("{m:.3} ± {s:.3}"));
-    for (name, r) in rows {
-        let recall = r.recall.map_or("–".into(), |r| {
-            format!("{:.2} / {:.2} / {:.2}", r[0], r[1], r[2])
-        });
-        println!(
-            "| {name} | {} | {} | {recall} | {} | {} | {} |",
-            f(r.agreement),
-            f(r.auc),
-            pm(r.margin_drop),
-            pm(r.prob_drop),
-            r.seconds.map_or("–".into(), |s| format!("{s:.3}"))
-        );
-    }
-}
-
-fn to_json(rows: &BTreeMap<String, Row>, meta: Value) -> Value {
-    let lenses: serde_json::Map<String, Value> = rows
-        .iter()
-        .map(|(name, r)| {
-            (
-                name.clone(),
-                json!({
-                    "class_agreement_at_10": r.agreement,
-                    "mislabel_auc": r.auc,
-                    "mislabel_recall_top_5_10_20": r.recall,
-                    "deletion_margin_drop": r.margin_drop.map(|v| v.0),
-                    "deletion_margin_drop_se": r.margin_drop.map(|v| v.1),
-                    "deletion_prob_drop": r.prob_drop.map(|v| v.0),
-                    "deletion_prob_drop_se": r.prob_drop.map(|v| v.1),
-                    "query_seconds": r.seconds,
-                }),
-            )
-        })
-        .collect();
-    json!({ "lenses": lenses, "meta": meta })
 }
 
 fn main() -> Result<()> {

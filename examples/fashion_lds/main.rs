@@ -14,26 +14,26 @@
 //! `fashion_scores.safetensors` (one `[500, 5000]` f32 matrix per lens, rows =
 //! test points, columns = training examples, both in file order).
 
-#[path = "common/fashion.rs"]
+#[path = "../common/fashion.rs"]
 mod fashion;
+#[path = "../common/lds.rs"]
+mod lds;
+mod lenses;
 
-use std::collections::BTreeMap;
+use lenses::{Cs, Ridges, Scored, choose_c, mislabel, score_all};
+
 use std::time::Instant;
 
-use ndarray::{Array2, ArrayD};
-use rand::{Rng, SeedableRng, seq::SliceRandom};
+use rand::{SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha8Rng;
-use rayon::prelude::*;
 use refinement_ledger::data::{Dataset, IdxSplit};
-use refinement_ledger::metrics::{linear_datamodeling_score, mean_and_standard_error, roc_auc};
+use refinement_ledger::metrics::mean_and_standard_error;
 use refinement_ledger::nn::{DenseConfig, Relu, Sequential};
 use refinement_ledger::optim::{Sgd, SgdConfig};
 use refinement_ledger::query::{
-    LedgerSketch, Pairing, RidgeLens, SegmentRidge, SketchConfig, SketchRidge, Targets,
+    LedgerSketch, Pairing, RidgeLens, SegmentRidge, SketchConfig, Targets,
 };
-use refinement_ledger::{
-    Batch, Error, Ledger, Lens, Optimizer, OptimizerHook, Query, Result, Scorer, SourceId,
-};
+use refinement_ledger::{Batch, Error, Optimizer, OptimizerHook, Query, Result, Scorer};
 use serde_json::{Value, json};
 
 /// The size of a run.
@@ -136,24 +136,6 @@ fn train(
     Ok(())
 }
 
-/// The correct-class margin `log p_y − log(1 − p_y) = z_y − logsumexp_{k≠y} z_k` per row.
-fn margins(net: &mut Sequential<f32>, x: &ArrayD<f32>, y: &[usize]) -> Result<Vec<f64>> {
-    let z = net.logits(x.view())?;
-    Ok(z.rows()
-        .into_iter()
-        .zip(y)
-        .map(|(row, &c)| {
-            let others: Vec<f64> = (0..row.len())
-                .filter(|&k| k != c)
-                .map(|k| f64::from(row[k]))
-                .collect();
-            let m = others.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let lse = m + others.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
-            f64::from(row[c]) - lse
-        })
-        .collect())
-}
-
 fn accuracy(net: &mut Sequential<f32>, data: &Dataset<f32>) -> Result<f64> {
     let pred = net.predict(data.x().view())?;
     let right = pred
@@ -164,7 +146,6 @@ fn accuracy(net: &mut Sequential<f32>, data: &Dataset<f32>) -> Result<f64> {
     Ok(right as f64 / data.len() as f64)
 }
 
-/// The data: train, test and validation sets, and their source.
 /// The protocol's data sets and where they came from.
 struct Splits {
     train: Dataset<f32>,
@@ -203,9 +184,6 @@ fn data(opts: &Opts) -> Result<Option<Splits>> {
     }))
 }
 
-/// One subset model's margins at the test and validation points, and its test accuracy.
-type ModelRun = (Vec<f64>, Vec<f64>, f64);
-
 /// The ground truth: per subset, the margins of test and validation points
 /// averaged over the seeds' models, and the models' test accuracy.
 struct Truth {
@@ -221,275 +199,32 @@ fn ground_truth(
     test: &Dataset<f32>,
     valid: &Dataset<f32>,
 ) -> Result<Truth> {
-    let mut rng = ChaCha8Rng::seed_from_u64(2024);
-    let subsets: Vec<Vec<usize>> = (0..opts.subsets)
-        .map(|_| {
-            let mut all: Vec<usize> = (0..opts.n_train).collect();
-            all.shuffle(&mut rng);
-            let mut s = all[..opts.n_train / 2].to_vec();
-            s.sort_unstable();
-            s
-        })
-        .collect();
-    let jobs: Vec<(usize, u64)> = (0..subsets.len())
-        .flat_map(|s| (0..opts.seeds).map(move |r| (s, r)))
-        .collect();
-    let results: Vec<ModelRun> = jobs
-        .par_iter()
-        .map(|&(s, r)| {
-            let seed = 100 + 1000 * s as u64 + r;
-            let mut net = mlp(seed)?;
-            train(&mut net, train_set, &subsets[s], opts.epochs, seed, None)?;
-            Ok((
-                margins(&mut net, test.x(), test.labels())?,
-                margins(&mut net, valid.x(), valid.labels())?,
-                accuracy(&mut net, test)?,
-            ))
-        })
-        .collect::<Result<_>>()?;
-    let average = |pick: &dyn Fn(&ModelRun) -> &Vec<f64>| -> Vec<Vec<f64>> {
-        (0..subsets.len())
-            .map(|s| {
-                let runs: Vec<&Vec<f64>> = results
-                    [s * opts.seeds as usize..(s + 1) * opts.seeds as usize]
-                    .iter()
-                    .map(pick)
-                    .collect();
-                (0..runs[0].len())
-                    .map(|p| runs.iter().map(|r| r[p]).sum::<f64>() / runs.len() as f64)
-                    .collect()
-            })
-            .collect()
+    let subsets = lds::subsets(opts.n_train, opts.n_train / 2, opts.subsets, 2024);
+    let seeds = opts.seeds as usize;
+    // One run's outputs: test margins, then validation margins (split below).
+    let (both, accuracy) = lds::ground_truth(subsets.len(), seeds, |s, r| {
+        let seed = 100 + 1000 * s as u64 + r;
+        let mut net = mlp(seed)?;
+        train(&mut net, train_set, &subsets[s], opts.epochs, seed, None)?;
+        let mut out = lds::margins(&mut net, test.x(), test.labels())?;
+        out.extend(lds::margins(&mut net, valid.x(), valid.labels())?);
+        Ok((out, accuracy(&mut net, test)?))
+    })?;
+    let split = |v: &Vec<f64>, valid: bool| -> Vec<f64> {
+        let (t, va) = v.split_at(test.len());
+        if valid { va.to_vec() } else { t.to_vec() }
     };
     Ok(Truth {
-        test: average(&|r| &r.0),
-        valid: average(&|r| &r.1),
-        accuracy: results.iter().map(|r| r.2).collect(),
+        test: both.iter().map(|v| split(v, false)).collect(),
+        valid: both.iter().map(|v| split(v, true)).collect(),
+        accuracy,
         subsets,
     })
 }
 
-/// Scores `[n_q, sources]` as rows over the training set in file order.
-fn by_file_order(
-    scores: &Array2<f64>,
-    ledger: &Ledger<f32>,
-    train: &Dataset<f32>,
-) -> Vec<Vec<f64>> {
-    let column: BTreeMap<SourceId, usize> = train
-        .ids()
-        .iter()
-        .enumerate()
-        .map(|(i, &e)| (SourceId::Example(e), i))
-        .collect();
-    scores
-        .rows()
-        .into_iter()
-        .map(|row| {
-            let mut out = vec![0.0; train.len()];
-            for (s, meta) in ledger.sources().iter().enumerate() {
-                if let Some(&i) = column.get(&meta.id) {
-                    out[i] = row[s];
-                }
-            }
-            out
-        })
-        .collect()
-}
-
-fn lds(scores: &[Vec<f64>], truth: &Truth, valid: bool) -> (f64, f64) {
+fn lds_of(scores: &[Vec<f64>], truth: &Truth, valid: bool) -> (f64, f64) {
     let measured = if valid { &truth.valid } else { &truth.test };
-    let per_point = linear_datamodeling_score(scores, &truth.subsets, measured);
-    let finite: Vec<f64> = per_point.into_iter().filter(|v| v.is_finite()).collect();
-    mean_and_standard_error(&finite)
-}
-
-/// The grid value of `c` whose validation scores (`fit(c)`) have the best LDS.
-fn choose_c(
-    fit: &dyn Fn(f64) -> Result<Array2<f64>>,
-    ledger: &Ledger<f32>,
-    train: &Dataset<f32>,
-    truth: &Truth,
-) -> Result<f64> {
-    let mut best = (f64::NEG_INFINITY, RIDGE_GRID[0]);
-    for c in RIDGE_GRID {
-        let (m, _) = lds(&by_file_order(&fit(c)?, ledger, train), truth, true);
-        println!("  c = {c:e}: validation LDS {m:.3}");
-        if m > best.0 {
-            best = (m, c);
-        }
-    }
-    Ok(best.1)
-}
-
-/// The three ridge lenses, each at its `c` chosen on the validation points.
-struct Ridges<'a> {
-    exact: RidgeLens<'a, f32>,
-    sketch: SketchRidge<'a>,
-    segments: SegmentRidge<'a, f32>,
-}
-
-/// `c` per ridge lens.
-#[derive(Clone, Copy)]
-struct Cs {
-    exact: f64,
-    sketch: f64,
-    segments: f64,
-}
-
-/// One lens's results.
-struct Scored {
-    name: String,
-    target: &'static str,
-    scores: Vec<Vec<f64>>,
-    seconds: f64,
-}
-
-/// Every lens's scores for the test points (file order), timed.
-fn score_all(
-    net: &mut Sequential<f32>,
-    ledger: &Ledger<f32>,
-    ridges: &Ridges<'_>,
-    test: &Dataset<f32>,
-    train_set: &Dataset<f32>,
-) -> Result<Vec<Scored>> {
-    let x = test.x();
-    let mut out = Vec::new();
-    let mut timed =
-        |name: &str, target: &'static str, f: &mut dyn FnMut() -> Result<Array2<f64>>| {
-            let t = Instant::now();
-            let scores = f()?;
-            let seconds = t.elapsed().as_secs_f64();
-            let scores = by_file_order(&scores, ledger, train_set);
-            out.push(Scored {
-                name: name.into(),
-                target,
-                scores,
-                seconds,
-            });
-            Ok::<(), Error>(())
-        };
-    let labels = Targets::Labels(test.labels());
-    for (lens, name) in [
-        (Lens::Influence, "influence"),
-        (Lens::Share, "share"),
-        (Lens::Cos, "cos"),
-        (Lens::Margin, "margin"),
-    ] {
-        timed(name, "representation", &mut || {
-            let q = Query::forward(net, x.view())?;
-            Ok(ledger.lens(lens).scores(&q)?.into_values())
-        })?;
-    }
-    for (targets, tag) in [
-        (labels, "true label"),
-        (Targets::Predicted, "predicted label"),
-    ] {
-        timed("loss/final", tag, &mut || {
-            let q = Query::gradients(net, x.view(), targets)?;
-            Ok(ledger.lens(Lens::Loss).scores(&q)?.into_values())
-        })?;
-        for (pairing, name) in [
-            (Pairing::SegmentEnd, "loss/epoch"),
-            (Pairing::Midpoint, "loss/midpoint"),
-        ] {
-            timed(name, tag, &mut || {
-                let q = Query::paired(net, x.view(), targets, ledger, pairing)?;
-                Ok(ledger.lens(Lens::Loss).scores(&q)?.into_values())
-            })?;
-        }
-        timed("ridge", tag, &mut || {
-            let q = Query::gradients(net, x.view(), targets)?;
-            Ok(ridges.exact.scores(&q)?.into_values())
-        })?;
-        timed("ridge/sketch", tag, &mut || {
-            let q = Query::gradients(net, x.view(), targets)?;
-            Ok(ridges.sketch.scores(&q)?.into_values())
-        })?;
-        timed("ridge/segments", tag, &mut || {
-            let q = Query::paired(net, x.view(), targets, ledger, Pairing::SegmentEnd)?;
-            Ok(ridges.segments.scores(&q)?.into_values())
-        })?;
-    }
-    let n = ledger.sources().len();
-    timed("random", "none", &mut || {
-        let mut rng = ChaCha8Rng::seed_from_u64(99);
-        Ok(Array2::from_shape_fn((x.shape()[0], n), |_| {
-            rng.random::<f64>()
-        }))
-    })?;
-    Ok(out)
-}
-
-/// Mislabel detection: 10 % of the labels flipped, retrained traced, every
-/// lens's self-score as the ranking; ROC AUC per lens name.
-fn mislabel(
-    opts: &Opts,
-    train_set: &Dataset<f32>,
-    c: Cs,
-    sketch_config: &SketchConfig,
-) -> Result<BTreeMap<String, f64>> {
-    let n = train_set.len();
-    let mut rng = ChaCha8Rng::seed_from_u64(17);
-    let mut idx: Vec<usize> = (0..n).collect();
-    idx.shuffle(&mut rng);
-    let flipped = &idx[..n / 10];
-    let new_labels: Vec<usize> = flipped
-        .iter()
-        .map(|&i| (train_set.labels()[i] + rng.random_range(1..10)) % 10)
-        .collect();
-    let noisy = train_set.with_labels(flipped, &new_labels)?;
-    let mut is_flipped = vec![false; n];
-    flipped.iter().for_each(|&i| is_flipped[i] = true);
-    let mut net = mlp(0)?;
-    let mut hook = OptimizerHook::new(SgdConfig::new(LR).build()?, &net.traceables())?;
-    let all: Vec<usize> = (0..n).collect();
-    train(&mut net, &noisy, &all, opts.epochs, 0, Some(&mut hook))?;
-    let ledger = hook.finish()?;
-    let ids: Vec<SourceId> = noisy.ids().iter().map(|&e| SourceId::Example(e)).collect();
-    let (x, y) = (noisy.x(), Targets::Labels(noisy.labels()));
-    let rq = Query::forward(&mut net, x.view())?;
-    let gq = Query::gradients(&mut net, x.view(), y)?;
-    let mut out = BTreeMap::new();
-    let mut auc = |name: &str, s: ndarray::Array1<f64>| {
-        out.insert(
-            name.to_string(),
-            roc_auc(s.as_slice().expect("contiguous"), &is_flipped).unwrap_or(f64::NAN),
-        );
-    };
-    for (lens, name) in [
-        (Lens::Influence, "influence"),
-        (Lens::Share, "share"),
-        (Lens::Cos, "cos"),
-        (Lens::Margin, "margin"),
-    ] {
-        auc(name, ledger.lens(lens).self_scores(&rq, &ids)?);
-    }
-    auc(
-        "loss/final",
-        ledger.lens(Lens::Loss).self_scores(&gq, &ids)?,
-    );
-    for (pairing, name) in [
-        (Pairing::SegmentEnd, "loss/epoch"),
-        (Pairing::Midpoint, "loss/midpoint"),
-    ] {
-        let q = Query::paired(&mut net, x.view(), y, &ledger, pairing)?;
-        auc(name, ledger.lens(Lens::Loss).self_scores(&q, &ids)?);
-    }
-    auc(
-        "ridge",
-        RidgeLens::fit(&ledger, c.exact)?.self_scores(&gq, &ids)?,
-    );
-    let sketch = LedgerSketch::build(&ledger, sketch_config)?;
-    auc(
-        "ridge/sketch",
-        sketch.ridge(c.sketch)?.self_scores(&gq, &ids)?,
-    );
-    let q = Query::paired(&mut net, x.view(), y, &ledger, Pairing::SegmentEnd)?;
-    let segments = SegmentRidge::fit(&ledger, c.segments)?;
-    auc("ridge/segments", segments.self_scores(&q, &ids)?);
-    let mut rng = ChaCha8Rng::seed_from_u64(5);
-    auc("random", (0..n).map(|_| rng.random::<f64>()).collect());
-    Ok(out)
+    lds::lds(scores, &truth.subsets, measured)
 }
 
 /// Runs the protocol; `None` when the data is missing (the message is printed).
@@ -592,7 +327,7 @@ pub fn run(opts: Opts, out_dir: &std::path::Path) -> Result<Option<Value>> {
     println!("|---|---|---|---|---|");
     let mut lenses = Vec::new();
     for s in &scored {
-        let (m, se) = lds(&s.scores, &truth, false);
+        let (m, se) = lds_of(&s.scores, &truth, false);
         let auc = (s.target != "predicted label")
             .then(|| aucs.get(&s.name).copied())
             .flatten();
