@@ -114,9 +114,26 @@ fn factor_diagonal_block(l: &mut Array2<f64>, k0: usize, k1: usize) -> Result<()
     Ok(())
 }
 
-/// Solves `L Lᵀ X = B` for every column of `b` (`[n, m]`), blocked: forward
-/// then back substitution, the off-diagonal parts as matrix products.
+/// Solves `L Lᵀ X = B` for every column of `b` (`[n, m]`): the columns split
+/// among the cores, each part by [`solve_columns`].
 pub(crate) fn solve_cholesky_many(l: &Array2<f64>, mut b: Array2<f64>) -> Array2<f64> {
+    let threads = rayon::current_num_threads();
+    if threads < 2 || b.ncols() < 2 * BLOCK {
+        return solve_columns(l, b);
+    }
+    let chunk = b.ncols().div_ceil(threads);
+    b.axis_chunks_iter_mut(Axis(1), chunk)
+        .into_par_iter()
+        .for_each(|mut cols| {
+            let solved = solve_columns(l, cols.to_owned());
+            cols.assign(&solved);
+        });
+    b
+}
+
+/// Solves `L Lᵀ X = B` blocked: forward then back substitution, the
+/// off-diagonal parts as matrix products.
+fn solve_columns(l: &Array2<f64>, mut b: Array2<f64>) -> Array2<f64> {
     let n = l.nrows();
     // Forward: L Y = B.
     for k0 in (0..n).step_by(BLOCK) {
@@ -192,7 +209,8 @@ mod tests {
         for i in 0..n {
             assert!(l.slice(s![i, i + 1..]).iter().all(|&v| v == 0.0));
         }
-        let b = Array2::from_shape_fn((n, 5), |(i, j)| ((i + 3 * j) % 7) as f64 - 3.0);
+        // More columns than one block per core: the parallel split is exercised.
+        let b = Array2::from_shape_fn((n, 4 * BLOCK + 5), |(i, j)| ((i + 3 * j) % 7) as f64 - 3.0);
         let x = solve_cholesky_many(&l, b.clone());
         let res = (&a.dot(&x) - &b).iter().fold(0.0f64, |e, v| e.max(v.abs()));
         assert!(res < 1e-9, "residual {res:e}");
