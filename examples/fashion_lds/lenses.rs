@@ -21,7 +21,7 @@ use super::{LR, Opts, RIDGE_GRID, Truth, lds, lds_of, mlp, train};
 
 /// The grid value of `c` whose validation scores (`fit(c)`) have the best LDS.
 pub fn choose_c(
-    fit: &dyn Fn(f64) -> Result<Array2<f64>>,
+    fit: &mut dyn FnMut(f64) -> Result<Array2<f64>>,
     ledger: &Ledger<f32>,
     train: &Dataset<f32>,
     truth: &Truth,

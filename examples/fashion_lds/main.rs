@@ -274,20 +274,20 @@ pub fn run(opts: Opts, out_dir: &std::path::Path) -> Result<Option<Value>> {
     let fit_seconds = t.elapsed().as_secs_f64();
     println!("exact ridge: K fitted in {fit_seconds:.1} s");
     let c_exact = choose_c(
-        &|c| Ok(base.with_c(c)?.scores(&vq)?.into_values()),
+        &mut |c| Ok(base.with_c(c)?.scores(&vq)?.into_values()),
         &ledger,
         &train_set,
         &truth,
     )?;
     println!("sketched ridge:");
     let c_sketch = choose_c(
-        &|c| Ok(sketch.ridge(c)?.scores(&vq)?.into_values()),
+        &mut |c| Ok(sketch.ridge(c)?.scores(&vq)?.into_values()),
         &ledger,
         &train_set,
         &truth,
     )?;
     let t = Instant::now();
-    let base_segments = SegmentRidge::fit(&ledger, RIDGE_GRID[0])?;
+    let mut segments = SegmentRidge::fit(&ledger, RIDGE_GRID[0])?;
     let segments_fit_seconds = t.elapsed().as_secs_f64();
     println!(
         "ridge per segment: {} systems fitted in {segments_fit_seconds:.1} s",
@@ -301,7 +301,10 @@ pub fn run(opts: Opts, out_dir: &std::path::Path) -> Result<Option<Value>> {
         Pairing::SegmentEnd,
     )?;
     let c_segments = choose_c(
-        &|c| Ok(base_segments.with_c(c)?.scores(&vq_paired)?.into_values()),
+        &mut |c| {
+            segments.set_c(c)?;
+            Ok(segments.scores(&vq_paired)?.into_values())
+        },
         &ledger,
         &train_set,
         &truth,
@@ -315,12 +318,17 @@ pub fn run(opts: Opts, out_dir: &std::path::Path) -> Result<Option<Value>> {
     let ridges = Ridges {
         exact: base.with_c(c_exact)?,
         sketch: sketch.ridge(c_sketch)?,
-        segments: base_segments.with_c(c_segments)?,
+        segments: {
+            segments.set_c(c_segments)?;
+            segments
+        },
     };
-    drop((base, base_segments));
+    drop(base);
     let refit_seconds = t.elapsed().as_secs_f64();
 
     let scored = score_all(&mut net, &ledger, &ridges, &test, &train_set)?;
+    // The mislabel run fits its own: one set of Gram matrices at a time.
+    drop(ridges);
     let aucs = mislabel(&opts, &train_set, cs, &sketch_config)?;
 
     println!("\n| lens | query target | LDS | mislabel AUC | score s (all test points) |");

@@ -109,40 +109,56 @@ impl<'a, F: Float> SegmentRidge<'a, F> {
     }
 
     fn from_grams(ledger: &'a Ledger<F>, grams: Vec<Array2<f64>>, c: f64) -> Result<Self> {
+        let mut out = Self {
+            ledger,
+            grams,
+            chols: Vec::new(),
+            lambdas: Vec::new(),
+            c,
+            pairing: Pairing::SegmentEnd,
+        };
+        out.set_c(c)?;
+        Ok(out)
+    }
+
+    /// Refactors the same Gram matrices with another `c`, in place (each
+    /// segment's old factor is dropped before its new one is formed, so the
+    /// memory stays that of one fit).
+    ///
+    /// # Errors
+    /// As [`fit`](Self::fit); on error the lens has no factors left and
+    /// scoring with it is an error until a `set_c` succeeds.
+    ///
+    /// # Example
+    /// ```
+    /// # let (ledger, _net) = refinement_ledger::doc_fixture()?;
+    /// use refinement_ledger::query::SegmentRidge;
+    /// let mut ridge = SegmentRidge::fit(&ledger, 0.1)?;
+    /// let before = ridge.lambdas().to_vec();
+    /// ridge.set_c(1.0)?; // the Gram matrices are reused
+    /// assert!(ridge.lambdas().iter().zip(&before).all(|(a, b)| (a / b - 10.0).abs() < 1e-9));
+    /// assert!(ridge.set_c(0.0).is_err());
+    /// # Ok::<(), refinement_ledger::Error>(())
+    /// ```
+    pub fn set_c(&mut self, c: f64) -> Result<()> {
+        self.chols.clear();
+        self.lambdas.clear();
         if !(c.is_finite() && c > 0.0) {
             return Err(Error::InvalidConfig {
                 what: "ridge c",
                 reason: format!("must be finite and > 0, found {c}"),
             });
         }
-        let n = ledger.sources().len();
-        let mut chols = Vec::with_capacity(grams.len());
-        let mut lambdas = Vec::with_capacity(grams.len());
-        for gram in &grams {
+        let n = self.ledger.sources().len();
+        for gram in &self.grams {
             let lambda = (c * gram.diag().sum() / n as f64).max(f64::MIN_POSITIVE);
             let mut a = gram.clone();
             a.diag_mut().mapv_inplace(|v| v + lambda);
-            chols.push(cholesky(a)?);
-            lambdas.push(lambda);
+            self.chols.push(cholesky(a)?);
+            self.lambdas.push(lambda);
         }
-        Ok(Self {
-            ledger,
-            grams,
-            chols,
-            lambdas,
-            c,
-            pairing: Pairing::SegmentEnd,
-        })
-    }
-
-    /// The same Gram matrices refactored with another `c`.
-    ///
-    /// # Errors
-    /// As [`fit`](Self::fit).
-    pub fn with_c(&self, c: f64) -> Result<Self> {
-        let mut out = Self::from_grams(self.ledger, self.grams.clone(), c)?;
-        out.pairing = self.pairing;
-        Ok(out)
+        self.c = c;
+        Ok(())
     }
 
     /// How the queries this lens builds ([`Scorer::query`]) pair each segment
@@ -179,6 +195,12 @@ impl<'a, F: Float> Scorer<'a, F> for SegmentRidge<'a, F> {
         const OP: &str = "SegmentRidge::scores";
         let ledger = self.ledger;
         ledger.check_query(query, OP)?;
+        if self.chols.len() != ledger.n_segments() {
+            return Err(Error::InvalidConfig {
+                what: "SegmentRidge",
+                reason: "has no factors (the last set_c failed); call set_c with a valid c".into(),
+            });
+        }
         let (n, n_q, n_seg) = (ledger.sources().len(), query.len(), ledger.n_segments());
         let mut per_layer = Vec::with_capacity(ledger.layers().len());
         for l in 0..ledger.layers().len() {
