@@ -26,10 +26,12 @@
 //!   full per-layer answer.
 //!
 //! Which lens answers which question: "which examples caused this
-//! prediction?" — [`query::RidgeLens`]; "which does it look like?" — the loss
+//! prediction?" — [`query::SegmentRidge`] (one ridge system per segment; the
+//! highest linear datamodeling score) or [`query::RidgeLens`]; "which does it look like?" — the loss
 //! lens read at each segment's midpoint ([`query::Pairing::Midpoint`]), or
 //! [`Lens::Cos`] at the last layer without gradients; "which are mislabelled?"
-//! — the loss lens's self-score ([`Ledger::self_scores`]); "which classes
+//! — the self-score of [`query::SegmentRidge`] or of the loss lens
+//! ([`Ledger::self_scores`]); "which classes
 //! built it?" — [`Ledger::class_attribution`].
 //!
 //! # Where things go

@@ -1,7 +1,7 @@
 //! Fuzzes sequences of API calls on small networks: arbitrary layer sizes,
 //! optimizer settings, batches (ids, labels — out of range and repeated
 //! included — and input values, NaN and infinity included), segment closes,
-//! snapshots, queries, saves and loads, merges. Every call must return `Ok` or
+//! snapshots, queries, saves and loads, merges, checkpoints and resumes. Every call must return `Ok` or
 //! an `Error`, never panic, abort or hang; a snapshot that exists must save to
 //! bytes that load back; a finished ledger must balance.
 //! Run on stable: `cargo fuzz run -s none api_sequence`.
@@ -25,6 +25,9 @@ enum Op {
     Snapshot { x: Vec<f32> },
     /// A snapshot merged with itself (must be refused).
     Merge,
+    /// A checkpoint saved and resumed on a fresh network (must succeed and
+    /// give the same ledger so far); training goes on with the resumed hook.
+    Checkpoint,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -62,20 +65,26 @@ fuzz_target!(|input: Input| {
     let dim = 1 + usize::from(input.dim % 5);
     let hidden = 1 + usize::from(input.hidden % 6);
     let classes = 1 + usize::from(input.classes % 4);
-    let mut rng = StdRng::seed_from_u64(0);
-    let mut net = Sequential::<f64>::new()
-        .with(DenseConfig::new(dim, hidden).build("fc1", &mut rng).expect("sizes"))
-        .with(Relu::new())
-        .with(DenseConfig::new(hidden, classes).build("fc2", &mut rng).expect("sizes"));
+    let network = |seed: u64| {
+        let mut rng = StdRng::seed_from_u64(seed);
+        Sequential::<f64>::new()
+            .with(DenseConfig::new(dim, hidden).build("fc1", &mut rng).expect("sizes"))
+            .with(Relu::new())
+            .with(DenseConfig::new(hidden, classes).build("fc2", &mut rng).expect("sizes"))
+    };
+    let mut net = network(0);
     let momentum = f64::from(input.momentum % 200) / 220.0;
-    let sgd = SgdConfig::new(0.1)
-        .with_momentum(momentum)
-        .with_nesterov(input.nesterov && momentum > 0.0)
-        .with_weight_decay(if input.decay { 1e-3 } else { 0.0 })
-        .build::<f64>()
-        .expect("valid settings");
-    let mut hook = OptimizerHook::with_config(sgd, &net.traceables(), HookConfig::default())
+    let sgd = || {
+        SgdConfig::new(0.1)
+            .with_momentum(momentum)
+            .with_nesterov(input.nesterov && momentum > 0.0)
+            .with_weight_decay(if input.decay { 1e-3 } else { 0.0 })
+            .build::<f64>()
+            .expect("valid settings")
+    };
+    let mut hook = OptimizerHook::with_config(sgd(), &net.traceables(), HookConfig::default())
         .expect("a hook");
+    let checkpoint = std::env::temp_dir().join(format!("fuzz-api-{}.ckpt", std::process::id()));
     for op in input.ops.iter().take(24) {
         match op {
             Op::Step { rows, x, ghost } => {
@@ -103,6 +112,21 @@ fuzz_target!(|input: Input| {
             Op::Merge => {
                 let ledger = hook.snapshot();
                 assert!(ledger.merge(&ledger).is_err(), "a ledger merged with itself");
+            }
+            Op::Checkpoint => {
+                if hook.save_checkpoint(&checkpoint).is_err() {
+                    continue; // e.g. a ledger that no longer balances in f64
+                }
+                let mut fresh = network(1);
+                let resumed = OptimizerHook::resume(sgd(), &mut fresh.traceables_mut(), &checkpoint)
+                    .expect("a checkpoint the crate saved must resume");
+                let (a, b) = (hook.snapshot(), resumed.snapshot());
+                assert_eq!(a.sources(), b.sources());
+                for l in 0..a.layers().len() {
+                    assert_eq!(a.residual(l).ok(), b.residual(l).ok(), "layer {l}");
+                    assert_eq!(a.final_params(l).ok(), b.final_params(l).ok(), "layer {l}");
+                }
+                (hook, net) = (resumed, fresh);
             }
         }
     }

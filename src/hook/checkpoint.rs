@@ -23,6 +23,7 @@ use safetensors::tensor::Dtype;
 use serde::{Deserialize, Serialize};
 
 use super::check::Momentum;
+use super::external::EXTERNAL_KIND;
 use super::per_example::{Pending, Shares};
 use super::{HookConfig, OptimizerHook, StepCheck};
 use crate::error::{Error, Result};
@@ -241,7 +242,7 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             )));
         }
         let shares = read_pending(&reader, &p.pending, &shapes, &ledger, decay_buf)?;
-        let mut state = OptimizerState::new(p.optimizer_kind);
+        let mut state = OptimizerState::new(p.optimizer_kind.clone());
         state.step = p.optimizer_step;
         for name in p.optimizer_tensors {
             let full = format!("optimizer.{name}");
@@ -296,7 +297,12 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             });
         }
         p.config.validate()?;
-        let per_example = p.config.per_example(optimizer.linear_rule().is_some())?;
+        // An external hook is told each step's rule: its mode is its own.
+        let per_example = if p.optimizer_kind == EXTERNAL_KIND {
+            p.config.per_example_external()
+        } else {
+            p.config.per_example(optimizer.linear_rule().is_some())?
+        };
         if per_example != p.per_example {
             return Err(Error::InvalidConfig {
                 what: "resumed optimizer",

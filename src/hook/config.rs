@@ -99,6 +99,12 @@ impl HookConfig {
         Ok(())
     }
 
+    /// Whether an [`External`](super::External) hook (told each step's rule)
+    /// with this configuration credits per example: unless asked per batch.
+    pub(super) fn per_example_external(&self) -> bool {
+        self.credit != Credit::Batch
+    }
+
     /// Whether a hook with this configuration credits per example, for an
     /// optimizer that has (`has_rule`) or has not a linear rule.
     pub(super) fn per_example(&self, has_rule: bool) -> Result<bool> {

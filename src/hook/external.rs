@@ -22,6 +22,9 @@ use crate::float::Float;
 use crate::optim::{LinearRule, Optimizer, OptimizerState};
 use crate::trace::{ParamMut, Traceable};
 
+/// The kind [`External`] exports its (empty) state as.
+pub(super) const EXTERNAL_KIND: &str = "external";
+
 /// The optimizer of an [`OptimizerHook::external`] hook: it steps outside the
 /// hook, which is told each step's rule by [`OptimizerHook::record_step`].
 #[derive(Clone, Copy, Debug, Default)]
@@ -40,11 +43,11 @@ impl<F: Float> Optimizer<F> for External {
     /// Stateless: the optimizer that steps outside keeps its own state (save
     /// it with its framework's checkpoint).
     fn export_state(&self) -> Result<OptimizerState<F>> {
-        Ok(OptimizerState::new("external"))
+        Ok(OptimizerState::new(EXTERNAL_KIND))
     }
 
     fn import_state(&mut self, state: OptimizerState<F>) -> Result<()> {
-        state.expect_kind("external")
+        state.expect_kind(EXTERNAL_KIND)
     }
 }
 
@@ -96,7 +99,7 @@ impl<F: Float> OptimizerHook<External, F> {
     /// ```
     pub fn external(layers: &[&dyn Traceable<F>], config: HookConfig) -> Result<Self> {
         let mut hook = Self::with_config(External, layers, config)?;
-        hook.per_example = hook.config.credit != super::Credit::Batch;
+        hook.per_example = hook.config.per_example_external();
         Ok(hook)
     }
 

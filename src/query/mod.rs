@@ -15,7 +15,8 @@
 //! | [`Lens::Share`] | `⟨c, r⟩ / ‖r‖²` | the paper's attribution; sums to 1 with the residual |
 //! | [`Lens::Loss`] | `−⟨G, ∇_W ℓ(x)⟩` | TracIn over every step: *which examples lowered this loss?*; its self-score finds mislabelled examples |
 //! | [`Lens::Margin`] | `c[ŷ] − c[runner-up]` at the logits | which updates widened the winning margin |
-//! | [`RidgeLens`] | `(K + λI)⁻¹ L g(x)` | *which examples caused this prediction?* (deletion test) |
+//! | [`RidgeLens`] | `(K + λI)⁻¹ L g(x)` | *which examples caused this prediction?* (deletion test, LDS) |
+//! | [`SegmentRidge`] | `Σ_k (K_k + λ_k I)⁻¹ L_k g_k(x)`, one system per segment | the same question, better: the highest linear datamodeling score (LDS) of one run |
 //!
 //! Across layers ([`LayerSel::All`]): `Share` is the mean of per-layer shares;
 //! the other lenses treat the layers' representations as one concatenated
@@ -25,8 +26,8 @@
 //!
 //! # One query surface
 //! A [`Scorer`] — an exact lens over a ledger ([`Ledger::lens`](crate::Ledger::lens)),
-//! a lens over a sketch ([`LedgerSketch::lens`]), the ridge lens
-//! ([`RidgeLens`], [`SketchRidge`]) — turns a [`Query`] into [`Scores`], which
+//! a lens over a sketch ([`LedgerSketch::lens`]), the ridge lenses
+//! ([`RidgeLens`], [`SketchRidge`], [`SegmentRidge`]) — turns a [`Query`] into [`Scores`], which
 //! rank ([`Scores::top_k`], ties broken by source id), look up
 //! ([`Scores::value`], [`Scores::diagonal`]) and re-rank exactly
 //! ([`Scores::rerank`]). [`Scorer::top_k`] goes from a network and an input to
@@ -65,7 +66,7 @@ use crate::trace::{SourceId, TracedModel};
 
 /// Anything that scores every source of a ledger for a batch of queries: an
 /// exact lens ([`ExactLens`]), a sketch's lens ([`SketchLens`]), the ridge
-/// lenses ([`RidgeLens`], [`SketchRidge`]).
+/// lenses ([`RidgeLens`], [`SketchRidge`], [`SegmentRidge`]).
 ///
 /// # Example
 /// ```

@@ -131,6 +131,7 @@ fn evaluation_example_writes_every_lens_and_metric() {
             "loss/midpoint",
             "margin",
             "ridge",
+            "ridge/segments",
             "random",
         ] {
             let l = &lenses[name];

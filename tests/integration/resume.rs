@@ -296,3 +296,53 @@ fn crafted_checkpoints_are_errors_or_train_on_to_files_that_load() {
     }
     assert!(refused_at_save > 0, "no edit reached the save-time check");
 }
+
+/// An optimizer outside the hook (a framework's): the hook's checkpoint holds
+/// the ledger and the parameters, the framework's checkpoint its optimizer
+/// (here a clone); resumed, the ledger is identical to the uninterrupted one.
+#[test]
+fn an_external_optimizer_run_resumes_identically() {
+    use common::hand::HandSgd;
+    use refinement_ledger::{External, HookConfig};
+    let (x, y) = common::blobs::<f64>(4, 3, 4, 5);
+    let step = |t: usize| -> (Vec<usize>, Vec<usize>, Vec<ExampleId>) {
+        let idx: Vec<usize> = (0..4).map(|k| (t * 5 + k * 3) % y.len()).collect();
+        let yb = idx.iter().map(|&i| y[i]).collect();
+        let ids = idx.iter().map(|&i| ExampleId(i as u64)).collect();
+        (idx, yb, ids)
+    };
+    let train = |net: &mut Sequential<f64>,
+                 hook: &mut OptimizerHook<External, f64>,
+                 sgd: &mut HandSgd,
+                 steps: std::ops::Range<usize>| {
+        for t in steps {
+            let (idx, yb, ids) = step(t);
+            net.train_batch(rows(&x, &idx).view(), &yb).unwrap();
+            let grads = HandSgd::grads(net);
+            let rule = sgd.rule();
+            sgd.step(net, &grads, 1.0);
+            hook.record_step(&net.traceables(), &Batch::new(&ids, &yb), Some(rule))
+                .unwrap();
+        }
+    };
+    let new_sgd = || HandSgd::new(0.1, 0.9, 0.0, true, 1e-3);
+    let mut net = common::mlp::<f64>(4, 3, 1);
+    let mut hook = OptimizerHook::external(&net.traceables(), HookConfig::default()).unwrap();
+    let mut sgd = new_sgd();
+    train(&mut net, &mut hook, &mut sgd, 0..8);
+    let whole = hook.finish().unwrap().to_bytes().unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("external.ckpt");
+    let mut net = common::mlp::<f64>(4, 3, 1);
+    let mut hook = OptimizerHook::external(&net.traceables(), HookConfig::default()).unwrap();
+    let mut sgd = new_sgd();
+    train(&mut net, &mut hook, &mut sgd, 0..3);
+    hook.save_checkpoint(&path).unwrap();
+    let mut saved_sgd = sgd.clone(); // the framework's own checkpoint
+    let mut net = common::mlp::<f64>(4, 3, 9);
+    let mut hook = OptimizerHook::resume(External, &mut net.traceables_mut(), &path).unwrap();
+    assert!(hook.is_per_example());
+    train(&mut net, &mut hook, &mut saved_sgd, 3..8);
+    assert_same_file(&hook.finish().unwrap().to_bytes().unwrap(), &whole);
+}
