@@ -27,7 +27,7 @@ use refinement_ledger::metrics::{
     class_agreement, mean_and_standard_error, recall_at_fraction, roc_auc,
 };
 use refinement_ledger::nn::Sequential;
-use refinement_ledger::query::{Pairing, RidgeLens, Targets};
+use refinement_ledger::query::{Pairing, RidgeLens, SegmentRidge, Targets};
 use refinement_ledger::{
     Influence, LayerSel, Ledger, Lens, Query, Result, Scorer, Scores, SourceId,
 };
@@ -91,6 +91,7 @@ fn all_lenses<'a>(
     x: &ndarray::ArrayD<f32>,
     targets: &[usize],
     ridge: &RidgeLens<'_>,
+    segments: &SegmentRidge<'_>,
 ) -> Result<Vec<(String, Scores<'a>, f64)>> {
     let mut out = Vec::new();
     let q = representation_query(net, x)?;
@@ -136,6 +137,16 @@ fn all_lenses<'a>(
         })?;
     }
     timed("ridge".into(), &mut || Ok(ridge.scores(&gq)?.into_values()))?;
+    timed("ridge/segments".into(), &mut || {
+        let paired = Query::paired(
+            net,
+            x.view(),
+            Targets::Labels(targets),
+            ledger,
+            Pairing::SegmentEnd,
+        )?;
+        Ok(segments.scores(&paired)?.into_values())
+    })?;
     let n_src = ledger.sources().len();
     timed("random".into(), &mut || {
         let mut rng = ChaCha8Rng::seed_from_u64(99);
@@ -198,7 +209,7 @@ fn rows_of(train: &Dataset<f32>, sources: &[Influence]) -> Vec<usize> {
 /// Candidate `c` for the ridge lens (λ = c·trace(K)/N), chosen on validation points.
 const RIDGE_GRID: [f64; 6] = [1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0];
 
-const DELETION_LENSES: [&str; 7] = [
+const DELETION_LENSES: [&str; 8] = [
     "influence/all",
     "cos/all",
     "margin",
@@ -206,6 +217,7 @@ const DELETION_LENSES: [&str; 7] = [
     "loss/epoch",
     "loss/midpoint",
     "ridge",
+    "ridge/segments",
 ];
 
 fn evaluate(model: Model, opts: Opts) -> Result<(BTreeMap<String, Row>, Value)> {
@@ -264,7 +276,9 @@ fn evaluate(model: Model, opts: Opts) -> Result<(BTreeMap<String, Row>, Value)> 
     );
 
     // (a) agreement and (d) time.
-    let lenses = all_lenses(&mut net, &ledger, eval.x(), &pred, &ridge)?;
+    // The ridge lens per segment, at the ridge lens's c.
+    let segments = SegmentRidge::fit(&ledger, best.1)?;
+    let lenses = all_lenses(&mut net, &ledger, eval.x(), &pred, &ridge, &segments)?;
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
     for (name, scores, secs) in &lenses {
         let t = Instant::now();
@@ -356,6 +370,18 @@ fn evaluate(model: Model, opts: Opts) -> Result<(BTreeMap<String, Row>, Value)> 
     }
     let noisy_ridge = RidgeLens::fit(&noisy_ledger, best.1)?;
     self_scores.push(("ridge".into(), noisy_ridge.self_scores(&gq, &ids)?.to_vec()));
+    let paired = Query::paired(
+        &mut noisy_net,
+        noisy.x().view(),
+        Targets::Labels(noisy.labels()),
+        &noisy_ledger,
+        Pairing::SegmentEnd,
+    )?;
+    let noisy_segments = SegmentRidge::fit(&noisy_ledger, best.1)?;
+    self_scores.push((
+        "ridge/segments".into(),
+        noisy_segments.self_scores(&paired, &ids)?.to_vec(),
+    ));
     self_scores.push((
         "random".into(),
         (0..train.len()).map(|_| rng.random::<f64>()).collect(),
