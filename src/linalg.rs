@@ -2,7 +2,7 @@
 //! a symmetric positive definite matrix and the solves with its factor.
 
 use ndarray::linalg::general_mat_mul;
-use ndarray::{Array2, Axis, s};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis, s};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -34,21 +34,9 @@ pub(crate) fn cholesky(a: Array2<f64>) -> Result<Array2<f64>> {
                     row[j] = (row[j] - dot) / l11[[j, j]];
                 }
             });
-        // Trailing lower triangle: A22 −= L21 L21ᵀ, one block row at a time.
+        // Trailing lower triangle: A22 −= L21 L21ᵀ.
         let panel = l.slice(s![k1.., k0..k1]).to_owned();
-        let mut trailing = l.slice_mut(s![k1.., k1..]);
-        trailing
-            .axis_chunks_iter_mut(Axis(0), BLOCK)
-            .into_par_iter()
-            .enumerate()
-            .for_each(|(b, mut rows)| {
-                let r0 = b * BLOCK;
-                let r1 = r0 + rows.nrows();
-                let left = panel.slice(s![r0..r1, ..]);
-                let right = panel.slice(s![..r1, ..]);
-                let mut lower = rows.slice_mut(s![.., ..r1]);
-                general_mat_mul(-1.0, &left, &right.t(), 1.0, &mut lower);
-            });
+        lower_product(-1.0, panel.view(), 1.0, l.slice_mut(s![k1.., k1..]));
     }
     for i in 0..n {
         l.slice_mut(s![i, i + 1..]).fill(0.0);
@@ -56,28 +44,12 @@ pub(crate) fn cholesky(a: Array2<f64>) -> Result<Array2<f64>> {
     Ok(l)
 }
 
-/// `gram += m mᵀ` for `m` `[n, d]`: block rows of the lower triangle in
-/// parallel (one matrix product each), then mirrored — half the flops of the
-/// full product, on every core.
+/// `gram += m mᵀ` for `m` `[n, d]`: the lower triangle by
+/// [`lower_product`], then mirrored — half the flops of the full product.
 pub(crate) fn add_gram(m: &Array2<f64>, gram: &mut Array2<f64>) {
     let n = m.nrows();
     let mut lower = Array2::<f64>::zeros((n, n));
-    lower
-        .axis_chunks_iter_mut(Axis(0), BLOCK)
-        .into_par_iter()
-        .enumerate()
-        .for_each(|(b, mut rows)| {
-            let r0 = b * BLOCK;
-            let r1 = r0 + rows.nrows();
-            let mut block = rows.slice_mut(s![.., ..r1]);
-            general_mat_mul(
-                1.0,
-                &m.slice(s![r0..r1, ..]),
-                &m.slice(s![..r1, ..]).t(),
-                0.0,
-                &mut block,
-            );
-        });
+    lower_product(1.0, m.view(), 0.0, lower.view_mut());
     for i in 0..n {
         for j in 0..=i {
             let v = lower[[i, j]];
@@ -87,6 +59,28 @@ pub(crate) fn add_gram(m: &Array2<f64>, gram: &mut Array2<f64>) {
             }
         }
     }
+}
+
+/// `c ← alpha · p pᵀ + beta · c` on the block-lower part of `c` (every block
+/// row up to and including its diagonal block; what lies above the diagonal
+/// inside a diagonal block is written too, and is to be ignored), one matrix
+/// product per block row, block rows in parallel.
+fn lower_product(alpha: f64, p: ArrayView2<'_, f64>, beta: f64, mut c: ArrayViewMut2<'_, f64>) {
+    c.axis_chunks_iter_mut(Axis(0), BLOCK)
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(b, mut rows)| {
+            let r0 = b * BLOCK;
+            let r1 = r0 + rows.nrows();
+            let mut block = rows.slice_mut(s![.., ..r1]);
+            general_mat_mul(
+                alpha,
+                &p.slice(s![r0..r1, ..]),
+                &p.slice(s![..r1, ..]).t(),
+                beta,
+                &mut block,
+            );
+        });
 }
 
 /// Factors the diagonal block `[k0, k1)` of `l` in place (its trailing
