@@ -274,42 +274,38 @@ fn segment_gram<F: Float>(ledger: &Ledger<F>, k: usize) -> Result<Array2<f64>> {
 fn accounts_as_input<F: Float>(view: &LayerView<'_, F>, s0: usize, s1: usize) -> LayerInput<F> {
     let rows = view.rows;
     let (aug_in, fan_out) = (rows.aug_in, rows.fan_out);
-    let mut positions: Vec<Vec<(Vec<f64>, Vec<f64>)>> = Vec::with_capacity(s1 - s0);
-    for s in s0..s1 {
-        let mut own = Vec::new();
+    let active = |s: usize| {
         let (r0, r1) = rows.range(s as u32, s as u32 + 1);
-        for j in r0..r1 {
-            let kappa = view.coef[rows.group[j] as usize];
-            if kappa == 0.0 {
-                continue;
-            }
-            let (a, d) = rows.view(j, j + 1);
-            let patch: Vec<f64> = a.row(0).iter().map(|v| v.widen()).collect();
-            let target: Vec<f64> = d.row(0).iter().map(|v| kappa * v.widen()).collect();
-            own.push((patch, target));
-        }
-        for acc in &view.dense {
-            if let Some(g) = acc.get(s as u32) {
-                for (o, row) in g.rows().into_iter().enumerate() {
-                    let mut target = vec![0.0; fan_out];
-                    target[o] = 1.0;
-                    own.push((row.to_vec(), target));
-                }
-            }
-        }
-        positions.push(own);
-    }
-    let p = positions.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        (r0..r1).filter(|&j| view.coef[rows.group[j] as usize] != 0.0)
+    };
+    let dense = |s: usize| view.dense.iter().filter_map(move |acc| acc.get(s as u32));
+    // Positions per source: its active rows, and fan_out per dense account.
+    let p = (s0..s1)
+        .map(|s| active(s).count() + dense(s).count() * fan_out)
+        .max()
+        .unwrap_or(0)
+        .max(1);
     let n_q = s1 - s0;
     let mut a64 = Array2::<f64>::zeros((n_q * p, aug_in));
     let mut target = Array2::<f64>::zeros((n_q * p, fan_out));
-    for (q, own) in positions.iter().enumerate() {
-        for (i, (patch, t)) in own.iter().enumerate() {
-            a64.row_mut(q * p + i)
-                .assign(&ndarray::ArrayView1::from(patch.as_slice()));
+    for (q, s) in (s0..s1).enumerate() {
+        let mut at = q * p;
+        for j in active(s) {
+            let kappa = view.coef[rows.group[j] as usize];
+            let (a, d) = rows.view(j, j + 1);
+            a64.row_mut(at)
+                .zip_mut_with(&a.row(0), |x, v| *x = v.widen());
             target
-                .row_mut(q * p + i)
-                .assign(&ndarray::ArrayView1::from(t.as_slice()));
+                .row_mut(at)
+                .zip_mut_with(&d.row(0), |x, v| *x = kappa * v.widen());
+            at += 1;
+        }
+        for g in dense(s) {
+            for (o, row) in g.rows().into_iter().enumerate() {
+                a64.row_mut(at).assign(&row);
+                target[[at, o]] = 1.0;
+                at += 1;
+            }
         }
     }
     LayerInput {
