@@ -78,7 +78,7 @@ impl Opts {
 const BATCH: usize = 64;
 const LR: f64 = 0.1;
 /// Candidates for the ridge lens's `c` (λ = c·trace(K)/N).
-const RIDGE_GRID: [f64; 5] = [1e-3, 1e-2, 1e-1, 1.0, 10.0];
+const RIDGE_GRID: [f64; 6] = [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0];
 /// Dimensions per layer of the sketched ridge lens.
 const SKETCH_DIMS: usize = 1024;
 
