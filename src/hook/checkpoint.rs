@@ -31,7 +31,7 @@ use crate::float::Float;
 use crate::ledger::{LayerMeta, Ledger};
 use crate::optim::{Optimizer, OptimizerState};
 use crate::storage::{
-    Reader, Tensor, corrupt, decode, dtype, floats, floats_owned, matrix, save_atomic, with_mapped,
+    Reader, corrupt, decode, dtype, floats_owned, matrix, save_atomic, with_mapped,
 };
 use crate::trace::{Traceable, write_params};
 
@@ -115,7 +115,7 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
         let state = self.optimizer.export_state()?;
         let (mut tensors, ledger) = self.ledger.open_parts()?;
         for (l, m) in self.current.iter().enumerate() {
-            tensors.push((format!("hook.current.{l}"), array_tensor(m)));
+            tensors.push((format!("hook.current.{l}"), matrix(m)));
         }
         let momentum = self.momentum.buffer();
         for (l, m) in momentum.iter().enumerate() {
@@ -331,14 +331,6 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             mismatched: p.mismatched,
             sharded: p.sharded,
         })
-    }
-}
-
-/// A float matrix of type `F` as a tensor.
-fn array_tensor<F: Float>(m: &Array2<F>) -> Tensor<'_> {
-    match m.as_slice() {
-        Some(v) => floats(v, m.shape().to_vec()),
-        None => floats_owned(m.iter().copied(), m.shape().to_vec()),
     }
 }
 

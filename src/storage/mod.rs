@@ -111,7 +111,8 @@ pub(crate) fn bf16s(values: &[half::bf16], shape: Vec<usize>) -> Tensor<'_> {
     }
 }
 
-pub(crate) fn matrix(m: &Array2<f64>) -> Tensor<'_> {
+/// A matrix of any float type as a tensor (no copy when contiguous).
+pub(crate) fn matrix<T: Float>(m: &Array2<T>) -> Tensor<'_> {
     match m.as_slice() {
         Some(v) => floats(v, m.shape().to_vec()),
         None => floats_owned(m.iter().copied(), m.shape().to_vec()),
