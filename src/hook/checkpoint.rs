@@ -213,24 +213,18 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
             .iter()
             .map(|m| (m.shape.fan_out, m.shape.aug_in()))
             .collect();
-        let read_f64 = |name: String, l: usize| reader.matrix(&name, shapes[l]);
         let current = (0..n_layers)
             .map(|l| read_f::<F>(&reader, &format!("hook.current.{l}"), shapes[l]))
             .collect::<Result<Vec<_>>>()?;
-        let momentum = if p.momentum {
+        // Per-layer f64 buffers, present only when the hook had used them.
+        let buffers = |prefix: &str, present: bool| -> Result<Vec<Array2<f64>>> {
             (0..n_layers)
-                .map(|l| read_f64(format!("hook.momentum.{l}"), l))
-                .collect::<Result<Vec<_>>>()?
-        } else {
-            Vec::new()
+                .filter(|_| present)
+                .map(|l| reader.matrix(&format!("{prefix}.{l}"), shapes[l]))
+                .collect()
         };
-        let decay_buf = if p.decay {
-            (0..n_layers)
-                .map(|l| read_f64(format!("hook.decay_buf.{l}"), l))
-                .collect::<Result<Vec<_>>>()?
-        } else {
-            Vec::new()
-        };
+        let momentum = buffers("hook.momentum", p.momentum)?;
+        let decay_buf = buffers("hook.decay_buf", p.decay)?;
         let booked = ledger
             .steps_per_segment()
             .iter()
