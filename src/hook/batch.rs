@@ -34,10 +34,12 @@ pub(super) fn record_batch<F: Float>(
     let s = ledger.register_source(SourceId::Batch(step), label, members)?;
     for (l, (w0, w1)) in before.iter().zip(after).enumerate() {
         // In f64: the difference of two F values is exact there.
-        ndarray::Zip::from(ledger.dense_account_mut(l, s))
+        let mut update = Array2::<f64>::zeros(w0.raw_dim());
+        ndarray::Zip::from(&mut update)
             .and(w0)
             .and(w1)
-            .for_each(|a, &x0, &x1| *a += x1.widen() - x0.widen());
+            .for_each(|a, &x0, &x1| *a = x1.widen() - x0.widen());
+        ledger.credit_update(l, s, update.view());
     }
     Ok(())
 }

@@ -18,6 +18,7 @@ mod check;
 mod checkpoint;
 mod config;
 mod external;
+mod online;
 mod params;
 mod per_example;
 mod validate;
@@ -370,6 +371,8 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
     /// Ends tracing and returns the ledger.
     ///
     /// # Errors
+    /// [`Error::InvalidConfig`] for an [`online`](Self::online) hook (use
+    /// [`finish_sketch`](Self::finish_sketch));
     /// [`Error::Unbalanced`] when a layer's residual is more than
     /// [`HookConfig::max_residual_fraction`] of its change (the ledger is
     /// dropped: take a [`snapshot`](Self::snapshot) first to keep it whatever
@@ -393,6 +396,7 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
     /// # Ok::<(), refinement_ledger::Error>(())
     /// ```
     pub fn finish(mut self) -> Result<Ledger<F>> {
+        self.ledger.check_exact("OptimizerHook::finish")?;
         self.shares.book_pending(&mut self.ledger);
         self.ledger.finish(&self.current);
         self.check_residual("OptimizerHook::finish", &self.ledger)?;

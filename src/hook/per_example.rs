@@ -84,15 +84,16 @@ impl<F: Float> Shares<F> {
             self.decay_buf = before.iter().map(|m| Array2::zeros(m.raw_dim())).collect();
         }
         for (l, w) in before.iter().enumerate() {
-            let mut acc = ledger.dense_account_mut(l, s);
-            let acc = acc.as_slice_mut().expect("invariant: standard layout");
+            let mut update = Array2::<f64>::zeros(w.raw_dim());
+            let out = update.as_slice_mut().expect("invariant: standard layout");
             let buf = self.decay_buf[l]
                 .as_slice_mut()
                 .expect("invariant: standard layout");
             let w = w.as_slice().expect("invariant: standard layout");
-            for ((a, b), &w) in acc.iter_mut().zip(buf.iter_mut()).zip(w) {
-                *a -= rule.lr * rule.advance(b, rule.weight_decay * w.widen());
+            for ((u, b), &w) in out.iter_mut().zip(buf.iter_mut()).zip(w) {
+                *u = -(rule.lr * rule.advance(b, rule.weight_decay * w.widen()));
             }
+            ledger.credit_update(l, s, update.view());
         }
         Ok(())
     }
@@ -175,6 +176,13 @@ fn credit_rows<F: Float>(
         .enumerate()
         .filter_map(|(i, s)| s.map(|s| (i, s)))
         .filter(|&(i, _)| d.index_axis(Axis(0), i).iter().any(|v| *v != F::zero()));
+    if ledger.projector(layer).is_some() {
+        let credited: Vec<(usize, u32)> = credited.collect();
+        let ids: Vec<u32> = credited.iter().map(|&(_, s)| s).collect();
+        ledger.note_exact_credit(layer, &ids, factored, positions);
+        project_shares(ledger, dense, layer, &credited, a, d);
+        return;
+    }
     if !factored {
         // One patch buffer for the step; its bias column stays 1.
         let mut a_aug = Array2::<F>::ones((positions, aug_in));
@@ -191,5 +199,37 @@ fn credit_rows<F: Float>(
         for p in 0..positions {
             ledger.credit_row(layer, s, group, ai.row(p), di.row(p));
         }
+    }
+}
+
+/// Online recording: each credited example's share `Σ_p d_p ã_pᵀ` of one
+/// layer, projected (in `f32`) and kept as its pending term.
+fn project_shares<F: Float>(
+    ledger: &Ledger<F>,
+    dense: &mut Vec<(usize, u32, Array2<F>)>,
+    layer: usize,
+    credited: &[(usize, u32)],
+    a: ArrayView3<'_, F>,
+    d: ArrayView3<'_, F>,
+) {
+    let Some(proj) = ledger.projector(layer) else {
+        return;
+    };
+    let (_, positions, fan_in) = a.dim();
+    let fan_out = d.dim().2;
+    let n = credited.len();
+    let mut a2 = Array2::<f32>::zeros((n * positions, fan_in));
+    let mut d2 = Array2::<f32>::zeros((n * positions, fan_out));
+    for (j, &(i, _)) in credited.iter().enumerate() {
+        let rows = j * positions..(j + 1) * positions;
+        a2.slice_mut(s![rows.clone(), ..])
+            .zip_mut_with(&a.index_axis(Axis(0), i), |o, &v| *o = v.widen() as f32);
+        d2.slice_mut(s![rows, ..])
+            .zip_mut_with(&d.index_axis(Axis(0), i), |o, &v| *o = v.widen() as f32);
+    }
+    let phi = proj.project_rows(a2.view(), d2.view(), positions);
+    for (j, &(_, s)) in credited.iter().enumerate() {
+        let row = phi.row(j).mapv(|v| F::narrow(f64::from(v)));
+        dense.push((layer, s, row.insert_axis(Axis(0))));
     }
 }

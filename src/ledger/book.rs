@@ -168,7 +168,9 @@ impl<F: Float> Ledger<F> {
         for acc in &mut seg.layers {
             acc.sort();
         }
-        let mut next = Segment::new(seg.end.clone(), carry, &self.layers);
+        let end = seg.end.clone();
+        self.note_exact_segment();
+        let mut next = Segment::new(end, carry, &self.account_dims());
         next.coef = vec![0.0; (self.n_groups - carry) as usize];
         self.segments.push(next);
     }
@@ -222,8 +224,10 @@ impl<F: Float> Ledger<F> {
             } else {
                 0
             };
-            let mut residual = &segment.end[l] - start;
-            residual -= &rows.sum(r0, rows.len(), |g| segment.coef_of(g));
+            let mut residual = self.account_space(l, &segment.end[l] - start);
+            if self.online.is_none() {
+                residual -= &rows.sum(r0, rows.len(), |g| segment.coef_of(g));
+            }
             residual -= &segment.layers[l].total();
             self.segments[k].layers[l].residual = residual;
         }

@@ -18,6 +18,7 @@
 pub(crate) mod accounts;
 mod book;
 mod merge;
+mod online;
 mod persist;
 mod segment;
 mod view;
@@ -94,6 +95,8 @@ pub struct Ledger<F: Float = f32> {
     last_passes: Vec<Option<u64>>,
     /// The file the accounts are served from, after `load` (checked unchanged before reads).
     file: Option<std::sync::Arc<crate::storage::MappedFile>>,
+    /// Online recording: the projection the accounts are kept in.
+    online: Option<online::Online>,
 }
 
 impl<F: Float> Ledger<F> {
@@ -135,7 +138,11 @@ impl<F: Float> Ledger<F> {
             metas.push(LayerMeta { id, shape });
             initial.push(params);
         }
-        let segment = Segment::new(initial.clone(), 0, &metas);
+        let dims: Vec<(usize, usize)> = metas
+            .iter()
+            .map(|m| (m.shape.fan_out, m.shape.aug_in()))
+            .collect();
+        let segment = Segment::new(initial.clone(), 0, &dims);
         Ok(Self {
             rows: metas
                 .iter()
@@ -149,6 +156,7 @@ impl<F: Float> Ledger<F> {
             segments: vec![segment],
             last_passes: Vec::new(),
             file: None,
+            online: None,
         })
     }
 

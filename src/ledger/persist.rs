@@ -359,7 +359,12 @@ fn read_ledger<F: Float>(reader: &Reader<'_>, header: Header, open: bool) -> Res
                 header.n_groups
             )));
         }
-        let mut seg = Segment::new(Vec::new(), sh.first_group, &header.layers);
+        let dims: Vec<(usize, usize)> = header
+            .layers
+            .iter()
+            .map(|m| (m.shape.fan_out, m.shape.aug_in()))
+            .collect();
+        let mut seg = Segment::new(Vec::new(), sh.first_group, &dims);
         seg.coef = reader.floats(&c, "coef")?;
         seg.n_steps = sh.n_steps;
         for (l, m) in header.layers.iter().enumerate() {
@@ -409,6 +414,7 @@ fn read_ledger<F: Float>(reader: &Reader<'_>, header: Header, open: bool) -> Res
         segments,
         last_passes: Vec::new(),
         file: None,
+        online: None,
     };
     // What loads balances: an edited account, residual or coefficient (with a
     // valid checksum) is an error, not a ledger that no longer adds up.

@@ -6,7 +6,6 @@
 
 use ndarray::Array2;
 
-use super::LayerMeta;
 use super::accounts::DenseAccounts;
 
 #[derive(Clone, Debug)]
@@ -24,14 +23,15 @@ pub(crate) struct Segment {
 }
 
 impl Segment {
-    pub(super) fn new(end: Vec<Array2<f64>>, first_group: u32, layers: &[LayerMeta]) -> Self {
+    /// A segment from `end` whose accounts are `dims` (per layer `(fan_out, aug_in)`, or `(1, k)` projected).
+    pub(super) fn new(end: Vec<Array2<f64>>, first_group: u32, dims: &[(usize, usize)]) -> Self {
         Self {
             end,
             first_group,
             coef: Vec::new(),
-            layers: layers
+            layers: dims
                 .iter()
-                .map(|m| DenseAccounts::new(m.shape.aug_in(), m.shape.fan_out))
+                .map(|&(fan_out, aug_in)| DenseAccounts::new(aug_in, fan_out))
                 .collect(),
             n_steps: 0,
         }

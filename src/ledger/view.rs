@@ -160,7 +160,14 @@ impl<F: Float> Ledger<F> {
     ///
     /// # Errors
     /// [`Error::Io`] when it shrank or was rewritten since.
+    /// [`Error::InvalidConfig`] for an online ledger (projected accounts).
     pub(crate) fn check_file(&self) -> Result<()> {
+        self.check_exact("Ledger")?;
+        self.check_mapped()
+    }
+
+    /// The file check alone (for what an online ledger also answers: its balance).
+    pub(crate) fn check_mapped(&self) -> Result<()> {
         self.file.as_ref().map_or(Ok(()), |f| f.check_unchanged())
     }
 
@@ -269,7 +276,7 @@ impl<F: Float> Ledger<F> {
     /// # Ok::<(), refinement_ledger::Error>(())
     /// ```
     pub fn parameter_balance(&self) -> Vec<f64> {
-        if self.check_file().is_err() {
+        if self.check_mapped().is_err() {
             return vec![f64::NAN; self.layers.len()];
         }
         (0..self.layers.len())
@@ -336,14 +343,14 @@ impl<F: Float> Ledger<F> {
     /// # Ok::<(), refinement_ledger::Error>(())
     /// ```
     pub fn residual_fraction(&self) -> Vec<f64> {
-        if self.check_file().is_err() {
+        if self.check_mapped().is_err() {
             return vec![f64::NAN; self.layers.len()];
         }
         (0..self.layers.len())
             .map(|l| {
                 let res = self.whole_layer(l).residual();
                 let end = &self.segments[self.segments.len() - 1].end[l];
-                let change = end - &self.initial[l];
+                let change = self.account_space(l, end - &self.initial[l]);
                 let (c, r) = (sq_norm(&change.view()).sqrt(), sq_norm(&res.view()).sqrt());
                 relative(r, c, sq_norm(&end.view()).sqrt())
             })
@@ -370,7 +377,7 @@ impl<F: Float> Ledger<F> {
     }
 
     pub(crate) fn check_residual_in(&self, op: &'static str, max_fraction: f64) -> Result<()> {
-        self.check_file()?;
+        self.check_mapped()?;
         let fractions = self.residual_fraction();
         let (worst, &fraction) = fractions
             .iter()

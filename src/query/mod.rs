@@ -55,7 +55,8 @@ pub use lens::{LayerSel, Lens};
 pub use ridge::{MAX_RIDGE_SOURCES, RidgeLens};
 pub use scores::{Influence, Influences, Ranking, Scores};
 pub use segment_ridge::{MAX_SEGMENT_RIDGE_BYTES, SegmentRidge};
-pub use sketch::{LedgerSketch, SketchConfig, SketchLens, SketchRidge};
+pub(crate) use sketch::Projector;
+pub use sketch::{LedgerSketch, Projection, SketchConfig, SketchLens, SketchRidge};
 
 use ndarray::{Array1, ArrayViewD};
 

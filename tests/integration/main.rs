@@ -10,6 +10,7 @@ mod examples;
 mod fuzz_regressions;
 mod gradcheck;
 mod merge;
+mod online;
 mod persistence;
 mod properties;
 mod queries;

@@ -3,13 +3,11 @@
 
 use half::bf16;
 use half::slice::HalfFloatSliceExt;
-use ndarray::{Array2, ArrayView2, Axis, s};
+use ndarray::Array2;
 use rayon::prelude::*;
 
-use super::{
-    Dims, LedgerSketch, ROW_BLOCK, SOURCE_CHUNK, SketchConfig, max_dims, operators, sketch_dense,
-};
-use crate::error::{Error, Result};
+use super::{LedgerSketch, Projector, ROW_BLOCK, SOURCE_CHUNK, SketchConfig};
+use crate::error::Result;
 use crate::float::Float;
 use crate::ledger::{LayerView, Ledger};
 
@@ -25,57 +23,23 @@ impl LedgerSketch {
         ledger.check_file()?;
         let n = ledger.sources().len();
         let exact_bytes = ledger.bytes_per_layer();
-        let mut dims = Vec::with_capacity(ledger.layers().len());
-        for (meta, &bytes) in ledger.layers().iter().zip(&exact_bytes) {
-            let full = meta.shape.fan_out.saturating_mul(meta.shape.aug_in());
-            let k = match config.dims {
-                Dims::Fixed(0) => {
-                    return Err(Error::InvalidConfig {
-                        what: "sketch dimensions",
-                        reason: "must be at least 1, found 0".into(),
-                    });
-                }
-                Dims::Fixed(k) if k > max_dims(full) => {
-                    return Err(Error::InvalidConfig {
-                        what: "sketch dimensions",
-                        reason: format!(
-                            "at most {} for layer {} ({full} entries), found {k}",
-                            max_dims(full),
-                            meta.id
-                        ),
-                    });
-                }
-                Dims::Fixed(k) => k,
-                Dims::Ratio(r) if r.is_finite() && r > 0.0 => {
-                    // The budget, less the parameter change every sketch keeps.
-                    let budget = (bytes as f64 / r - (full * 8) as f64).max(0.0);
-                    ((budget / (2.0 * n.max(1) as f64)).floor() as usize).clamp(1, full)
-                }
-                Dims::Ratio(r) => {
-                    return Err(Error::InvalidConfig {
-                        what: "sketch ratio",
-                        reason: format!("must be finite and > 0, found {r}"),
-                    });
-                }
-            };
-            dims.push(k);
-        }
-        let mut sketch = Vec::with_capacity(dims.len());
-        let mut residual = Vec::with_capacity(dims.len());
-        let mut change = Vec::with_capacity(dims.len());
-        for (l, &k) in dims.iter().enumerate() {
-            let meta = &ledger.layers()[l];
-            let [lm, rm] = operators(config.seed, l, k, meta.shape.fan_out, meta.shape.aug_in());
+        let projectors = config.projectors(ledger.layers(), &exact_bytes, n)?;
+        let mut sketch = Vec::with_capacity(projectors.len());
+        let mut residual = Vec::with_capacity(projectors.len());
+        let mut change = Vec::with_capacity(projectors.len());
+        for (l, proj) in projectors.iter().enumerate() {
             let layer = ledger.whole_layer(l);
-            sketch.push(sketch_layer(&layer, n, &lm, &rm));
-            residual.push(sketch_dense(ledger.residual(l)?.view(), &lm, &rm));
+            sketch.push(sketch_layer(&layer, n, proj));
+            residual.push(proj.project_dense(ledger.residual(l)?.view()));
             change.push(ledger.final_params(l)? - ledger.initial_params(l)?);
         }
         Ok(Self {
             layers: ledger.layers().to_vec(),
             sources: ledger.sources().to_vec(),
             seed: config.seed,
-            dims,
+            projection: config.projection,
+            dims: projectors.iter().map(Projector::dims).collect(),
+            projectors,
             change,
             sketch,
             residual,
@@ -85,18 +49,8 @@ impl LedgerSketch {
 }
 
 /// `φ(G_s)` of every source of one layer, `[N, k]` in `bf16`.
-fn sketch_layer<F: Float>(
-    layer: &LayerView<'_, F>,
-    n: usize,
-    lm: &Array2<f64>,
-    rm: &Array2<f64>,
-) -> Vec<bf16> {
-    let k = lm.nrows();
-    let scale = 1.0 / (k as f64).sqrt();
-    let (lf, rf) = (lm.mapv(F::narrow), rm.mapv(F::narrow));
-    // Dense accounts are projected in f32: its rounding (1e-7) is far below the
-    // sketch's own error, and the GEMM runs twice as fast.
-    let (lt32, rt32) = (lm.t().mapv(|v| v as f32), rm.t().mapv(|v| v as f32));
+fn sketch_layer<F: Float>(layer: &LayerView<'_, F>, n: usize, proj: &Projector) -> Vec<bf16> {
+    let k = proj.dims();
     let rows = layer.rows;
     let mut out = vec![bf16::ZERO; n * k];
     out.par_chunks_mut(SOURCE_CHUNK * k)
@@ -105,50 +59,84 @@ fn sketch_layer<F: Float>(
             let s0 = i * SOURCE_CHUNK;
             let s1 = s0 + dst.len() / k;
             let mut acc = Array2::<f64>::zeros((s1 - s0, k));
-            // Factored rows: (L d) ⊙ (R ã), weighted by the group's coefficient.
+            // Factored rows, projected without their outer products, weighted
+            // by the group's coefficient.
             let (r0, r1) = rows.range(s0 as u32, s1 as u32);
             for b0 in (r0..r1).step_by(ROW_BLOCK) {
                 let b1 = (b0 + ROW_BLOCK).min(r1);
                 let (a, d) = rows.view(b0, b1);
-                let ra = a.dot(&rf.t());
-                let ld = d.dot(&lf.t());
+                let phi = proj.project_rows(
+                    a.mapv(|v| v.widen() as f32).view(),
+                    d.mapv(|v| v.widen() as f32).view(),
+                    1,
+                );
                 for j in 0..b1 - b0 {
-                    let w = layer.coef[rows.group[b0 + j] as usize] * scale;
+                    let w = layer.coef[rows.group[b0 + j] as usize];
                     if w == 0.0 {
                         continue;
                     }
                     let mut dst = acc.row_mut(rows.source[b0 + j] as usize - s0);
-                    for ((o, &x), &y) in dst.iter_mut().zip(ra.row(j)).zip(ld.row(j)) {
-                        *o += w * x.widen() * y.widen();
-                    }
+                    dst.zip_mut_with(&phi.row(j), |o, &v| *o += w * f64::from(v));
                 }
             }
-            // Dense accounts: l_mᵀ G r_m.
             for &dense in &layer.dense {
                 let (k0, k1) = (
                     dense.source.partition_point(|&s| (s as usize) < s0),
                     dense.source.partition_point(|&s| (s as usize) < s1),
                 );
-                let (fo, ai) = (dense.fan_out, dense.aug_in);
-                for c0 in (k0..k1).step_by(64) {
-                    let c1 = (c0 + 64).min(k1);
-                    let stack = ArrayView2::from_shape(
-                        ((c1 - c0) * fo, ai),
-                        &dense.dense[c0 * fo * ai..c1 * fo * ai],
-                    )
-                    .expect("invariant: slots hold fan_out × aug_in values")
-                    .mapv(|v| v as f32);
-                    let t = stack.dot(&rt32); // [slots·fan_out, k]
-                    for slot in c0..c1 {
-                        let block = t.slice(s![(slot - c0) * fo..(slot - c0 + 1) * fo, ..]);
-                        let phi = (&block * &lt32).sum_axis(Axis(0));
-                        acc.row_mut(dense.source[slot] as usize - s0)
-                            .zip_mut_with(&phi, |o, &v| *o += scale * f64::from(v));
-                    }
+                for slot in k0..k1 {
+                    let phi = proj.project_dense(dense.slot(slot));
+                    let mut dst = acc.row_mut(dense.source[slot] as usize - s0);
+                    dst += &phi;
                 }
             }
             let flat: Vec<f32> = acc.iter().map(|&v| v as f32).collect();
             dst.convert_from_f32_slice(&flat);
         });
     out
+}
+
+impl LedgerSketch {
+    /// The sketch of an online ledger (accounts kept projected): every
+    /// segment's projected accounts summed, rounded to `bf16`.
+    pub(crate) fn from_online<F: Float>(ledger: &Ledger<F>) -> Result<Self> {
+        let online = ledger.online().ok_or_else(|| crate::error::Error::InvalidConfig {
+            what: "online ledger",
+            reason: "LedgerSketch::from_online: the ledger keeps exact accounts; use LedgerSketch::build".into(),
+        })?;
+        let n = ledger.sources().len();
+        let mut sketch = Vec::with_capacity(online.projectors.len());
+        let mut residual = Vec::with_capacity(online.projectors.len());
+        let mut change = Vec::with_capacity(online.projectors.len());
+        for (l, proj) in online.projectors.iter().enumerate() {
+            let k = proj.dims();
+            let layer = ledger.whole_layer(l);
+            let mut acc = vec![0f32; n * k];
+            for dense in &layer.dense {
+                for (slot, &s) in dense.source.iter().enumerate() {
+                    let dst = &mut acc[s as usize * k..(s as usize + 1) * k];
+                    for (o, &v) in dst.iter_mut().zip(dense.slot(slot).iter()) {
+                        *o += v as f32;
+                    }
+                }
+            }
+            let mut out = vec![bf16::ZERO; n * k];
+            out.convert_from_f32_slice(&acc);
+            sketch.push(out);
+            residual.push(layer.residual().row(0).to_owned());
+            change.push(ledger.final_params(l)? - ledger.initial_params(l)?);
+        }
+        Ok(Self {
+            layers: ledger.layers().to_vec(),
+            sources: ledger.sources().to_vec(),
+            seed: online.seed,
+            projection: online.projection,
+            dims: online.projectors.iter().map(Projector::dims).collect(),
+            projectors: online.projectors.clone(),
+            change,
+            sketch,
+            residual,
+            exact_bytes: ledger.exact_bytes_estimate(),
+        })
+    }
 }

@@ -28,20 +28,22 @@
 
 mod build;
 mod persist;
+mod project;
 mod ridge;
 mod score;
 
+pub use project::Projection;
+pub(crate) use project::Projector;
 pub use ridge::SketchRidge;
 pub use score::SketchLens;
 
 use half::bf16;
 use half::slice::HalfFloatSliceExt;
-use ndarray::{Array1, Array2, ArrayView2, Axis, s};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use ndarray::{Array1, Array2, s};
 use rayon::prelude::*;
 
 use super::kernel::LayerInput;
+use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::ledger::{LayerMeta, SourceMeta};
 
@@ -57,6 +59,7 @@ enum Dims {
 pub struct SketchConfig {
     dims: Dims,
     seed: u64,
+    projection: Projection,
 }
 
 impl SketchConfig {
@@ -66,6 +69,7 @@ impl SketchConfig {
         Self {
             dims: Dims::Fixed(k),
             seed: 0x5EED,
+            projection: Projection::Tensor,
         }
     }
 
@@ -76,6 +80,7 @@ impl SketchConfig {
         Self {
             dims: Dims::Ratio(ratio),
             seed: 0x5EED,
+            projection: Projection::Tensor,
         }
     }
 
@@ -83,6 +88,84 @@ impl SketchConfig {
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = seed;
         self
+    }
+
+    /// The projection (default [`Projection::Tensor`]). With
+    /// [`Projection::Kronecker`] a layer gets `k_out · k_in ≤ k` dimensions,
+    /// the two sides balanced (`k_out ≈ √k`) within its shape.
+    pub fn projection(mut self, projection: Projection) -> Self {
+        self.projection = projection;
+        self
+    }
+
+    pub(crate) fn seed_value(&self) -> u64 {
+        self.seed
+    }
+
+    pub(crate) fn projection_value(&self) -> Projection {
+        self.projection
+    }
+
+    /// The projectors of `layers` for `exact_bytes` (per layer) of exact
+    /// ledger and `n` sources.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for zero or too many dimensions, or a ratio that is
+    /// not finite and > 0.
+    pub(crate) fn projectors(
+        &self,
+        layers: &[LayerMeta],
+        exact_bytes: &[usize],
+        n: usize,
+    ) -> Result<Vec<Projector>> {
+        let mut out = Vec::with_capacity(layers.len());
+        for (l, (meta, &bytes)) in layers.iter().zip(exact_bytes).enumerate() {
+            let (fan_out, aug_in) = (meta.shape.fan_out, meta.shape.aug_in());
+            let full = fan_out.saturating_mul(aug_in);
+            let k = match self.dims {
+                Dims::Fixed(0) => {
+                    return Err(Error::InvalidConfig {
+                        what: "sketch dimensions",
+                        reason: "must be at least 1, found 0".into(),
+                    });
+                }
+                Dims::Fixed(k) if k > max_dims(full) => {
+                    return Err(Error::InvalidConfig {
+                        what: "sketch dimensions",
+                        reason: format!(
+                            "at most {} for layer {} ({full} entries), found {k}",
+                            max_dims(full),
+                            meta.id
+                        ),
+                    });
+                }
+                Dims::Fixed(k) => k,
+                Dims::Ratio(r) if r.is_finite() && r > 0.0 => {
+                    // The budget, less the parameter change every sketch keeps.
+                    let budget = (bytes as f64 / r - (full * 8) as f64).max(0.0);
+                    ((budget / (2.0 * n.max(1) as f64)).floor() as usize).clamp(1, full)
+                }
+                Dims::Ratio(r) => {
+                    return Err(Error::InvalidConfig {
+                        what: "sketch ratio",
+                        reason: format!("must be finite and > 0, found {r}"),
+                    });
+                }
+            };
+            let split = match self.projection {
+                Projection::Tensor => (k, k),
+                Projection::Kronecker => project::kronecker_split(k, fan_out, aug_in),
+            };
+            out.push(Projector::new(
+                self.projection,
+                self.seed,
+                l,
+                split,
+                fan_out,
+                aug_in,
+            ));
+        }
+        Ok(out)
     }
 }
 
@@ -119,7 +202,10 @@ pub struct LedgerSketch {
     layers: Vec<LayerMeta>,
     sources: Vec<SourceMeta>,
     seed: u64,
+    projection: Projection,
     dims: Vec<usize>,
+    /// Per layer, the seeded operators (regenerated from the seed on load).
+    projectors: Vec<Projector>,
     /// `W_T − W₀` per layer, for the refinement.
     change: Vec<Array2<f64>>,
     /// Per layer, `[N, k]` row-major.
@@ -142,22 +228,6 @@ pub(crate) fn max_dims(full: usize) -> usize {
 /// Factored rows per GEMM block when building.
 const ROW_BLOCK: usize = 2048;
 
-/// The seeded Rademacher operators `L` (`k × fan_out`) and `R` (`k × aug_in`) of layer `l`.
-fn operators(seed: u64, l: usize, k: usize, fan_out: usize, aug_in: usize) -> [Array2<f64>; 2] {
-    let mut rng =
-        ChaCha8Rng::seed_from_u64(seed ^ (l as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let mut sign = |_: (usize, usize)| if rng.random::<bool>() { 1.0 } else { -1.0 };
-    let lm = Array2::from_shape_fn((k, fan_out), &mut sign);
-    let rm = Array2::from_shape_fn((k, aug_in), &mut sign);
-    [lm, rm]
-}
-
-/// `φ(M)` of a dense `[fan_out, aug_in]` matrix.
-fn sketch_dense(m: ArrayView2<'_, f64>, lm: &Array2<f64>, rm: &Array2<f64>) -> Array1<f64> {
-    let t = m.dot(&rm.t()); // [fan_out, k]
-    (&t * &lm.t()).sum_axis(Axis(0)) / (lm.nrows() as f64).sqrt()
-}
-
 impl LedgerSketch {
     /// The traced layers, in order.
     pub fn layers(&self) -> &[LayerMeta] {
@@ -172,6 +242,11 @@ impl LedgerSketch {
     /// Sketch dimensions per layer.
     pub fn dims(&self) -> &[usize] {
         &self.dims
+    }
+
+    /// The projection the sketch was made with.
+    pub fn projection(&self) -> Projection {
+        self.projection
     }
 
     /// Bytes of the sketch per layer (`2k` per source, plus the layer's
@@ -196,8 +271,7 @@ impl LedgerSketch {
         (0..self.layers.len())
             .map(|l| {
                 let k = self.dims[l];
-                let [lm, rm] = self.operators(l);
-                let target = sketch_dense(self.change[l].view(), &lm, &rm);
+                let target = self.projectors[l].project_dense(self.change[l].view());
                 let mut total = self.residual[l].clone();
                 let mut row = vec![0f32; k];
                 for chunk in self.sketch[l].chunks_exact(k) {
@@ -213,24 +287,13 @@ impl LedgerSketch {
             .collect()
     }
 
-    fn operators(&self, l: usize) -> [Array2<f64>; 2] {
-        let shape = &self.layers[l].shape;
-        operators(self.seed, l, self.dims[l], shape.fan_out, shape.aug_in())
-    }
-
     /// `φ(Q_q)` for every query of layer `l`: `[n_q, k]`.
     fn sketch_queries<F: Float>(&self, l: usize, input: &LayerInput<F>) -> Array2<f64> {
-        let [lm, rm] = self.operators(l);
-        let ra = input.a64.dot(&rm.t()); // [n_q·P, k]
-        let lt = input.target.dot(&lm.t());
-        let prod = ra * lt;
-        let k = self.dims[l];
-        let mut out = Array2::zeros((input.n_q, k));
-        for (r, row) in prod.rows().into_iter().enumerate() {
-            let mut o = out.row_mut(r / input.positions);
-            o += &row;
-        }
-        out / (k as f64).sqrt()
+        let a = input.a64.mapv(|v| v as f32);
+        let t = input.target.mapv(|v| v as f32);
+        self.projectors[l]
+            .project_rows(a.view(), t.view(), input.positions)
+            .mapv(f64::from)
     }
 
     /// `⟨φ(Q_q), φ(G_s)⟩` of layer `l`: `[n_q, N]`.

@@ -6,14 +6,14 @@ use std::path::Path;
 use ndarray::Array1;
 use serde::{Deserialize, Serialize};
 
-use super::LedgerSketch;
+use super::{LedgerSketch, Projection, Projector};
 use crate::error::Result;
 use crate::ledger::{LayerMeta, SourceMeta};
 use crate::storage::{Reader, bf16s, decode, floats, matrix, save_atomic, with_mapped};
 
 /// The sketch file's format name and version.
 const SKETCH_FORMAT: &str = "refinement-ledger-sketch";
-const SKETCH_VERSION: u32 = 1;
+const SKETCH_VERSION: u32 = 2;
 
 /// What a sketch file's JSON payload holds besides its tensors.
 #[derive(Serialize, Deserialize)]
@@ -23,6 +23,12 @@ struct SketchHeader {
     seed: u64,
     dims: Vec<usize>,
     exact_bytes: Vec<usize>,
+    /// Absent in files of version 1 (tensor sketches).
+    #[serde(default)]
+    projection: Projection,
+    /// Per layer, the Kronecker projection's `k_out` (empty for a tensor sketch).
+    #[serde(default)]
+    k_out: Vec<usize>,
 }
 
 impl LedgerSketch {
@@ -54,6 +60,11 @@ impl LedgerSketch {
             seed: self.seed,
             dims: self.dims.clone(),
             exact_bytes: self.exact_bytes.clone(),
+            projection: self.projection,
+            k_out: match self.projection {
+                Projection::Tensor => Vec::new(),
+                Projection::Kronecker => self.projectors.iter().map(Projector::k_out).collect(),
+            },
         };
         let json = serde_json::to_string(&header)
             .map_err(|e| crate::storage::corrupt(format!("sketch header: {e}")))?;
@@ -102,7 +113,11 @@ impl LedgerSketch {
     /// assert!(LedgerSketch::from_bytes(b"not a sketch").is_err());
     /// ```
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let (st, json) = decode(bytes, SKETCH_FORMAT, SKETCH_VERSION)?;
+        // Version 1 files are tensor sketches without the projection fields.
+        let (st, json) = match decode(bytes, SKETCH_FORMAT, SKETCH_VERSION) {
+            Ok(v) => v,
+            Err(e) => decode(bytes, SKETCH_FORMAT, 1).map_err(|_| e)?,
+        };
         let h: SketchHeader = serde_json::from_str(&json)
             .map_err(|e| crate::storage::corrupt(format!("sketch header: {e}")))?;
         let n_layers = h.layers.len();
@@ -129,6 +144,38 @@ impl LedgerSketch {
                 )));
             }
         }
+        let kronecker = h.projection == Projection::Kronecker;
+        if kronecker != (h.k_out.len() == n_layers) || (!kronecker && !h.k_out.is_empty()) {
+            return Err(crate::storage::corrupt(format!(
+                "sketch header: a {:?} projection with {} Kronecker sides for {n_layers} layers",
+                h.projection,
+                h.k_out.len()
+            )));
+        }
+        let mut projectors = Vec::with_capacity(n_layers);
+        for (l, (&k, meta)) in h.dims.iter().zip(&h.layers).enumerate() {
+            let (fan_out, aug_in) = (meta.shape.fan_out, meta.shape.aug_in());
+            let split = if kronecker {
+                let k_out = h.k_out[l];
+                let fits = k_out >= 1 && k_out <= fan_out && k % k_out == 0;
+                if !fits || k / k_out > aug_in {
+                    return Err(crate::storage::corrupt(format!(
+                        "sketch layer {l}: {k} dimensions cannot split with k_out = {k_out} for a {fan_out} × {aug_in} layer"
+                    )));
+                }
+                (k_out, k / k_out)
+            } else {
+                (k, k)
+            };
+            projectors.push(Projector::new(
+                h.projection,
+                h.seed,
+                l,
+                split,
+                fan_out,
+                aug_in,
+            ));
+        }
         let mut seen = std::collections::HashSet::new();
         if let Some(s) = h.sources.iter().find(|s| !seen.insert(s.id)) {
             return Err(crate::storage::corrupt(format!(
@@ -151,7 +198,9 @@ impl LedgerSketch {
             layers: h.layers,
             sources: h.sources,
             seed: h.seed,
+            projection: h.projection,
             dims: h.dims,
+            projectors,
             change,
             sketch,
             residual,
