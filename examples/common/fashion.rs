@@ -11,6 +11,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use refinement_ledger::data::{Dataset, IdxSplit, ShuffledSampler};
 use refinement_ledger::nn::{Conv2dConfig, DenseConfig, Flatten, MaxPool2d, Relu, Sequential};
 use refinement_ledger::optim::SgdConfig;
+use refinement_ledger::query::SketchConfig;
 use refinement_ledger::{Batch, ExampleId, Optimizer, OptimizerHook, Result};
 
 /// `n` examples of `split`: Fashion-MNIST when installed, else synthetic.
@@ -53,6 +54,28 @@ pub fn cnn(seed: u64) -> Result<Sequential<f32>> {
         .with(DenseConfig::new(800, 10).build("fc", &mut rng)?))
 }
 
+/// The network the exact ledger cannot hold (1,062,794 parameters):
+/// three 3×3 convolutions (1→32, 32→64, 64→64, padding 1) with 2×2 max
+/// pooling after the first two, and a dense head 3136→320→10.
+pub fn cnn_large(seed: u64) -> Result<Sequential<f32>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let conv =
+        |i, o, name, rng: &mut StdRng| Conv2dConfig::new(i, o, 3).with_padding(1).build(name, rng);
+    Ok(Sequential::new()
+        .with(conv(1, 32, "conv1", &mut rng)?)
+        .with(Relu::new())
+        .with(MaxPool2d::new(2)?)
+        .with(conv(32, 64, "conv2", &mut rng)?)
+        .with(Relu::new())
+        .with(MaxPool2d::new(2)?)
+        .with(conv(64, 64, "conv3", &mut rng)?)
+        .with(Relu::new())
+        .with(Flatten::new())
+        .with(DenseConfig::new(3136, 320).build("fc1", &mut rng)?)
+        .with(Relu::new())
+        .with(DenseConfig::new(320, 10).build("fc2", &mut rng)?))
+}
+
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -84,6 +107,29 @@ pub fn step_times(
     data: &Dataset<f32>,
     steps: usize,
 ) -> Result<(StepTimes, refinement_ledger::Ledger<f32>, Sequential<f32>)> {
+    let (times, hook, net) = interleaved(build, data, steps, None)?;
+    Ok((times, hook.finish()?, net))
+}
+
+/// As [`step_times`], the traced network recorded online with `sketch`.
+pub fn online_step_times(
+    build: &dyn Fn(u64) -> Result<Sequential<f32>>,
+    data: &Dataset<f32>,
+    steps: usize,
+    sketch: &SketchConfig,
+) -> Result<StepTimes> {
+    Ok(interleaved(build, data, steps, Some(sketch))?.0)
+}
+
+type Hook = OptimizerHook<refinement_ledger::optim::Sgd<f32>, f32>;
+
+/// The interleaved bare and traced steps (online with `sketch` when given).
+fn interleaved(
+    build: &dyn Fn(u64) -> Result<Sequential<f32>>,
+    data: &Dataset<f32>,
+    steps: usize,
+    sketch: Option<&SketchConfig>,
+) -> Result<(StepTimes, Hook, Sequential<f32>)> {
     let sgd = SgdConfig::new(0.01).with_momentum(0.9);
     let sampler = ShuffledSampler::new(data.len(), 64, 3)?;
     let batches: Vec<Vec<usize>> = (0..).flat_map(|e| sampler.epoch(e)).take(steps).collect();
@@ -91,6 +137,9 @@ pub fn step_times(
     let mut bare = sgd.build::<f32>()?;
     let mut traced_net = build(7)?;
     let mut hook = OptimizerHook::new(sgd.build::<f32>()?, &traced_net.traceables())?;
+    if let Some(sketch) = sketch {
+        hook = hook.online(sketch)?;
+    }
     let (mut tb, mut tt) = (Vec::new(), Vec::new());
     for rows in &batches {
         let x = data.batch_x(rows)?;
@@ -118,7 +167,7 @@ pub fn step_times(
         bare_median: median(tb),
         traced_median: median(tt),
     };
-    Ok((times, hook.finish()?, traced_net))
+    Ok((times, hook, traced_net))
 }
 
 /// Median seconds of `reps` streaming reads (sums) over `bytes` bytes.

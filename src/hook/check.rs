@@ -5,6 +5,7 @@ use ndarray::{Array2, ArrayView2, Axis};
 
 use crate::error::Result;
 use crate::float::Float;
+use crate::ledger::Ledger;
 use crate::optim::LinearRule;
 use crate::trace::Traceable;
 
@@ -60,6 +61,7 @@ pub(super) fn factor_gradients<F: Float>(
     let mut spread = 0.0;
     for (layer, &bias) in layers.iter().zip(has_bias) {
         let (a, d) = (layer.input_patches()?, layer.output_deltas()?);
+        spread += row_spread(a, d, bias);
         let (n, p, fan_in) = a.dim();
         let fan_out = d.dim().2;
         let (a, d) = (a.as_standard_layout(), d.as_standard_layout());
@@ -75,15 +77,76 @@ pub(super) fn factor_gradients<F: Float>(
             let gb = d2.sum_axis(Axis(0));
             g.column_mut(fan_in).assign(&gb.mapv(F::widen));
         }
-        for (ar, dr) in a2.rows().into_iter().zip(d2.rows()) {
-            let na: f64 =
-                ar.iter().map(|v| v.widen() * v.widen()).sum::<f64>() + f64::from(u8::from(bias));
-            let nd: f64 = dr.iter().map(|v| v.widen() * v.widen()).sum();
-            spread += (na * nd).sqrt();
-        }
         out.push(g);
     }
     Ok((out, spread))
+}
+
+/// The update check of a per-example step (see [`StepCheck`]) from the
+/// parameters `before` and `after` it. Online (`projected`: the batch's
+/// projected shares), in projected space: the parameters, the update, the
+/// gradient and the momentum buffer all through the layer's projection —
+/// linear, so the rule's prediction carries over, and a random projection
+/// keeps norms (a wrong update does not vanish in it).
+pub(super) fn check_update<F: Float>(
+    momentum: &mut Momentum,
+    ledger: &Ledger<F>,
+    (layers, rule): (&[&dyn Traceable<F>], LinearRule),
+    (before, after): (&[Array2<F>], &[Array2<F>]),
+    projected: Option<&[Array2<f32>]>,
+    tolerance: f64,
+) -> Result<StepCheck> {
+    let has_bias: Vec<bool> = ledger.layers().iter().map(|m| m.shape.has_bias).collect();
+    let eps = F::epsilon().widen();
+    let Some(projected) = projected else {
+        let (grads, spread) = factor_gradients(layers, &has_bias)?;
+        return Ok(momentum.check(rule, before, after, &grads, spread, tolerance, eps));
+    };
+    let spread = factor_spread(layers, &has_bias)?;
+    let (mut w0, mut w1, mut grads) = (Vec::new(), Vec::new(), Vec::new());
+    for (l, phi) in projected.iter().enumerate() {
+        let start = ledger.account_space(l, before[l].mapv(F::widen));
+        let mut change = Array2::<f64>::zeros(before[l].raw_dim());
+        ndarray::Zip::from(&mut change)
+            .and(&before[l])
+            .and(&after[l])
+            .for_each(|c, &x0, &x1| *c = x1.widen() - x0.widen());
+        w1.push(&start + &ledger.account_space(l, change));
+        w0.push(start);
+        let g = phi.sum_axis(Axis(0)).mapv(f64::from);
+        grads.push(g.insert_axis(Axis(0)));
+    }
+    Ok(momentum.check(rule, &w0, &w1, &grads, spread, tolerance, eps))
+}
+
+/// The rounding scale `Σ_{i,p} ‖δ_{ip}‖·‖ã_{ip}‖` of a step's factors (as
+/// [`factor_gradients`], without the gradients).
+pub(super) fn factor_spread<F: Float>(
+    layers: &[&dyn Traceable<F>],
+    has_bias: &[bool],
+) -> Result<f64> {
+    let mut spread = 0.0;
+    for (layer, &bias) in layers.iter().zip(has_bias) {
+        let (a, d) = (layer.input_patches()?, layer.output_deltas()?);
+        spread += row_spread(a, d, bias);
+    }
+    Ok(spread)
+}
+
+/// `Σ_rows ‖δ‖·‖ã‖` over the `(example, position)` rows of one layer.
+fn row_spread<F: Float>(
+    a: ndarray::ArrayView3<'_, F>,
+    d: ndarray::ArrayView3<'_, F>,
+    bias: bool,
+) -> f64 {
+    let sq = |r: ndarray::ArrayView1<'_, F>| r.iter().map(|v| v.widen() * v.widen()).sum::<f64>();
+    let mut spread = 0.0;
+    for (ai, di) in a.outer_iter().zip(d.outer_iter()) {
+        for (ar, dr) in ai.outer_iter().zip(di.outer_iter()) {
+            spread += ((sq(ar) + f64::from(u8::from(bias))) * sq(dr)).sqrt();
+        }
+    }
+    spread
 }
 
 /// The optimizer's momentum buffer as the rule predicts it (`f64`, per layer).
@@ -96,8 +159,10 @@ pub(super) struct Momentum {
 
 impl Momentum {
     /// Checks one step's update `after − before` against the rule and the
-    /// factor gradients `grads` (`spread`: their rounding scale). The buffer
+    /// factor gradients `grads` (`spread`: their rounding scale; `eps`: the
+    /// network's float precision, whatever type the arrays are in). The buffer
     /// after the step is kept aside until [`commit`](Self::commit).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn check<F: Float>(
         &mut self,
         rule: LinearRule,
@@ -106,6 +171,7 @@ impl Momentum {
         grads: &[Array2<f64>],
         spread: f64,
         tolerance: f64,
+        eps: f64,
     ) -> StepCheck {
         // k: the weight of a unit new gradient in the update direction.
         let k = rule.advance(&mut 0.0, 1.0);
@@ -136,7 +202,6 @@ impl Momentum {
                 dnorm += dw * dw;
             }
         }
-        let eps = F::epsilon().widen();
         let (wnorm, dnorm) = (wnorm.sqrt(), dnorm.sqrt());
         let floor_without = 16.0
             * eps

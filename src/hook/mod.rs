@@ -215,26 +215,24 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
                 batch::record_batch(&mut self.ledger, before, &self.scratch, batch, self.step)?;
             }
             Some(rule) => {
+                // Online: the batch's shares projected once, for the check and the booking.
+                let projected = match self.ledger.online() {
+                    Some(_) => Some(per_example::project_batch(&self.ledger, layers)?),
+                    None => None,
+                };
                 let scale = match batch.global_size {
                     // A shard: the other ranks' shares are in the update, so it
                     // cannot be checked here; its rows' share of the average.
                     Some(global) => batch.ids.len() as f64 / global as f64,
                     None => {
-                        let has_bias: Vec<bool> = self
-                            .ledger
-                            .layers()
-                            .iter()
-                            .map(|m| m.shape.has_bias)
-                            .collect();
-                        let (grads, spread) = check::factor_gradients(layers, &has_bias)?;
-                        let found = self.momentum.check(
-                            rule,
-                            before,
-                            &self.scratch,
-                            &grads,
-                            spread,
+                        let found = check::check_update(
+                            &mut self.momentum,
+                            &self.ledger,
+                            (layers, rule),
+                            (before, &self.scratch),
+                            projected.as_deref(),
                             self.config.update_tolerance,
-                        );
+                        )?;
                         if !found.fits() && self.config.on_mismatch == OnMismatch::Error {
                             return Err(validate::mismatch(self.step, rule, &found));
                         }
@@ -254,9 +252,9 @@ impl<O: Optimizer<F>, F: Float> OptimizerHook<O, F> {
                     &mut self.ledger,
                     layers,
                     &sources,
-                    rule,
-                    scale,
+                    (rule, scale),
                     self.config.fold_tolerance,
+                    projected,
                 )?;
             }
         }

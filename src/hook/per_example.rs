@@ -106,15 +106,20 @@ impl<F: Float> Shares<F> {
         ledger: &mut Ledger<F>,
         layers: &[&dyn Traceable<F>],
         sources: &[Option<u32>],
-        rule: LinearRule,
-        scale: f64,
+        (rule, scale): (LinearRule, f64),
         fold_tolerance: f64,
+        projected: Option<Vec<Array2<f32>>>,
     ) -> Result<()> {
+        let projected = match projected {
+            None if ledger.online().is_some() => Some(project_batch(ledger, layers)?),
+            p => p,
+        };
         let group = ledger.open_group();
         let mut new = Pending::new(group, 0.0);
         for (l, layer) in layers.iter().enumerate() {
             let (a, d) = (layer.input_patches()?, layer.output_deltas()?);
-            credit_rows(ledger, &mut new.dense, l, sources, group, a, d);
+            let phi = projected.as_ref().map(|p| &p[l]);
+            credit_rows(ledger, &mut new.dense, l, sources, group, (a, d), phi);
         }
         // This step's direction: weight `scale` for the new shares, 0 for the old ones.
         ledger.add_coef(group, -rule.lr * rule.advance(&mut new.buf, scale));
@@ -156,15 +161,16 @@ pub(super) fn register_examples<F: Float>(
 }
 
 /// Books one layer's per-example shares of a step as factored rows, or into
-/// `dense` (per-example `δᵀã`, when that is smaller).
+/// `dense` (per-example `δᵀã`, when that is smaller; online, the rows of
+/// `projected`, the batch's projected shares).
 fn credit_rows<F: Float>(
     ledger: &mut Ledger<F>,
     dense: &mut Vec<(usize, u32, Array2<F>)>,
     layer: usize,
     sources: &[Option<u32>],
     group: u32,
-    a: ArrayView3<'_, F>,
-    d: ArrayView3<'_, F>,
+    (a, d): (ArrayView3<'_, F>, ArrayView3<'_, F>),
+    projected: Option<&Array2<f32>>,
 ) {
     let (_, positions, fan_in) = a.dim();
     let fan_out = d.dim().2;
@@ -176,11 +182,14 @@ fn credit_rows<F: Float>(
         .enumerate()
         .filter_map(|(i, s)| s.map(|s| (i, s)))
         .filter(|&(i, _)| d.index_axis(Axis(0), i).iter().any(|v| *v != F::zero()));
-    if ledger.projector(layer).is_some() {
+    if let Some(phi) = projected {
         let credited: Vec<(usize, u32)> = credited.collect();
         let ids: Vec<u32> = credited.iter().map(|&(_, s)| s).collect();
         ledger.note_exact_credit(layer, &ids, factored, positions);
-        project_shares(ledger, dense, layer, &credited, a, d);
+        for (i, s) in credited {
+            let row = phi.row(i).mapv(|v| F::narrow(f64::from(v)));
+            dense.push((layer, s, row.insert_axis(Axis(0))));
+        }
         return;
     }
     if !factored {
@@ -202,34 +211,26 @@ fn credit_rows<F: Float>(
     }
 }
 
-/// Online recording: each credited example's share `Σ_p d_p ã_pᵀ` of one
-/// layer, projected (in `f32`) and kept as its pending term.
-fn project_shares<F: Float>(
+/// Online recording: every batch row's share `Σ_p d_p ã_pᵀ` of each layer,
+/// projected (in `f32`): per layer `[batch, k]`.
+pub(super) fn project_batch<F: Float>(
     ledger: &Ledger<F>,
-    dense: &mut Vec<(usize, u32, Array2<F>)>,
-    layer: usize,
-    credited: &[(usize, u32)],
-    a: ArrayView3<'_, F>,
-    d: ArrayView3<'_, F>,
-) {
-    let Some(proj) = ledger.projector(layer) else {
-        return;
-    };
-    let (_, positions, fan_in) = a.dim();
-    let fan_out = d.dim().2;
-    let n = credited.len();
-    let mut a2 = Array2::<f32>::zeros((n * positions, fan_in));
-    let mut d2 = Array2::<f32>::zeros((n * positions, fan_out));
-    for (j, &(i, _)) in credited.iter().enumerate() {
-        let rows = j * positions..(j + 1) * positions;
-        a2.slice_mut(s![rows.clone(), ..])
-            .zip_mut_with(&a.index_axis(Axis(0), i), |o, &v| *o = v.widen() as f32);
-        d2.slice_mut(s![rows, ..])
-            .zip_mut_with(&d.index_axis(Axis(0), i), |o, &v| *o = v.widen() as f32);
+    layers: &[&dyn Traceable<F>],
+) -> Result<Vec<Array2<f32>>> {
+    let mut out = Vec::with_capacity(layers.len());
+    for (l, layer) in layers.iter().enumerate() {
+        let Some(proj) = ledger.projector(l) else {
+            return Ok(Vec::new());
+        };
+        let (a, d) = (layer.input_patches()?, layer.output_deltas()?);
+        let (n, positions, fan_in) = a.dim();
+        let fan_out = d.dim().2;
+        let flat = |x: ArrayView3<'_, F>, cols: usize| {
+            let v: Vec<f32> = x.iter().map(|v| v.widen() as f32).collect();
+            Array2::from_shape_vec((n * positions, cols), v).expect("invariant: n·P rows")
+        };
+        let (a2, d2) = (flat(a, fan_in), flat(d, fan_out));
+        out.push(proj.project_rows(a2.view(), d2.view(), positions));
     }
-    let phi = proj.project_rows(a2.view(), d2.view(), positions);
-    for (j, &(_, s)) in credited.iter().enumerate() {
-        let row = phi.row(j).mapv(|v| F::narrow(f64::from(v)));
-        dense.push((layer, s, row.insert_axis(Axis(0))));
-    }
+    Ok(out)
 }

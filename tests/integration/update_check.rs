@@ -10,6 +10,7 @@ use common::{assert_allclose, blobs, mlp, rows};
 use ndarray::ArrayD;
 use refinement_ledger::nn::Sequential;
 use refinement_ledger::optim::SgdConfig;
+use refinement_ledger::query::{Projection, SketchConfig};
 use refinement_ledger::{
     Batch, Credit, Error, ExampleId, External, HookConfig, Ledger, OnMismatch, OptimizerHook,
 };
@@ -35,14 +36,28 @@ fn batches(steps: usize) -> (ArrayD<f64>, Vec<Step>) {
 /// Trains with `sgd` outside the hook (gradients scaled by `clip(grads)`),
 /// recording each step with `declared`'s rule.
 fn external_run(
-    mut sgd: HandSgd,
+    sgd: HandSgd,
     declared: impl Fn(&HandSgd) -> refinement_ledger::LinearRule,
     clip: impl Fn(&[ArrayD<f64>]) -> f64,
     config: HookConfig,
 ) -> (OptimizerHook<External, f64>, Sequential<f64>, Vec<f64>) {
+    external_run_in(sgd, declared, clip, config, None)
+}
+
+/// As [`external_run`], recording online with `online` when given.
+fn external_run_in(
+    mut sgd: HandSgd,
+    declared: impl Fn(&HandSgd) -> refinement_ledger::LinearRule,
+    clip: impl Fn(&[ArrayD<f64>]) -> f64,
+    config: HookConfig,
+    online: Option<&SketchConfig>,
+) -> (OptimizerHook<External, f64>, Sequential<f64>, Vec<f64>) {
     let (x, steps) = batches(8);
     let mut net = mlp::<f64>(4, 3, 11);
     let mut hook = OptimizerHook::external(&net.traceables(), config).unwrap();
+    if let Some(online) = online {
+        hook = hook.online(online).unwrap();
+    }
     let mut scales = Vec::new();
     for (t, (idx, yb, ids)) in steps.iter().enumerate() {
         net.train_batch(rows(&x, idx).view(), yb).unwrap();
@@ -123,6 +138,30 @@ fn gradient_norm_clipping_is_found_and_credited_exactly() {
 }
 
 #[test]
+fn online_recording_finds_clipping_in_projected_space() {
+    // The check runs on the projected update (k = 12 of a 8 × 5 and a 3 × 9
+    // layer: random on both sides of the first): the scale is still found.
+    let sgd = HandSgd::new(0.2, 0.9, 0.0, false, 1e-3);
+    let clip = |g: &[ArrayD<f64>]| HandSgd::clip_factor(g, 0.05);
+    let online = SketchConfig::with_dims(12).projection(Projection::Kronecker);
+    let (hook, _, scales) = external_run_in(
+        sgd,
+        HandSgd::rule,
+        clip,
+        HookConfig::default(),
+        Some(&online),
+    );
+    assert!(scales.iter().all(|&s| s < 0.9), "{scales:?}");
+    let found = hook.last_check().unwrap();
+    assert!(
+        (found.scale - scales[7]).abs() < 1e-6 * scales[7],
+        "{found:?}"
+    );
+    let sketch = hook.finish_sketch().unwrap();
+    assert!(sketch.balance_error().iter().all(|&e| e < 1e-2));
+}
+
+#[test]
 fn an_undeclared_dampening_is_a_uniform_scale_and_is_credited_exactly() {
     // burn's default dampening is 0.1; the rule declares none.
     let sgd = HandSgd::new(0.1, 0.9, 0.1, false, 0.0);
@@ -187,13 +226,21 @@ fn layers_that_lie_about_their_factors_are_errors_at_the_step() {
             (Some(prev.clone()), None)
         }),
     ];
-    for (what, twist) in twists {
+    // Exact, and online, where the check sees only the projected update.
+    let online = SketchConfig::with_dims(12).projection(Projection::Kronecker);
+    for ((what, twist), online) in twists
+        .into_iter()
+        .flat_map(|t| [(t, None), (t, Some(&online))])
+    {
         let mut net = mlp::<f64>(4, 3, 11);
         let sgd = SgdConfig::new(0.1)
             .with_momentum(0.9)
             .build::<f64>()
             .unwrap();
         let mut hook = OptimizerHook::new(sgd, &net.traceables()).unwrap();
+        if let Some(online) = online {
+            hook = hook.online(online).unwrap();
+        }
         let mut prev = None;
         let mut outcome = Ok(());
         for (idx, yb, ids) in &steps[..2] {
@@ -218,7 +265,8 @@ fn layers_that_lie_about_their_factors_are_errors_at_the_step() {
             outcome = hook.step(&mut all, &Batch::new(ids, yb));
             prev = Some(a);
         }
-        let err = outcome.expect_err(what);
+        let what = format!("{what} (online: {})", online.is_some());
+        let err = outcome.expect_err(&what);
         assert!(
             matches!(err, Error::UpdateMismatch { step: 1, .. }),
             "{what}: {err}"
