@@ -8,43 +8,26 @@
 
 #[path = "common/fashion.rs"]
 mod fashion;
+#[path = "common/online_scale.rs"]
+mod online_scale;
 
 use std::path::Path;
 use std::time::Instant;
 
-use fashion::{cnn, data, gemm_s, mlp, step_times, stream_read_s};
+use fashion::{accuracy, cnn, data, gemm_s, mlp, peak_rss_bytes, step_times, stream_read_s};
 use refinement_ledger::data::{Dataset, IdxSplit, ShuffledSampler};
+use refinement_ledger::metrics::top_k_overlap;
 use refinement_ledger::nn::Sequential;
 use refinement_ledger::optim::SgdConfig;
 use refinement_ledger::query::{LedgerSketch, RidgeLens, SketchConfig};
 use refinement_ledger::{
     Batch, ExampleId, LayerSel, Ledger, Lens, OptimizerHook, Query, Result, Scorer, Scores,
-    SourceId,
 };
 use serde_json::json;
 
-/// Peak resident memory of this process (Linux `VmHWM`), if known.
-fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 /// Mean fraction of the exact top 10 (highest scores) that the approximate top 10 recovers.
 fn top10_overlap(exact: &Scores<'_>, approx: &Scores<'_>) -> f64 {
-    let ids = |s: &Scores<'_>| -> Vec<Vec<SourceId>> {
-        s.top_k_all(10)
-            .into_iter()
-            .map(|r| r.proponents.iter().map(|i| i.source).collect())
-            .collect()
-    };
-    let total: usize = ids(exact)
-        .iter()
-        .zip(ids(approx))
-        .map(|(e, a)| e.iter().filter(|i| a.contains(i)).count())
-        .sum();
-    total as f64 / (10 * exact.nrows()) as f64
+    top_k_overlap(exact.values(), approx.values(), 10).unwrap_or(f64::NAN)
 }
 
 /// Trains `net` with the hook for `epochs` over `data` (SGD, momentum 0.9, batch 64).
@@ -75,20 +58,6 @@ fn queries(net: &mut Sequential<f32>, data: &Dataset<f32>) -> Result<(Query<f32>
     let pred = net.predict(data.x().view())?;
     net.loss_gradients(data.x().view(), &pred)?;
     Ok((q, Query::with_gradients(&net.traceables())?))
-}
-
-fn accuracy(net: &mut Sequential<f32>, data: &Dataset<f32>) -> Result<f64> {
-    let mut hits = 0;
-    for start in (0..data.len()).step_by(1000) {
-        let idx: Vec<usize> = (start..(start + 1000).min(data.len())).collect();
-        let pred = net.predict(data.batch_x(&idx)?.view())?;
-        hits += idx
-            .iter()
-            .zip(pred)
-            .filter(|&(&i, p)| data.labels()[i] == p)
-            .count();
-    }
-    Ok(hits as f64 / data.len() as f64)
 }
 
 /// The scenario: both models traced for `epochs` over `train`, then 100
@@ -419,8 +388,14 @@ fn main() -> Result<()> {
     let scenario = scenario(&train, &test, epochs)?;
     let ridge = ridge_agreement(&train, &test, if quick { 300 } else { 1500 })?;
     let peak = peak_rss_bytes();
+    println!("online compact ledger: MLP, then the 1.06M-parameter CNN, {epochs} epochs");
+    let mlp_online = online_scale::mlp_online(&train, &test, epochs)?;
+    let cnn_large =
+        online_scale::cnn_large_scenario(&train, &test, epochs, if quick { 4 } else { 40 })?;
+    let growth = online_scale::growth(&train, &test, quick)?;
+    online_scale::print_growth(&growth);
     println!(
-        "peak resident memory: {} MB",
+        "peak resident memory (before the online scenarios): {} MB",
         peak.map_or("unknown".into(), |b| (b / 1_000_000).to_string())
     );
     let report = json!({
@@ -433,6 +408,12 @@ fn main() -> Result<()> {
         "query_single_vs_bound": single_s / stream_s, "query_batch_vs_bound": batch_s / gemm,
         "ledger_bytes_per_layer": bytes,
         "scenario": scenario, "ridge_sketch_vs_exact": ridge,
+        "online_overhead_cnn_large": cnn_large["step_overhead_mean"],
+        "online_query_100_s_mlp": mlp_online["query_100_top10_loss_s"],
+        "online_query_100_s_cnn_large": cnn_large["query_100_top10_loss_s"],
+        "online_bytes_cnn_large": cnn_large["online_bytes"],
+        "exact_bytes_cnn_large": cnn_large["exact_bytes"],
+        "online_mlp": mlp_online, "online_cnn_large": cnn_large, "growth": growth,
     });
     let dir = Path::new("target/perf");
     std::fs::create_dir_all(dir).map_err(|e| refinement_ledger::Error::Io {

@@ -1,5 +1,5 @@
 //! Metrics for evaluating explanations: ROC AUC, class agreement, recall in the
-//! top fraction, mean ± standard error, Spearman rank correlation and the
+//! top fraction, mean ± standard error, top-k overlap, Spearman rank correlation and the
 //! linear datamodeling score.
 //!
 //! **Linear datamodeling score (LDS**, Park et al. 2023, "TRAK"): an
@@ -186,6 +186,50 @@ pub fn linear_datamodeling_score(
             }
         })
         .collect()
+}
+
+/// Mean fraction of each row's top `k` (highest scores) of `exact` that the
+/// same row's top `k` of `approx` recovers: how well an approximate score
+/// matrix (a sketch, an online ledger) keeps the exact ranking's head. `None`
+/// for matrices of different shapes, `k = 0`, no rows, or a NaN score.
+///
+/// # Example
+/// ```
+/// use ndarray::array;
+/// use refinement_ledger::metrics::top_k_overlap;
+/// let exact = array![[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]];
+/// let approx = array![[4.0, 1.0, 3.0, 2.0], [1.0, 2.0, 3.0, 4.0]];
+/// // Row 0 keeps one of its top 2 ({0, 1} vs {0, 2}), row 1 both.
+/// assert_eq!(top_k_overlap(&exact, &approx, 2), Some(0.75));
+/// ```
+pub fn top_k_overlap(
+    exact: &ndarray::Array2<f64>,
+    approx: &ndarray::Array2<f64>,
+    k: usize,
+) -> Option<f64> {
+    if exact.dim() != approx.dim() || k == 0 || exact.nrows() == 0 {
+        return None;
+    }
+    if exact.iter().chain(approx.iter()).any(|v| v.is_nan()) {
+        return None;
+    }
+    let k = k.min(exact.ncols());
+    let top = |row: ndarray::ArrayView1<'_, f64>| {
+        let mut idx: Vec<usize> = (0..row.len()).collect();
+        idx.select_nth_unstable_by(k - 1, |&a, &b| row[b].total_cmp(&row[a]));
+        idx.truncate(k);
+        idx
+    };
+    let hits: usize = exact
+        .rows()
+        .into_iter()
+        .zip(approx.rows())
+        .map(|(e, a)| {
+            let (e, a) = (top(e), top(a));
+            e.iter().filter(|i| a.contains(i)).count()
+        })
+        .sum();
+    Some(hits as f64 / (k * exact.nrows()) as f64)
 }
 
 #[cfg(test)]

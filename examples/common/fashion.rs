@@ -76,6 +76,35 @@ pub fn cnn_large(seed: u64) -> Result<Sequential<f32>> {
         .with(DenseConfig::new(320, 10).build("fc2", &mut rng)?))
 }
 
+/// Peak resident memory of this process (Linux `VmHWM`), if known.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Resets the peak resident memory to the current one (Linux: `5` to
+/// `/proc/self/clear_refs`), so a scenario reports its own peak; whether it could.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Test accuracy of `net` on `data`, in batches of 1,000.
+pub fn accuracy(net: &mut Sequential<f32>, data: &Dataset<f32>) -> Result<f64> {
+    let mut hits = 0;
+    for start in (0..data.len()).step_by(1000) {
+        let idx: Vec<usize> = (start..(start + 1000).min(data.len())).collect();
+        let pred = net.predict(data.batch_x(&idx)?.view())?;
+        hits += idx
+            .iter()
+            .zip(pred)
+            .filter(|&(&i, p)| data.labels()[i] == p)
+            .count();
+    }
+    Ok(hits as f64 / data.len() as f64)
+}
+
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]

@@ -222,15 +222,7 @@ pub(super) fn project_batch<F: Float>(
         let Some(proj) = ledger.projector(l) else {
             return Ok(Vec::new());
         };
-        let (a, d) = (layer.input_patches()?, layer.output_deltas()?);
-        let (n, positions, fan_in) = a.dim();
-        let fan_out = d.dim().2;
-        let flat = |x: ArrayView3<'_, F>, cols: usize| {
-            let v: Vec<f32> = x.iter().map(|v| v.widen() as f32).collect();
-            Array2::from_shape_vec((n * positions, cols), v).expect("invariant: n·P rows")
-        };
-        let (a2, d2) = (flat(a, fan_in), flat(d, fan_out));
-        out.push(proj.project_rows(a2.view(), d2.view(), positions));
+        out.push(proj.project_factors(layer.input_patches()?, layer.output_deltas()?));
     }
     Ok(out)
 }

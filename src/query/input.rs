@@ -371,6 +371,21 @@ impl<F: Float> Query<F> {
         loss_input(&self.layers[l], op)
     }
 
+    /// Layer `l`'s factors for the loss lens at the final parameters: patches
+    /// and the deltas `∇_z ℓ` (the target is their negation).
+    pub(crate) fn loss_factors(
+        &self,
+        l: usize,
+        op: &'static str,
+    ) -> Result<(ndarray::ArrayView3<'_, F>, ndarray::ArrayView3<'_, F>)> {
+        let ql = &self.layers[l];
+        let d = ql.deltas.as_ref().ok_or_else(|| Error::NoBackwardCache {
+            layer: ql.id.to_string(),
+            op,
+        })?;
+        Ok((ql.patches.view(), d.view()))
+    }
+
     /// Per segment, the loss-lens inputs of layer `l` and their weights, when
     /// the query is paired with `n_segments` segments; `None` for [`Pairing::Final`].
     ///

@@ -217,6 +217,8 @@ pub struct LedgerSketch {
 
 /// Sources per parallel chunk when building and scoring.
 const SOURCE_CHUNK: usize = 512;
+/// Sources per chunk of a query's dot products (their `f32` copy stays in cache).
+const DOT_CHUNK: usize = 128;
 /// The most dimensions a layer's sketch may have beyond its account's own
 /// size (`fan_out · aug_in`, past which the exact dense form is smaller).
 pub(crate) const MAX_EXTRA_DIMS: usize = 1 << 16;
@@ -301,19 +303,28 @@ impl LedgerSketch {
         let k = self.dims[l];
         let n = self.sources.len();
         let qf = phi_q.mapv(|v| v as f32);
+        // Small chunks, each widened into one reused buffer per thread: the
+        // widening stays in cache and no memory is allocated per chunk.
         let parts: Vec<Array2<f32>> = self.sketch[l]
-            .par_chunks(SOURCE_CHUNK * k)
-            .map(|chunk| {
-                let mut f = vec![0f32; chunk.len()];
-                chunk.convert_to_f32_slice(&mut f);
-                let m = Array2::from_shape_vec((chunk.len() / k, k), f)
-                    .expect("invariant: chunk holds whole sources");
-                qf.dot(&m.t())
-            })
+            .par_chunks(DOT_CHUNK * k)
+            .map_init(
+                || vec![0f32; DOT_CHUNK * k],
+                |buf, chunk| {
+                    let bits: &[u16] = bytemuck::cast_slice(chunk);
+                    for (o, &b) in buf.iter_mut().zip(bits) {
+                        // bf16 is the top half of an f32.
+                        *o = f32::from_bits(u32::from(b) << 16);
+                    }
+                    let m =
+                        ndarray::ArrayView2::from_shape((chunk.len() / k, k), &buf[..chunk.len()])
+                            .expect("invariant: chunk holds whole sources");
+                    qf.dot(&m.t())
+                },
+            )
             .collect();
         let mut out = Array2::zeros((phi_q.nrows(), n));
         for (i, p) in parts.iter().enumerate() {
-            let s0 = i * SOURCE_CHUNK;
+            let s0 = i * DOT_CHUNK;
             out.slice_mut(s![.., s0..s0 + p.ncols()])
                 .assign(&p.mapv(f64::from));
         }

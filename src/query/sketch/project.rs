@@ -18,11 +18,13 @@
 //! affordable for a convolution's many positions. A side with `k_out ≥ fan_out`
 //! (or `k_in ≥ aug_in`) is the identity: exact, not random.
 
-use ndarray::{Array1, Array2, ArrayView2, Axis, linalg::general_mat_mul, s};
+use ndarray::{Array1, Array2, ArrayView2, ArrayView3, Axis, linalg::general_mat_mul, s};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+
+use crate::float::Float;
 
 /// Which random projection a sketch uses (see [`SketchConfig::projection`](super::SketchConfig::projection)).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,8 +154,10 @@ impl Projector {
         d: ArrayView2<'_, f32>,
         positions: usize,
     ) -> Array2<f32> {
-        let ra = Self::side(&self.right, a, self.aug_in);
-        let ld = Self::side(&self.left, d, self.fan_out);
+        let (ra, ld) = rayon::join(
+            || Self::side(&self.right, a, self.aug_in),
+            || Self::side(&self.left, d, self.fan_out),
+        );
         let n = a.nrows() / positions.max(1);
         let k = self.dims();
         let mut out = Array2::<f32>::zeros((n, k));
@@ -187,6 +191,21 @@ impl Projector {
         out
     }
 
+    /// `φ(Σ_p d_{ip} ã_{ip}ᵀ)` of each example `i` of patches `[n, P, fan_in]`
+    /// and deltas `[n, P, fan_out]` (any `F`, any layout): `[n, dims]`.
+    pub(crate) fn project_factors<F: Float>(
+        &self,
+        a: ArrayView3<'_, F>,
+        d: ArrayView3<'_, F>,
+    ) -> Array2<f32> {
+        let (n, positions, fan_in) = a.dim();
+        let (a2, d2) = (
+            flat_f32(a, n * positions, fan_in),
+            flat_f32(d, n * positions, d.dim().2),
+        );
+        self.project_rows(a2.view(), d2.view(), positions)
+    }
+
     /// `φ(M)` of a dense `[fan_out, aug_in]` matrix.
     pub(crate) fn project_dense(&self, m: ArrayView2<'_, f64>) -> Array1<f64> {
         let m = m.mapv(|v| v as f32);
@@ -213,6 +232,17 @@ impl Projector {
             }
         }
     }
+}
+
+/// `x` as `[rows, cols]` in `f32`: a view of `f32` data already in standard
+/// layout is copied once, anything else converted in one pass.
+fn flat_f32<F: Float>(x: ArrayView3<'_, F>, rows: usize, cols: usize) -> Array2<f32> {
+    let v: Vec<f32> = match x.as_slice() {
+        Some(s) if std::mem::size_of::<F>() == 4 => bytemuck::cast_slice::<F, f32>(s).to_vec(),
+        Some(s) => s.iter().map(|v| v.widen() as f32).collect(),
+        None => x.iter().map(|v| v.widen() as f32).collect(),
+    };
+    Array2::from_shape_vec((rows, cols), v).expect("invariant: rows × cols values")
 }
 
 #[cfg(test)]

@@ -128,7 +128,13 @@ impl LedgerSketch {
         }
         selected
             .iter()
-            .map(|&l| Ok(self.sketch_queries(l, &query.loss_input(l, op)?)))
+            .map(|&l| {
+                // The target is −∇_z ℓ: project the deltas, negate the projection.
+                let (a, d) = query.loss_factors(l, op)?;
+                Ok(self.projectors[l]
+                    .project_factors(a, d)
+                    .mapv(|v| -f64::from(v)))
+            })
             .collect()
     }
 }
