@@ -140,14 +140,8 @@ pub fn score_all(
     Ok(out)
 }
 
-/// Mislabel detection: 10 % of the labels flipped, retrained traced, every
-/// lens's self-score as the ranking; ROC AUC per lens name.
-pub fn mislabel(
-    opts: &Opts,
-    train_set: &Dataset<f32>,
-    c: Cs,
-    sketch_config: &SketchConfig,
-) -> Result<BTreeMap<String, f64>> {
+/// `train_set` with 10 % of its labels flipped (seeded), and which.
+pub fn noisy_labels(train_set: &Dataset<f32>) -> Result<(Dataset<f32>, Vec<bool>)> {
     let n = train_set.len();
     let mut rng = ChaCha8Rng::seed_from_u64(17);
     let mut idx: Vec<usize> = (0..n).collect();
@@ -160,6 +154,19 @@ pub fn mislabel(
     let noisy = train_set.with_labels(flipped, &new_labels)?;
     let mut is_flipped = vec![false; n];
     flipped.iter().for_each(|&i| is_flipped[i] = true);
+    Ok((noisy, is_flipped))
+}
+
+/// Mislabel detection: 10 % of the labels flipped, retrained traced, every
+/// lens's self-score as the ranking; ROC AUC per lens name.
+pub fn mislabel(
+    opts: &Opts,
+    train_set: &Dataset<f32>,
+    c: Cs,
+    sketch_config: &SketchConfig,
+) -> Result<BTreeMap<String, f64>> {
+    let n = train_set.len();
+    let (noisy, is_flipped) = noisy_labels(train_set)?;
     let mut net = mlp(0)?;
     let mut hook = OptimizerHook::new(SgdConfig::new(LR).build()?, &net.traceables())?;
     let all: Vec<usize> = (0..n).collect();

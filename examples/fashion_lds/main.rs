@@ -9,7 +9,8 @@
 //!
 //! Run: `cargo run --release --example fashion_lds` (needs the Debian package
 //! `dataset-fashion-mnist`; `-- --quick` runs a reduced version, on synthetic
-//! data when the package is absent). Writes `target/evaluation/fashion_lds.json`,
+//! data when the package is absent; `-- --online` compares the online compact
+//! ledger with the exact one instead, writing `fashion_online.json`). Writes `target/evaluation/fashion_lds.json`,
 //! `fashion_ground_truth.json` (subsets and averaged margins) and
 //! `fashion_scores.safetensors` (one `[500, 5000]` f32 matrix per lens, rows =
 //! test points, columns = training examples, both in file order).
@@ -19,6 +20,7 @@ mod fashion;
 #[path = "../common/lds.rs"]
 mod lds;
 mod lenses;
+pub mod online;
 
 use lenses::{Cs, Ridges, Scored, choose_c, mislabel, score_all};
 
@@ -46,6 +48,8 @@ pub struct Opts {
     pub subsets: usize,
     pub seeds: u64,
     pub epochs: u64,
+    /// Dimensions per layer of the online ledger (`--online`).
+    pub online_dims: usize,
 }
 
 impl Opts {
@@ -59,6 +63,7 @@ impl Opts {
             subsets: 50,
             seeds: 3,
             epochs: 20,
+            online_dims: 4096,
         }
     }
     /// A reduced run (CI, and where Fashion-MNIST is absent).
@@ -71,6 +76,7 @@ impl Opts {
             subsets: 8,
             seeds: 1,
             epochs: 3,
+            online_dims: 256,
         }
     }
 }
@@ -420,7 +426,19 @@ fn main() -> Result<()> {
         source: e,
     })?;
     let t = Instant::now();
-    let Some(out) = run(if quick { Opts::quick() } else { Opts::full() }, &dir)? else {
+    let opts = if quick { Opts::quick() } else { Opts::full() };
+    if std::env::args().any(|a| a == "--online") {
+        if online::run_online(opts, &dir)?.is_none() {
+            std::process::exit(2);
+        }
+        println!(
+            "\nwrote {} in {:.0} s",
+            dir.join("fashion_online.json").display(),
+            t.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
+    let Some(out) = run(opts, &dir)? else {
         std::process::exit(2);
     };
     let path = dir.join("fashion_lds.json");

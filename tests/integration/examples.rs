@@ -81,6 +81,49 @@ fn fashion_lds_example_scores_every_lens_and_writes_its_files() {
 }
 
 #[test]
+fn fashion_lds_online_comparison_scores_both_forms() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = fashion_lds::Opts {
+        n_train: 128,
+        n_test: 8,
+        n_valid: 4,
+        subsets: 8,
+        epochs: 2,
+        online_dims: 64,
+        ..fashion_lds::Opts::quick()
+    };
+    let json = fashion_lds::online::run_online(opts, dir.path())
+        .unwrap()
+        .unwrap();
+    // The online run's count of what the exact ledger holds is the exact
+    // ledger's size (both uncompacted rows of a short run).
+    let (exact, estimate) = (
+        json["exact_bytes"].as_f64().unwrap(),
+        json["online_exact_bytes_estimate"].as_f64().unwrap(),
+    );
+    assert!(
+        (estimate - exact).abs() <= 0.05 * exact,
+        "{estimate} vs {exact}"
+    );
+    assert!(json["bytes_ratio"].as_f64().unwrap() > 1.0);
+    let lenses = json["lenses"].as_array().unwrap();
+    let names: Vec<&str> = lenses.iter().map(|l| l["lens"].as_str().unwrap()).collect();
+    assert_eq!(names, ["influence", "share", "loss/final", "ridge"]);
+    for l in lenses {
+        let overlap = l["top10_overlap_online"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&overlap), "{l}");
+        // Online and offline sketches are the same projection of the same
+        // accounts (up to rounding, which may swap a near tie).
+        let offline = l["top10_overlap_offline"].as_f64().unwrap();
+        assert!((overlap - offline).abs() <= 0.1, "{l}");
+    }
+    for e in json["online_balance_error"].as_array().unwrap() {
+        assert!(e.as_f64().unwrap() < 1e-2, "{e}");
+    }
+    assert!(dir.path().join("fashion_online.json").exists());
+}
+
+#[test]
 fn custom_loop_example_explains_a_prediction_and_balances() {
     let out = custom_loop::run().unwrap();
     assert!(out.predicted < 3, "{out:?}");
