@@ -6,7 +6,11 @@
 //! * `query/top10_{1,100}` against the MLP's ledger, beside `query/bound_stream`
 //!   (a streaming read of the ledger's bytes) and `query/bound_gemm` (a matrix
 //!   product of the same FLOP count as the 100 queries);
-//! * ledger bytes per example per layer, exact and compact (printed).
+//! * ledger bytes per example per layer, exact and compact (printed);
+//! * `online/train_step/cnn_large/{bare,online}` — a step of the
+//!   1.06M-parameter CNN, bare and recorded online (Kronecker, 512 dims per
+//!   layer), and `online/query/mlp_top10_100` — 100 loss-lens top-10 queries
+//!   against an online sketch, beside `online/query/bound_gemm`.
 //!
 //! Fashion-MNIST when installed (Debian `dataset-fashion-mnist`), else seeded
 //! synthetic data of its shape. `cargo run --release --example perf_report`
@@ -18,22 +22,32 @@ mod fashion;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use fashion::{cnn, data, gemm_s, mlp, step_times, stream_read_s};
+use fashion::{cnn, cnn_large, data, gemm_s, mlp, online_step_times, step_times, stream_read_s};
 use ndarray::Array2;
 use refinement_ledger::data::{Dataset, IdxSplit};
 use refinement_ledger::nn::Sequential;
 use refinement_ledger::optim::SgdConfig;
-use refinement_ledger::query::{LedgerSketch, SketchConfig};
-use refinement_ledger::{Batch, Lens, Optimizer, OptimizerHook, Query, Result};
+use refinement_ledger::query::{LedgerSketch, Projection, SketchConfig};
+use refinement_ledger::{Batch, LayerSel, Lens, Optimizer, OptimizerHook, Query, Result};
 
 type Build = fn(u64) -> Result<Sequential<f32>>;
 
-/// `iters` steps of batch 64 from a fresh network (traced or not); only the steps are timed.
-fn run_steps(build: Build, data: &Dataset<f32>, iters: u64, traced: bool) -> Duration {
+/// `iters` steps of batch 64 from a fresh network (traced or not; online
+/// with `online`); only the steps are timed.
+fn run_steps(
+    build: Build,
+    data: &Dataset<f32>,
+    iters: u64,
+    traced: bool,
+    online: Option<&SketchConfig>,
+) -> Duration {
     let sgd = SgdConfig::new(0.01).with_momentum(0.9);
     let mut net = build(7).unwrap();
     let mut bare = sgd.build::<f32>().unwrap();
     let mut hook = OptimizerHook::new(sgd.build::<f32>().unwrap(), &net.traceables()).unwrap();
+    if let Some(online) = online {
+        hook = hook.online(online).unwrap();
+    }
     let n_batches = (data.len() / 64) as u64;
     let mut total = Duration::ZERO;
     for i in 0..iters {
@@ -70,7 +84,7 @@ fn training_step(c: &mut Criterion) {
         for traced in [false, true] {
             let label = if traced { "traced" } else { "bare" };
             group.bench_function(format!("{name}/{label}"), |b| {
-                b.iter_custom(|iters| run_steps(build, data, iters, traced))
+                b.iter_custom(|iters| run_steps(build, data, iters, traced, None))
             });
         }
     }
@@ -152,5 +166,65 @@ fn queries(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, training_step, queries);
+/// The online compact ledger: a step of the 1.06M-parameter CNN bare and
+/// traced online, and 100 loss-lens top-10 queries against an online sketch
+/// beside a GEMM of their FLOP count.
+fn online(c: &mut Criterion) {
+    let (train, _) = data(6_400, IdxSplit::Train).unwrap();
+    let images = train.reshaped(&[1, 28, 28]).unwrap();
+    let config = SketchConfig::with_dims(512).projection(Projection::Kronecker);
+    let mut group = c.benchmark_group("online");
+    group.sample_size(10);
+    for (label, traced) in [("bare", false), ("online", true)] {
+        group.bench_function(format!("train_step/cnn_large/{label}"), |b| {
+            b.iter_custom(|iters| run_steps(cnn_large, &images, iters, traced, Some(&config)))
+        });
+    }
+    let times = online_step_times(&cnn_large, &images, 20, &config).unwrap();
+    let (median, mean) = times.overhead();
+    println!(
+        "online tracing overhead, CNN 1.06M (20 interleaved steps, this run): {median:.2}x of the median, {mean:.2}x of the mean"
+    );
+    let mut net = mlp(7).unwrap();
+    let sgd = SgdConfig::new(0.01)
+        .with_momentum(0.9)
+        .build::<f32>()
+        .unwrap();
+    let config = SketchConfig::with_dims(1024).projection(Projection::Kronecker);
+    let mut hook = OptimizerHook::new(sgd, &net.traceables())
+        .unwrap()
+        .online(&config)
+        .unwrap();
+    for start in (0..train.len()).step_by(64) {
+        let rows: Vec<usize> = (start..(start + 64).min(train.len())).collect();
+        let y: Vec<usize> = rows.iter().map(|&r| train.labels()[r]).collect();
+        let ids: Vec<_> = rows.iter().map(|&r| train.ids()[r]).collect();
+        net.train_batch(train.batch_x(&rows).unwrap().view(), &y)
+            .unwrap();
+        hook.step(&mut net.traceables_mut(), &Batch::new(&ids, &y))
+            .unwrap();
+    }
+    let sketch = hook.finish_sketch().unwrap();
+    let q100 = train.subset(&(0..100).collect::<Vec<_>>()).unwrap();
+    let pred = net.predict(q100.x().view()).unwrap();
+    net.loss_gradients(q100.x().view(), &pred).unwrap();
+    let g = Query::with_gradients(&net.traceables()).unwrap();
+    group.bench_function("query/mlp_top10_100", |b| {
+        b.iter(|| {
+            sketch
+                .scores(&g, Lens::Loss, LayerSel::All)
+                .unwrap()
+                .top_k_all(10)
+        })
+    });
+    let width: usize = sketch.dims().iter().sum();
+    let (a, w) = (
+        Array2::<f32>::ones((sketch.sources().len(), width)),
+        Array2::<f32>::ones((width, 100)),
+    );
+    group.bench_function("query/bound_gemm", |b| b.iter(|| a.dot(&w)));
+    group.finish();
+}
+
+criterion_group!(benches, training_step, queries, online);
 criterion_main!(benches);

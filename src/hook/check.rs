@@ -149,6 +149,11 @@ fn row_spread<F: Float>(
     spread
 }
 
+/// An owned array's values.
+fn slice(m: &Array2<f64>) -> &[f64] {
+    m.as_slice().expect("invariant: standard layout")
+}
+
 /// The optimizer's momentum buffer as the rule predicts it (`f64`, per layer).
 #[derive(Clone, Debug, Default)]
 pub(super) struct Momentum {
@@ -173,35 +178,51 @@ impl Momentum {
         tolerance: f64,
         eps: f64,
     ) -> StepCheck {
-        // k: the weight of a unit new gradient in the update direction.
-        let k = rule.advance(&mut 0.0, 1.0);
+        // The rule is linear in (buffer, gradient): its direction is
+        // `cb·b + cg·g` and the buffer after it `mb·b + mg·g`; `cg` is the
+        // weight of a unit new gradient in the direction.
+        let (cb, mb) = {
+            let mut b = 1.0;
+            (rule.advance(&mut b, 0.0), b)
+        };
+        let (cg, mg) = {
+            let mut b = 0.0;
+            (rule.advance(&mut b, 1.0), b)
+        };
         if rule.first_step || self.buf.len() != before.len() {
             self.buf = before.iter().map(|w| Array2::zeros(w.raw_dim())).collect();
         }
         if self.next.len() != before.len() {
             self.next = before.iter().map(|w| Array2::zeros(w.raw_dim())).collect();
         }
-        let (mut num, mut den) = (0.0, 0.0);
-        let (mut wnorm, mut dnorm, mut bufnorm) = (0.0, 0.0, 0.0);
-        // First pass: the fitted scale.
+        let (lr, decay) = (rule.lr, rule.weight_decay);
+        // First pass: the fitted scale (sums in four lanes, so they vectorise).
+        let mut acc = [[0.0f64; 4]; 5]; // num, den, ‖W‖², ‖ΔW‖², ‖buf‖²
         for l in 0..before.len() {
-            let entries = before[l]
-                .iter()
-                .zip(&after[l])
-                .zip(&grads[l])
-                .zip(&self.buf[l]);
-            for (((w0, w1), g), &b) in entries {
+            let (w0s, w1s) = (
+                before[l].as_standard_layout(),
+                after[l].as_standard_layout(),
+            );
+            let (w0s, w1s) = (
+                w0s.as_slice().expect("standard layout"),
+                w1s.as_slice().expect("standard layout"),
+            );
+            let (gs, bs) = (slice(&grads[l]), slice(&self.buf[l]));
+            for (i, (((w0, w1), &g), &b)) in w0s.iter().zip(w1s).zip(gs).zip(bs).enumerate() {
                 let (w0, w1) = (w0.widen(), w1.widen());
-                bufnorm += b * b;
-                let a = -rule.lr * rule.advance(&mut b.clone(), rule.weight_decay * w0);
-                let bb = -rule.lr * k * g;
+                let a = -lr * (cb * b + cg * decay * w0);
+                let bb = -lr * cg * g;
                 let dw = w1 - w0;
-                num += (dw - a) * bb;
-                den += bb * bb;
-                wnorm += w0 * w0;
-                dnorm += dw * dw;
+                let lane = i & 3;
+                acc[0][lane] += (dw - a) * bb;
+                acc[1][lane] += bb * bb;
+                acc[2][lane] += w0 * w0;
+                acc[3][lane] += dw * dw;
+                acc[4][lane] += b * b;
             }
         }
+        let [num, den, wnorm, dnorm, bufnorm] = acc.map(|a| (a[0] + a[1]) + (a[2] + a[3]));
+        let k = cg;
         let (wnorm, dnorm) = (wnorm.sqrt(), dnorm.sqrt());
         let floor_without = 16.0
             * eps
@@ -216,21 +237,32 @@ impl Momentum {
         };
         let floor = floor_without + 16.0 * eps * rule.lr * k * scale.abs() * spread;
         // Second pass: the misfit at that scale, and the buffer after the step.
-        let mut miss = 0.0;
+        let mut miss = [0.0f64; 4];
         for l in 0..before.len() {
-            self.next[l].assign(&self.buf[l]);
-            let entries = before[l]
-                .iter()
-                .zip(&after[l])
-                .zip(&grads[l])
-                .zip(&mut self.next[l]);
-            for (((w0, w1), g), b) in entries {
+            let (w0s, w1s) = (
+                before[l].as_standard_layout(),
+                after[l].as_standard_layout(),
+            );
+            let (w0s, w1s) = (
+                w0s.as_slice().expect("standard layout"),
+                w1s.as_slice().expect("standard layout"),
+            );
+            let gs = slice(&grads[l]);
+            let bs = self.buf[l].as_slice().expect("invariant: standard layout");
+            let next = self.next[l]
+                .as_slice_mut()
+                .expect("invariant: standard layout");
+            let entries = w0s.iter().zip(w1s).zip(gs).zip(bs).zip(next.iter_mut());
+            for (i, ((((w0, w1), &g), &b), n)) in entries.enumerate() {
                 let w0 = w0.widen();
-                let predicted = -rule.lr * rule.advance(b, rule.weight_decay * w0 + scale * g);
+                let total = decay * w0 + scale * g;
+                let predicted = -lr * (cb * b + cg * total);
+                *n = mb * b + mg * total;
                 let r = w1.widen() - w0 - predicted;
-                miss += r * r;
+                miss[i & 3] += r * r;
             }
         }
+        let miss = (miss[0] + miss[1]) + (miss[2] + miss[3]);
         let miss = miss.sqrt();
         if dnorm == 0.0 {
             let misfit = if miss <= floor { 0.0 } else { f64::INFINITY };

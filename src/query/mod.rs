@@ -35,6 +35,37 @@
 //! [`Ledger::explain`](crate::Ledger::explain) (all representation scores and
 //! the balance) and [`Ledger::class_attribution`](crate::Ledger::class_attribution)
 //! complete the picture.
+//!
+//! # Compact forms: projected accounts
+//! A [`LedgerSketch`] keeps every account `G_s` of layer `l` as `k` numbers
+//! `φ_l(G_s)`, a seeded random [`Projection`] that is linear and unbiased,
+//! `E⟨φ(X), φ(Y)⟩ = ⟨X, Y⟩`:
+//!
+//! ```text
+//! tensor:    φ(G)_m = l_mᵀ G r_m / √k          (l_m, r_m Rademacher)
+//! Kronecker: φ(G)   = S_out G S_inᵀ            (S_out: k_out × fan_out, S_in: k_in × aug_in,
+//!                                               Rademacher / √side, k = k_out·k_in)
+//! ```
+//!
+//! so every lens linear in the account (`Dot`, `Influence`, `Share`, `Loss`,
+//! the sketched ridge lens) is estimated from `⟨φ(Q), φ(G_s)⟩`, with an error
+//! of order `‖Q‖ ‖G_s‖ / √k` per score; the norm lenses (`Norm`, `Cos`) and
+//! `Margin` are refused with an error. A factored row `d ãᵀ` projects without
+//! forming the outer product: `(L d) ⊙ (R ã) / √k` (tensor, `k (fan_out +
+//! aug_in)` multiply-adds) or `(S_out d)(S_in ã)ᵀ` (Kronecker, `k_out fan_out +
+//! k_in aug_in + k` — about `√k` times fewer). A side at least as large as the
+//! layer's is the identity, so a projection as large as a layer is exact.
+//!
+//! A sketch is made either **offline**, from an exact ledger
+//! ([`LedgerSketch::build`]), or **online**, while training
+//! ([`OptimizerHook::online`](crate::OptimizerHook::online)): each example's
+//! share of every step is projected as it is booked and the exact accounts are
+//! never stored — memory is `k` numbers per source, layer and segment, whatever
+//! the layer's size, which is what lets a network of a million parameters be
+//! traced over 60,000 examples. Because `φ` is linear, momentum shares, decay,
+//! segments and the balance carry over: the residual is settled as
+//! `φ(W_end − W_start) − Σ_s φ(G_s)`, and online and offline sketches of the
+//! same run agree up to rounding.
 
 mod attribution;
 mod exact;

@@ -261,7 +261,12 @@ impl LedgerSketch {
             .collect()
     }
 
-    /// Bytes per layer of the exact ledger the sketch was built from.
+    /// Bytes per layer of the exact ledger the sketch was built from; for an
+    /// online sketch ([`OptimizerHook::online`](crate::OptimizerHook::online)),
+    /// what the exact ledger of the same run would have held — counted while
+    /// booking (factored rows, one dense account per source and segment,
+    /// residuals and the parameters at every boundary, before compaction),
+    /// never allocated.
     pub fn exact_bytes_per_layer(&self) -> &[usize] {
         &self.exact_bytes
     }
