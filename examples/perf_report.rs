@@ -19,7 +19,7 @@ use refinement_ledger::data::{Dataset, IdxSplit, ShuffledSampler};
 use refinement_ledger::metrics::top_k_overlap;
 use refinement_ledger::nn::Sequential;
 use refinement_ledger::optim::SgdConfig;
-use refinement_ledger::query::{LedgerSketch, RidgeLens, SketchConfig};
+use refinement_ledger::query::{LedgerSketch, Projection, RidgeLens, SketchConfig};
 use refinement_ledger::{
     Batch, ExampleId, LayerSel, Ledger, Lens, OptimizerHook, Query, Result, Scorer, Scores,
 };
@@ -146,6 +146,25 @@ fn scenario(train: &Dataset<f32>, test: &Dataset<f32>, epochs: u64) -> Result<se
                 "top10_overlap_influence_reranked": rerank_overlap,
             },
         });
+        if name == "mlp" {
+            // The projection, chosen at equal bytes (1,024 dims per layer):
+            // agreement with the exact top 10 (the step costs are in the
+            // online scenario).
+            let mut choice = serde_json::Map::new();
+            for (label, projection) in [
+                ("tensor", Projection::Tensor),
+                ("kronecker", Projection::Kronecker),
+            ] {
+                let config = SketchConfig::with_dims(1024).projection(projection);
+                let s = LedgerSketch::build(&ledger, &config)?;
+                choice.insert(label.into(), json!({
+                    "dims": s.dims(),
+                    "top10_overlap_influence": top10_overlap(&exact_inf, &s.scores(&q, Lens::Influence, LayerSel::All)?),
+                    "top10_overlap_loss": top10_overlap(&exact_loss, &s.scores(&g, Lens::Loss, LayerSel::All)?),
+                }));
+            }
+            rec["projection_at_1024_dims"] = choice.into();
+        }
         drop(ledger);
         std::fs::remove_file(&path).map_err(|e| refinement_ledger::Error::Io {
             path: path.display().to_string(),

@@ -118,6 +118,15 @@ pub fn cnn_large_scenario(
         times.bare_mean * 1e3,
         times.traced_mean * 1e3
     );
+    // The projection's cost per step, at the same dimensions: the tensor sketch.
+    let tensor = SketchConfig::with_dims(CNN_LARGE_DIMS).projection(Projection::Tensor);
+    let tensor_times = online_step_times(&cnn_large, &tr, (steps / 4).max(2), &tensor)?;
+    println!(
+        "CNN 1.06M, online with the tensor sketch instead: mean {:.1} / {:.1} ms ({:.2}x)",
+        tensor_times.bare_mean * 1e3,
+        tensor_times.traced_mean * 1e3,
+        tensor_times.overhead().1
+    );
     let peak_reset = reset_peak_rss();
     let mut net = cnn_large(7)?;
     let t = Instant::now();
@@ -143,6 +152,7 @@ pub fn cnn_large_scenario(
         "params": params(&net), "layers": sketch.layers().iter().map(|m| m.id.to_string()).collect::<Vec<_>>(),
         "dims": sketch.dims(), "epochs": epochs, "sources": n,
         "step_overhead_median": median, "step_overhead_mean": mean,
+        "tensor_sketch_step_overhead_mean": tensor_times.overhead().1,
         "step_ms": {"bare_median": times.bare_median * 1e3, "traced_median": times.traced_median * 1e3,
             "bare_mean": times.bare_mean * 1e3, "traced_mean": times.traced_mean * 1e3},
         "train_s": train_s, "test_accuracy": acc,
