@@ -84,16 +84,26 @@ impl<F: Float> Shares<F> {
             self.decay_buf = before.iter().map(|m| Array2::zeros(m.raw_dim())).collect();
         }
         for (l, w) in before.iter().enumerate() {
-            let mut update = Array2::<f64>::zeros(w.raw_dim());
-            let out = update.as_slice_mut().expect("invariant: standard layout");
             let buf = self.decay_buf[l]
                 .as_slice_mut()
                 .expect("invariant: standard layout");
             let w = w.as_slice().expect("invariant: standard layout");
-            for ((u, b), &w) in out.iter_mut().zip(buf.iter_mut()).zip(w) {
-                *u = -(rule.lr * rule.advance(b, rule.weight_decay * w.widen()));
+            let step =
+                |b: &mut f64, w: &F| -(rule.lr * rule.advance(b, rule.weight_decay * w.widen()));
+            if ledger.projector(l).is_none() {
+                // Exact: straight into the decay account.
+                let mut acc = ledger.dense_account_mut(l, s);
+                let acc = acc.as_slice_mut().expect("invariant: standard layout");
+                for ((a, b), w) in acc.iter_mut().zip(buf.iter_mut()).zip(w) {
+                    *a += step(b, w);
+                }
+            } else {
+                // Online: the step's decay update, projected.
+                let update: Vec<f64> = buf.iter_mut().zip(w).map(|(b, w)| step(b, w)).collect();
+                let update = Array2::from_shape_vec(self.decay_buf[l].raw_dim(), update)
+                    .expect("invariant: one value per parameter");
+                ledger.credit_update(l, s, update.view());
             }
-            ledger.credit_update(l, s, update.view());
         }
         Ok(())
     }

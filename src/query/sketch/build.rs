@@ -18,7 +18,7 @@ impl LedgerSketch {
     /// `fan_out·aug_in·k` per dense account, in parallel over sources.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] for zero dimensions or a ratio that is not finite and > 0.
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) for zero dimensions or a ratio that is not finite and > 0.
     pub fn build<F: Float>(ledger: &Ledger<F>, config: &SketchConfig) -> Result<Self> {
         ledger.check_file()?;
         let n = ledger.sources().len();
