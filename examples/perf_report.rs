@@ -1,8 +1,9 @@
 //! Regenerates the README's Performance table: tracing overhead (training step
 //! with `OptimizerHook` ÷ bare optimizer), query time beside the machine's bound,
-//! ledger bytes, peak memory. Fashion-MNIST when installed (Debian package
-//! `dataset-fashion-mnist`), else seeded synthetic data of the same shape.
-//! Writes `target/perf/report.json`.
+//! ledger bytes, peak memory; then the online compact scenarios (the
+//! 1.06M-parameter CNN traced online, online MLP queries, the growth table).
+//! Fashion-MNIST when installed (Debian package `dataset-fashion-mnist`), else
+//! seeded synthetic data of the same shape. Writes `target/perf/report.json`.
 //!
 //! Run: `cargo run --release --example perf_report` (`-- --quick` for a short run).
 
@@ -15,14 +16,12 @@ use std::path::Path;
 use std::time::Instant;
 
 use fashion::{accuracy, cnn, data, gemm_s, mlp, peak_rss_bytes, step_times, stream_read_s};
-use refinement_ledger::data::{Dataset, IdxSplit, ShuffledSampler};
+use online_scale::queries;
+use refinement_ledger::data::{Dataset, IdxSplit};
 use refinement_ledger::metrics::top_k_overlap;
 use refinement_ledger::nn::Sequential;
-use refinement_ledger::optim::SgdConfig;
 use refinement_ledger::query::{LedgerSketch, Projection, RidgeLens, SketchConfig};
-use refinement_ledger::{
-    Batch, ExampleId, LayerSel, Ledger, Lens, OptimizerHook, Query, Result, Scorer, Scores,
-};
+use refinement_ledger::{LayerSel, Ledger, Lens, Query, Result, Scorer, Scores};
 use serde_json::json;
 
 /// Mean fraction of the exact top 10 (highest scores) that the approximate top 10 recovers.
@@ -30,34 +29,17 @@ fn top10_overlap(exact: &Scores<'_>, approx: &Scores<'_>) -> f64 {
     top_k_overlap(exact.values(), approx.values(), 10).unwrap_or(f64::NAN)
 }
 
-/// Trains `net` with the hook for `epochs` over `data` (SGD, momentum 0.9, batch 64).
+/// Trains `net` with the hook for `epochs` over `data` (SGD, momentum 0.9,
+/// batch 64), exactly.
 fn train_traced(
     net: &mut Sequential<f32>,
     data: &Dataset<f32>,
     epochs: u64,
 ) -> Result<Ledger<f32>> {
-    let sgd = SgdConfig::new(0.01).with_momentum(0.9);
-    let mut hook = OptimizerHook::new(sgd.build::<f32>()?, &net.traceables())?;
-    let sampler = ShuffledSampler::new(data.len(), 64, 11)?;
-    for e in 0..epochs {
-        for rows in sampler.epoch(e) {
-            let x = data.batch_x(&rows)?;
-            let y: Vec<usize> = rows.iter().map(|&i| data.labels()[i]).collect();
-            let ids: Vec<ExampleId> = rows.iter().map(|&i| data.ids()[i]).collect();
-            net.train_batch(x.view(), &y)?;
-            hook.step(&mut net.traceables_mut(), &Batch::new(&ids, &y))?;
-        }
+    match online_scale::trace_run(net, data, epochs, None, false)? {
+        online_scale::Traced::Exact(ledger) => Ok(ledger),
+        online_scale::Traced::Online(_) => unreachable!("traced exactly"),
     }
-    hook.finish()
-}
-
-/// Representation and gradient queries of `data` on the final network.
-fn queries(net: &mut Sequential<f32>, data: &Dataset<f32>) -> Result<(Query<f32>, Query<f32>)> {
-    net.forward(data.x().view())?;
-    let q = Query::from_layers(&net.traceables())?;
-    let pred = net.predict(data.x().view())?;
-    net.loss_gradients(data.x().view(), &pred)?;
-    Ok((q, Query::with_gradients(&net.traceables())?))
 }
 
 /// The scenario: both models traced for `epochs` over `train`, then 100

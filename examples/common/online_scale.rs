@@ -90,7 +90,7 @@ fn bytes(traced: &Traced) -> usize {
 }
 
 /// Representation and loss-gradient queries of `data` on `net`.
-fn queries(net: &mut Sequential<f32>, data: &Dataset<f32>) -> Result<(Query<f32>, Query<f32>)> {
+pub fn queries(net: &mut Sequential<f32>, data: &Dataset<f32>) -> Result<(Query<f32>, Query<f32>)> {
     net.forward(data.x().view())?;
     let q = Query::from_layers(&net.traceables())?;
     let pred = net.predict(data.x().view())?;
