@@ -148,18 +148,7 @@ fn online_projection_equals_the_projection_of_the_exact_accounts() {
 
 #[test]
 fn kronecker_estimates_sharpen_with_k_and_the_sketch_round_trips() {
-    let (x, y) = blobs::<f64>(30, 3, 10, 4);
-    let mut net = mlp::<f64>(10, 3, 5);
-    let sgd = SgdConfig::new(0.05).with_momentum(0.9).build().unwrap();
-    let mut hook = OptimizerHook::new(sgd, &net.traceables()).unwrap();
-    let run = Run {
-        batch: 8,
-        epochs: 3,
-        segment_per_epoch: true,
-        seed: 6,
-    };
-    train(&mut net, &mut hook, &x, &y, run);
-    let exact = hook.finish().unwrap();
+    let (exact, mut net) = crate::sketch::trained_mlp();
     let (test, _) = blobs::<f64>(2, 3, 10, 40);
     let q = gradient_query(&mut net, &test);
     let want = exact

@@ -11,7 +11,8 @@ use refinement_ledger::optim::SgdConfig;
 use refinement_ledger::query::{LedgerSketch, Pairing, RidgeLens, SketchConfig, Targets};
 use refinement_ledger::{Error, LayerSel, Ledger, Lens, OptimizerHook, Query, Scorer};
 
-fn trained_mlp() -> (Ledger<f64>, Sequential<f64>) {
+/// An MLP trained with momentum, 3 epochs with a segment each, and its ledger.
+pub(crate) fn trained_mlp() -> (Ledger<f64>, Sequential<f64>) {
     let (x, y) = blobs::<f64>(30, 3, 10, 4);
     let mut net = mlp::<f64>(10, 3, 5);
     let sgd = SgdConfig::new(0.05).with_momentum(0.9).build().unwrap();
