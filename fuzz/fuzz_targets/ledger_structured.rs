@@ -25,9 +25,11 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-const SEEDS: [&[u8]; 2] = [
+const SEEDS: [&[u8]; 3] = [
     include_bytes!("../corpus/ledger_load/small.safetensors"),
     include_bytes!("../corpus/ledger_load/small.sketch"),
+    // Recorded online with a Kronecker projection (format version 2).
+    include_bytes!("../corpus/ledger_load/small_kronecker.sketch"),
 ];
 
 #[derive(Arbitrary, Debug)]
@@ -54,7 +56,7 @@ enum Edit {
 
 #[derive(Arbitrary, Debug)]
 struct Input {
-    /// 0: ledger, 1: sketch, 2: checkpoint.
+    /// 0: ledger, 1: sketch, 2: checkpoint, 3: Kronecker sketch.
     kind: u8,
     edits: Vec<Edit>,
 }
@@ -319,14 +321,15 @@ fn exercise<F: refinement_ledger::Float>(ledger: &Ledger<F>) {
 }
 
 fuzz_target!(|input: Input| {
-    let seed = match input.kind % 3 {
+    let seed = match input.kind % 4 {
         2 => checkpoint_seed(),
+        3 => SEEDS[2],
         k => SEEDS[usize::from(k)],
     };
     let Some(bytes) = rebuild(seed, &input) else {
         return;
     };
-    if input.kind % 3 == 2 {
+    if input.kind % 4 == 2 {
         exercise_checkpoint(&bytes);
         return;
     }

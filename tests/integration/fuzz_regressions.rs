@@ -34,3 +34,43 @@ fn a_snapshot_after_a_nesterov_step_with_a_ghost_row_balances() {
     let balance = ledger.parameter_balance();
     assert!(balance.iter().all(|&e| e <= 1e-9), "{balance:?}");
 }
+
+/// ledger_structured: a sketch header claiming a layer of 3.5e18 inputs and as
+/// many dimensions. The projection operators were built from the header before
+/// the tensors were read, and asked for an array of 4 × 3.5e18 values (a panic
+/// in ndarray). Now the tensors bound the sizes first, and operators past
+/// 2²⁸ values are refused.
+#[test]
+fn a_sketch_header_with_absurd_dimensions_is_an_error() {
+    use refinement_ledger::query::{LedgerSketch, Projection, SketchConfig};
+    let (ledger, _) = crate::sketch::trained_mlp();
+    for projection in [Projection::Tensor, Projection::Kronecker] {
+        let config = SketchConfig::with_dims(8).projection(projection);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sketch");
+        LedgerSketch::build(&ledger, &config)
+            .unwrap()
+            .save(&path)
+            .unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        for (fan_in, dims) in [
+            (
+                3_530_822_107_925_577_729usize,
+                3_530_822_107_925_577_729usize,
+            ),
+            (1 << 20, 1 << 16),
+        ] {
+            let crafted = crate::common::reencode(&bytes, |payload, _| {
+                payload["layers"][0]["shape"]["fan_in"] = fan_in.into();
+                payload["dims"][0] = dims.into();
+                if projection == Projection::Kronecker {
+                    payload["k_out"][0] = 1.into();
+                }
+            });
+            assert!(
+                LedgerSketch::from_bytes(&crafted).is_err(),
+                "{projection:?} {fan_in} {dims}"
+            );
+        }
+    }
+}

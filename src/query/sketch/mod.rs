@@ -156,6 +156,18 @@ impl SketchConfig {
                 Projection::Tensor => (k, k),
                 Projection::Kronecker => project::kronecker_split(k, fan_out, aug_in),
             };
+            if project::operator_values(self.projection, split, fan_out, aug_in)
+                .is_none_or(|v| v > project::MAX_OPERATOR_VALUES)
+            {
+                return Err(Error::InvalidConfig {
+                    what: "sketch dimensions",
+                    reason: format!(
+                        "layer {}: the projection of {k} dimensions for a {fan_out} × {aug_in} layer would hold more than {} operator values; use fewer dimensions",
+                        meta.id,
+                        project::MAX_OPERATOR_VALUES
+                    ),
+                });
+            }
             out.push(Projector::new(
                 self.projection,
                 self.seed,

@@ -6,6 +6,7 @@ use std::path::Path;
 use ndarray::Array1;
 use serde::{Deserialize, Serialize};
 
+use super::project::{MAX_OPERATOR_VALUES, operator_values};
 use super::{LedgerSketch, Projection, Projector};
 use crate::error::Result;
 use crate::ledger::{LayerMeta, SourceMeta};
@@ -152,7 +153,7 @@ impl LedgerSketch {
                 h.k_out.len()
             )));
         }
-        let mut projectors = Vec::with_capacity(n_layers);
+        let mut splits = Vec::with_capacity(n_layers);
         for (l, (&k, meta)) in h.dims.iter().zip(&h.layers).enumerate() {
             let (fan_out, aug_in) = (meta.shape.fan_out, meta.shape.aug_in());
             let split = if kronecker {
@@ -167,14 +168,14 @@ impl LedgerSketch {
             } else {
                 (k, k)
             };
-            projectors.push(Projector::new(
-                h.projection,
-                h.seed,
-                l,
-                split,
-                fan_out,
-                aug_in,
-            ));
+            if operator_values(h.projection, split, fan_out, aug_in)
+                .is_none_or(|v| v > MAX_OPERATOR_VALUES)
+            {
+                return Err(crate::storage::corrupt(format!(
+                    "sketch layer {l}: projection operators for {k} dimensions of a {fan_out} × {aug_in} layer exceed {MAX_OPERATOR_VALUES} values"
+                )));
+            }
+            splits.push(split);
         }
         let mut seen = std::collections::HashSet::new();
         if let Some(s) = h.sources.iter().find(|s| !seen.insert(s.id)) {
@@ -194,6 +195,13 @@ impl LedgerSketch {
             let t = reader.tensor(&name, safetensors::Dtype::F64, &[k])?;
             residual.push(Array1::from(reader.floats::<f64>(&t, &name)?));
         }
+        // Built once every tensor is known to be there: the file bounds the sizes.
+        let projectors = (h.layers.iter().zip(splits).enumerate())
+            .map(|(l, (meta, split))| {
+                let (fan_out, aug_in) = (meta.shape.fan_out, meta.shape.aug_in());
+                Projector::new(h.projection, h.seed, l, split, fan_out, aug_in)
+            })
+            .collect();
         Ok(Self {
             layers: h.layers,
             sources: h.sources,

@@ -52,6 +52,25 @@ pub(crate) struct Projector {
     k_in: usize,
 }
 
+/// The most values a layer's projection operators may hold (1 GiB of `f32`).
+pub(crate) const MAX_OPERATOR_VALUES: usize = 1 << 28;
+
+/// Values of the operators of a `kind` projection with sides `(k_out, k_in)`
+/// (the tensor sketch: `(k, k)`) for a `fan_out × aug_in` layer; `None` on overflow.
+pub(crate) fn operator_values(
+    kind: Projection,
+    (k_out, k_in): (usize, usize),
+    fan_out: usize,
+    aug_in: usize,
+) -> Option<usize> {
+    let side = |k: usize, n: usize| match kind {
+        Projection::Tensor => k.checked_mul(n),
+        Projection::Kronecker if k >= n => Some(0),
+        Projection::Kronecker => k.checked_mul(n),
+    };
+    side(k_out, fan_out)?.checked_add(side(k_in, aug_in)?)
+}
+
 /// Kronecker side sizes for about `k` dimensions: balanced, within the layer's shape.
 pub(crate) fn kronecker_split(k: usize, fan_out: usize, aug_in: usize) -> (usize, usize) {
     let k = k.max(1);
