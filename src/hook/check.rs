@@ -149,8 +149,9 @@ fn row_spread<F: Float>(
     spread
 }
 
-/// An owned array's values.
-fn slice(m: &Array2<f64>) -> &[f64] {
+/// An owned array's values (the hook's parameter copies, gradients and
+/// buffers are all allocated in standard layout).
+fn slice<T>(m: &Array2<T>) -> &[T] {
     m.as_slice().expect("invariant: standard layout")
 }
 
@@ -199,14 +200,7 @@ impl Momentum {
         // First pass: the fitted scale (sums in four lanes, so they vectorise).
         let mut acc = [[0.0f64; 4]; 5]; // num, den, ‖W‖², ‖ΔW‖², ‖buf‖²
         for l in 0..before.len() {
-            let (w0s, w1s) = (
-                before[l].as_standard_layout(),
-                after[l].as_standard_layout(),
-            );
-            let (w0s, w1s) = (
-                w0s.as_slice().expect("standard layout"),
-                w1s.as_slice().expect("standard layout"),
-            );
+            let (w0s, w1s) = (slice(&before[l]), slice(&after[l]));
             let (gs, bs) = (slice(&grads[l]), slice(&self.buf[l]));
             for (i, (((w0, w1), &g), &b)) in w0s.iter().zip(w1s).zip(gs).zip(bs).enumerate() {
                 let (w0, w1) = (w0.widen(), w1.widen());
@@ -239,14 +233,7 @@ impl Momentum {
         // Second pass: the misfit at that scale, and the buffer after the step.
         let mut miss = [0.0f64; 4];
         for l in 0..before.len() {
-            let (w0s, w1s) = (
-                before[l].as_standard_layout(),
-                after[l].as_standard_layout(),
-            );
-            let (w0s, w1s) = (
-                w0s.as_slice().expect("standard layout"),
-                w1s.as_slice().expect("standard layout"),
-            );
+            let (w0s, w1s) = (slice(&before[l]), slice(&after[l]));
             let gs = slice(&grads[l]);
             let bs = self.buf[l].as_slice().expect("invariant: standard layout");
             let next = self.next[l]
